@@ -1,0 +1,44 @@
+"""Run a trained model over uint8 image arrays in batches and return probabilities."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from covidseg.device import autocast
+
+
+@torch.no_grad()
+def predict_logits(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 16,
+    flip_tta: bool = False,
+) -> torch.Tensor:
+    """Infection logits for uint8 images.
+
+    Args:
+        images: uint8 (N, 1, S, S) grey levels 0..255.
+        flip_tta: also predict the left-right mirrored image and average the logits.
+    Returns:
+        float32 CPU tensor (N, S, S) of infection logits (channel 0 of the model output).
+    """
+    model.eval()
+    images = torch.as_tensor(images)
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size].to(device, torch.float32).div_(255.0)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)[:, 0].float()
+            if flip_tta:
+                logits = 0.5 * (logits + model(torch.flip(x, dims=[3]))[:, 0].float().flip(dims=[2]))
+        out.append(logits.cpu())
+    return torch.cat(out) if out else torch.zeros((0,) + tuple(images.shape[2:]))
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """float32 (N, S, S) probabilities in [0, 1]: sigmoid(logits / temperature)."""
+    return torch.sigmoid(logits / temperature).numpy().astype(np.float32)

@@ -1,0 +1,46 @@
+"""The COVID-QU-Ex Kaggle layout: folder names, file-name patterns and how to find the root.
+
+Layout (the root folder name appears twice in the Kaggle download)::
+
+    Infection Segmentation Data/Infection Segmentation Data/
+        {Train,Val,Test}/{COVID-19,Non-COVID,Normal}/{images,infection masks,lung masks}/*.png
+"""
+
+from __future__ import annotations
+
+ROOT_NAME = "Infection Segmentation Data"
+SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
+SPLITS = tuple(SPLIT_DIRS)
+CLASS_DIRS = ("COVID-19", "Non-COVID", "Normal")
+IMAGES, INFECTION, LUNG = "images", "infection masks", "lung masks"
+KIND_DIRS = (IMAGES, INFECTION, LUNG)
+
+
+def file_name(class_dir: str, number: int) -> str:
+    """The dataset's own file name for image ``number`` of a class (note spaces and parentheses)."""
+    if class_dir == "COVID-19":
+        return f"covid_{number}.png"
+    if class_dir == "Non-COVID":
+        return f"Non_COVID ({number}).png"
+    if class_dir == "Normal":
+        return f"Normal ({number}).png"
+    raise ValueError(f"unknown class folder {class_dir!r}")
+
+
+def find_roots(dirs: set[str]) -> list[str]:
+    """Return every directory (POSIX path, '' for the top) that holds the split folders.
+
+    ``dirs`` is the set of all directory paths in a tree or archive (POSIX, no trailing
+    slash). A root is a directory with a ``Train``, ``Val`` or ``Test`` child that itself has
+    a known class folder, so a root is found at any nesting depth and whatever its name.
+    Roots under ``Lung Segmentation Data`` (the other half of the archive) are ignored.
+    """
+    roots = set()
+    for d in dirs:
+        parts = d.split("/")
+        if len(parts) < 2 or parts[-1] not in CLASS_DIRS or parts[-2] not in SPLIT_DIRS.values():
+            continue
+        if any(p.startswith("Lung Segmentation Data") for p in parts):
+            continue
+        roots.add("/".join(parts[:-2]))
+    return sorted(roots)

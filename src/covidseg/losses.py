@@ -1,0 +1,51 @@
+"""Segmentation losses on logits (N, 1, H, W) against binary targets (N, 1, H, W) in {0, 1}.
+
+All losses return a scalar mean over the batch. The soft Dice is computed per image and
+averaged, with a smoothing term so that an empty target with an empty prediction costs ~0
+(negatives, i.e. Non-COVID and Normal images, have empty masks).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from covidseg.params import LOSSES
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor, pos_weight: float = 1.0) -> torch.Tensor:
+    """Pixel-mean binary cross-entropy; ``pos_weight`` > 1 up-weights infected pixels."""
+    weight = None if pos_weight == 1.0 else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    return F.binary_cross_entropy_with_logits(logits, target, pos_weight=weight)
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - mean over images of (2|P∩T| + s) / (|P| + |T| + s), with P the sigmoid probabilities."""
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    inter = (prob * target).sum(1)
+    denom = prob.sum(1) + target.sum(1)
+    return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Binary focal loss (Lin et al. 2017): BCE scaled by (1 - p_t)^gamma, positives by alpha."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = torch.exp(-bce)
+    alpha_t = alpha * target + (1 - alpha) * (1 - target)
+    return (alpha_t * (1 - p_t) ** gamma * bce).mean()
+
+
+def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss named by params ``train.loss``: bce, dice, bce_dice or focal."""
+    if name == "bce":
+        return lambda lg, t: bce_loss(lg, t, pos_weight)
+    if name == "dice":
+        return soft_dice_loss
+    if name == "bce_dice":
+        return lambda lg, t: bce_loss(lg, t, pos_weight) + soft_dice_loss(lg, t)
+    if name == "focal":
+        return lambda lg, t: focal_loss(lg, t, focal_gamma)
+    raise ValueError(f"unknown loss {name!r}; choose from {list(LOSSES)}")

@@ -1,0 +1,106 @@
+"""A plain U-Net: (N, 1, H, W) grey X-rays in [0, 1] -> (N, C, H, W) logits.
+
+Channel 0 is the infection logit; with ``out_channels=2`` channel 1 is the lung logit
+(an auxiliary task: infection lies inside the lungs). ``sigmoid`` turns logits into
+probabilities. With ``downsample = k`` > 1 the U-Net works on the input average-pooled
+by k and its logits are upsampled bilinearly back to (H, W): k^2 times less compute for
+blob-like targets such as infection regions. H and W must be divisible by
+``k * 2 ** (depth - 1)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Everything needed to rebuild the network (saved beside its weights)."""
+
+    in_channels: int = 1
+    out_channels: int = 1
+    base_channels: int = 16
+    depth: int = 4
+    downsample: int = 1
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.out_channels < 1:
+            raise ValueError("in_channels and out_channels must be >= 1")
+        if self.base_channels < 4:
+            raise ValueError("base_channels must be >= 4")
+        if not 1 <= self.depth <= 6:
+            raise ValueError("depth must be in [1, 6]")
+        if self.downsample not in (1, 2, 4):
+            raise ValueError("downsample must be 1, 2 or 4")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class DoubleConv(nn.Sequential):
+    """(conv 3x3 -> BatchNorm -> ReLU) twice; keeps H and W."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__(
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True),
+        )
+
+
+class Up(nn.Module):
+    """Transposed-conv upsampling by 2, concatenation with the skip, then DoubleConv."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.conv = DoubleConv(c_out + c_skip, c_out)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.cat([self.up(x), skip], dim=1))
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` resolution levels; widths base, 2*base, ... 2**(depth-1)*base."""
+
+    def __init__(self, config: UNetConfig = UNetConfig()):
+        super().__init__()
+        self.config = config
+        widths = [config.base_channels * 2**i for i in range(config.depth)]
+        self.downs = nn.ModuleList()
+        c = config.in_channels
+        for w in widths:
+            self.downs.append(DoubleConv(c, w))
+            c = w
+        self.pool = nn.MaxPool2d(2)
+        self.ups = nn.ModuleList(Up(widths[i + 1], widths[i], widths[i]) for i in reversed(range(config.depth - 1)))
+        self.head = nn.Conv2d(widths[0], config.out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float (N, in_channels, H, W) -> logits float (N, out_channels, H, W)."""
+        factor = 2 ** (self.config.depth - 1) * self.config.downsample
+        if x.shape[-1] % factor or x.shape[-2] % factor:
+            raise ValueError(f"input H, W {tuple(x.shape[-2:])} must be divisible by {factor}")
+        k = self.config.downsample
+        if k == 1:
+            return self._unet(x)
+        # Work at 1/k resolution (k^2 times fewer FLOPs), then return logits at full size.
+        logits = self._unet(F.avg_pool2d(x, k))
+        return F.interpolate(logits, scale_factor=k, mode="bilinear", align_corners=False)
+
+    def _unet(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, down in enumerate(self.downs):
+            x = down(x if i == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for up in self.ups:
+            x = up(x, skips.pop())
+        return self.head(x)

@@ -1,0 +1,227 @@
+"""Typed, validated views of ``params.yaml`` sections, one dataclass per pipeline stage.
+
+Each stage declares only the keys it reads in ``dvc.yaml``; these classes are the single
+place where a key's type, default and allowed range live.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CLASSES = ("COVID-19", "Non-COVID", "Normal")
+LOSSES = ("bce", "dice", "bce_dice", "focal")
+SCHEDULES = ("constant", "cosine")
+
+
+class ParamsError(ValueError):
+    """A params section is missing, has unknown keys, or holds a value out of range."""
+
+
+def _check(cond: bool, section: str, message: str) -> None:
+    if not cond:
+        raise ParamsError(f"params '{section}': {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SynthParams:
+    """Size of the built-in synthetic dataset (per split, COVID-19 images; negatives per class)."""
+
+    train: int = 96
+    val: int = 24
+    test: int = 24
+    negatives: int = 4
+    size: int = 256
+
+    def validate(self) -> None:
+        for name in ("train", "val", "test"):
+            _check(getattr(self, name) >= 1, "synth", f"{name} must be >= 1")
+        _check(self.negatives >= 0, "synth", "negatives must be >= 0")
+        _check(32 <= self.size <= 2048, "synth", "size must be in [32, 2048]")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    """Where the raw data comes from and what to take from it."""
+
+    source: str = "data/raw/synthetic"
+    classes: tuple[str, ...] = ("COVID-19",)
+    on_error: str = "skip"
+
+    def validate(self) -> None:
+        _check(bool(self.source), "data", "source must name a folder or a .zip")
+        _check(len(self.classes) >= 1, "data", "classes must name at least one class")
+        for c in self.classes:
+            _check(c in CLASSES, "data", f"unknown class {c!r}; choose from {list(CLASSES)}")
+        _check("COVID-19" in self.classes, "data", "classes must include 'COVID-19' (the infected class)")
+        _check(self.on_error in ("skip", "fail"), "data", "on_error must be 'skip' or 'fail'")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessParams:
+    """Side length (pixels) of the square tensors the model sees."""
+
+    size: int = 256
+
+    def validate(self) -> None:
+        _check(32 <= self.size <= 1024 and self.size % 16 == 0, "preprocess", "size must be a multiple of 16 in [32, 1024]")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainParams:
+    """Model, loss, optimiser and augmentation settings; defaults are the report's setup."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    warmup_epochs: int = 0
+    loss: str = "bce"
+    focal_gamma: float = 2.0
+    pos_weight: float = 1.0
+    lung_aux_weight: float = 0.0
+    base_channels: int = 16
+    depth: int = 4
+    downsample: int = 1
+    augment: bool = False
+    flip: bool = True
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.1
+    gamma: float = 0.15
+    patience: int = 0
+    temperature_scaling: bool = False
+    device: str = "auto"
+    precision: str = "auto"
+    num_threads: int = 0
+    max_train_images: int = 0
+
+    def validate(self) -> None:
+        s = "train"
+        _check(self.epochs >= 1, s, "epochs must be >= 1")
+        _check(self.batch_size >= 1, s, "batch_size must be >= 1")
+        _check(0 < self.lr < 1, s, "lr must be in (0, 1)")
+        _check(self.weight_decay >= 0, s, "weight_decay must be >= 0")
+        _check(self.schedule in SCHEDULES, s, f"schedule must be one of {list(SCHEDULES)}")
+        _check(0 <= self.warmup_epochs < self.epochs, s, "warmup_epochs must be in [0, epochs)")
+        _check(self.loss in LOSSES, s, f"loss must be one of {list(LOSSES)}")
+        _check(self.focal_gamma >= 0, s, "focal_gamma must be >= 0")
+        _check(self.pos_weight > 0, s, "pos_weight must be > 0")
+        _check(self.lung_aux_weight >= 0, s, "lung_aux_weight must be >= 0")
+        _check(self.base_channels >= 4, s, "base_channels must be >= 4")
+        _check(1 <= self.depth <= 6, s, "depth must be in [1, 6]")
+        _check(self.downsample in (1, 2, 4), s, "downsample must be 1, 2 or 4")
+        _check(0 <= self.rotate_deg <= 45, s, "rotate_deg must be in [0, 45]")
+        for name in ("scale", "brightness", "contrast", "gamma"):
+            _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
+        _check(self.patience >= 0, s, "patience must be >= 0 (0 disables early stopping)")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), s, "device must be auto, cpu or cuda[:N]")
+        _check(self.precision in ("auto", "fp32", "bf16"), s, "precision must be auto, fp32 or bf16")
+        _check(self.num_threads >= 0, s, "num_threads must be >= 0 (0: torch's default)")
+        _check(self.max_train_images >= 0, s, "max_train_images must be >= 0 (0: all)")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateParams:
+    """Evaluation settings: the fixed threshold and the calibration bin count."""
+
+    threshold: float = 0.5
+    calibration_bins: int = 15
+    flip_tta: bool = False
+
+    def validate(self) -> None:
+        _check(0 < self.threshold < 1, "evaluate", "threshold must be in (0, 1)")
+        _check(2 <= self.calibration_bins <= 100, "evaluate", "calibration_bins must be in [2, 100]")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlotsParams:
+    """Which images the figures show."""
+
+    sample_index: int = 0
+    gallery_size: int = 3
+    dpi: int = 100
+
+    def validate(self) -> None:
+        _check(self.sample_index >= 0, "plots", "sample_index must be >= 0")
+        _check(1 <= self.gallery_size <= 10, "plots", "gallery_size must be in [1, 10]")
+        _check(50 <= self.dpi <= 300, "plots", "dpi must be in [50, 300]")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, naming the file in any error."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def from_dict(cls: type[T], section: str, raw: Any) -> T:
+    """Build and validate the dataclass ``cls`` from a mapping, rejecting unknown keys and bad types."""
+    if raw is None:
+        raw = {}
+    _check(isinstance(raw, dict), section, "expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    _check(not unknown, section, f"unknown keys {unknown}; known keys are {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _coerce(hints[name], value, f"{section}.{name}")
+    obj = cls(**values)
+    obj.validate()  # type: ignore[attr-defined]
+    return obj
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"params '{where}': expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"params '{where}': expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"params '{where}': expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"params '{where}': expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"params '{where}': expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
+    """Load ``section`` of the params file into ``cls``."""
+    return from_dict(cls, section, read_yaml(path).get(section))
+
+
+def load_seed(path: str | Path = "params.yaml") -> int:
+    """The shared integer seed at the top level of the params file."""
+    seed = read_yaml(path).get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParamsError(f"{path}: 'seed' must be a non-negative integer, got {seed!r}")
+    return seed

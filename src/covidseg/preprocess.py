@@ -1,0 +1,79 @@
+"""Turn the extracted subset into a few flat arrays per split, decoded and resized once.
+
+``out_dir/{train,val,test}.npz`` each hold
+    images     uint8 (N, 1, S, S)  grey levels; the model divides by 255 to get [0, 1]
+    masks      uint8 (N, 1, S, S)  infection, {0, 1}, binarised at 0.5 after resizing
+    lungs      uint8 (N, 1, S, S)  lung fields, {0, 1}
+    ids        str   (N,)          file stems, e.g. ``covid_12``
+    classes    str   (N,)          ``COVID-19``, ``Non-COVID`` or ``Normal``
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from covidseg.atomic import atomic_dir
+from covidseg.layout import IMAGES, INFECTION, LUNG, SPLITS
+from covidseg.params import PreprocessParams
+
+
+def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W) -> uint8 (size, size), bilinear with antialiasing."""
+    if arr.shape == (size, size):
+        return arr
+    return np.asarray(Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(arr: np.ndarray, size: int) -> np.ndarray:
+    """{0, 255} or {0, 1} mask (H, W) -> {0, 1} uint8 (size, size): bilinear in [0, 1], then > 0.5."""
+    unit = (arr > 0).astype(np.float32)
+    if arr.shape != (size, size):
+        unit = np.asarray(Image.fromarray(unit, mode="F").resize((size, size), Image.BILINEAR))
+    return (unit > 0.5).astype(np.uint8)
+
+
+def _decode(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: PreprocessParams) -> dict[str, int]:
+    """Write one ``.npz`` per split; returns the number of pairs per split."""
+    extracted_dir = Path(extracted_dir)
+    with open(extracted_dir / "manifest.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    counts = {}
+    s = params.size
+    with zipfile.ZipFile(extracted_dir / "subset.zip") as subset, atomic_dir(out_dir) as tmp:
+        for split in SPLITS:
+            split_rows = [r for r in rows if r["split"] == split]
+            n = len(split_rows)
+            images = np.zeros((n, 1, s, s), np.uint8)
+            masks = np.zeros((n, 1, s, s), np.uint8)
+            lungs = np.zeros((n, 1, s, s), np.uint8)
+            for i, r in enumerate(split_rows):
+                base = f"{split}/{r['class']}"
+                name = Path(r["image_path"]).name
+                images[i, 0] = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
+                masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
+                lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
+            np.savez(
+                tmp / f"{split}.npz", images=images, masks=masks, lungs=lungs,
+                ids=np.array([r["id"] for r in split_rows], dtype=str),
+                classes=np.array([r["class"] for r in split_rows], dtype=str),
+            )
+            counts[split] = n
+    return counts
+
+
+def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
+    """Load one split written by :func:`preprocess` into memory (see the module doc for shapes)."""
+    path = Path(prepared_dir) / f"{split}.npz"
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}

@@ -1,0 +1,20 @@
+"""DVC stage train: data/prepared -> models/model.pt, plots/train/curves.tsv, metrics/train.json.
+
+Runs alone (`python stages/train.py`) or under `torchrun --nproc-per-node=N stages/train.py`.
+"""
+
+import typer
+
+from covidseg.params import TrainParams, load_section, load_seed
+from covidseg.train import train
+
+
+def main(prepared: str = "data/prepared", model: str = "models/model.pt", resume: str = "models/resume",
+         curves: str = "plots/train/curves.tsv", metrics: str = "metrics/train.json", params: str = "params.yaml") -> None:
+    summary = train(prepared, model, resume, curves, metrics, load_section(TrainParams, "train", params), load_seed(params))
+    typer.echo(f"train: best epoch {summary['best_epoch']}, val Dice {summary['val_dice_at_threshold']:.4f} "
+               f"at threshold {summary['threshold']}, {summary['train_images_per_second']:.1f} img/s ({summary['precision']})")
+
+
+if __name__ == "__main__":
+    typer.run(main)
