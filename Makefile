@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro test test-all bench clean-venv
+.PHONY: setup repro real test test-all bench clean-venv
 
 setup: $(STAMP)
 
@@ -18,6 +18,16 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 
 repro: $(STAMP)
 	$(BIN)/dvc repro
+
+# The real-data preset (README, "Results on real data"): `make real DATA=/path/to/covidqu[.zip]`.
+DATA ?= $(abspath ../shared/data/covidqu-dev)
+REAL_PARAMS := -S data.source=$(abspath $(DATA)) -S train.epochs=28 -S train.lr=0.001 -S train.weight_decay=0.0001 \
+	-S train.schedule=cosine -S train.warmup_epochs=1 -S train.loss=bce_dice -S train.lung_aux_weight=0.5 \
+	-S train.base_channels=16 -S train.depth=5 -S train.downsample=2 -S train.augment=true \
+	-S train.temperature_scaling=true -S evaluate.flip_tta=true
+
+real: $(STAMP)
+	$(BIN)/dvc exp run -n real-preset $(REAL_PARAMS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

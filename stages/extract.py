@@ -2,18 +2,25 @@
 
 import typer
 
-from covidseg.extract import extract
+from covidseg.extract import ExtractError, extract
 from covidseg.params import DataParams, load_section
+from covidseg.sources import SourceError
+
+MAX_MESSAGES = 50
 
 
 def main(out: str = "data/extracted", metrics: str = "metrics/data.json", params: str = "params.yaml") -> None:
     p = load_section(DataParams, "data", params)
-    report = extract(p.source, out, metrics, p)
-    for line in report.messages[:50]:
+    try:
+        report = extract(p.source, out, metrics, p)
+    except (SourceError, ExtractError) as exc:
+        typer.echo(f"extract failed, previous outputs kept: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in report.messages[:MAX_MESSAGES]:
         typer.echo(line, err=True)
-    if len(report.messages) > 50:
-        typer.echo(f"... and {len(report.messages) - 50} more (see {metrics})", err=True)
-    typer.echo(f"extract: took {report.counts} pairs from {p.source}; skipped {sum(sum(c.values()) for c in report.skips.values())}")
+    if len(report.messages) > MAX_MESSAGES:
+        typer.echo(f"... and {len(report.messages) - MAX_MESSAGES} more (all skips: {out}/skipped.csv)", err=True)
+    typer.echo(f"extract: took {report.counts} triplets from {p.source}; skipped {report.skipped_total}")
 
 
 if __name__ == "__main__":

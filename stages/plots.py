@@ -1,16 +1,22 @@
-"""DVC stage plots: predictions, curves and evaluation tables -> plots/figures/*.png."""
+"""DVC stage plots: predictions, curves and evaluation tables -> plots/figures/*.png and plots/report.html."""
 
 import typer
 
 from covidseg.figures import make_figures
-from covidseg.params import PlotsParams, load_section
+from covidseg.params import DataParams, PlotsParams, load_section
+from covidseg.report import write_report
 
 
 def main(prepared: str = "data/prepared", predictions: str = "data/predictions/test.npz",
          curves: str = "plots/train/curves.tsv", eval_dir: str = "plots/eval", per_image: str = "plots/eval/per_image.csv",
-         out: str = "plots/figures", params: str = "params.yaml") -> None:
-    written = make_figures(prepared, predictions, curves, eval_dir, per_image, out, load_section(PlotsParams, "plots", params))
-    typer.echo(f"plots: wrote {len(written)} figures to {out}")
+         test_metrics: str = "metrics/test.json", train_metrics: str = "metrics/train.json",
+         data_metrics: str = "metrics/data.json", out: str = "plots/figures", report: str = "plots/report.html",
+         params: str = "params.yaml") -> None:
+    written = make_figures(prepared, predictions, curves, eval_dir, per_image, out, load_section(PlotsParams, "plots", params),
+                           metrics_json=test_metrics)
+    source = load_section(DataParams, "data", params).source
+    write_report(test_metrics, train_metrics, data_metrics, written, report, source=source)
+    typer.echo(f"plots: wrote {len(written)} figures to {out} and the report to {report}")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,18 @@ def tiny_repo(tmp_path: Path) -> Path:
 def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the venv's dvc in ``repo``."""
     return run([str(VENV_BIN / "dvc"), *args], cwd=repo, check=check, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory) -> Path:
+    """Prepared arrays (train/val/test .npz at 64 px) made by the real synthesize/extract/preprocess functions."""
+    from covidseg.extract import extract
+    from covidseg.params import DataParams, PreprocessParams, SynthParams
+    from covidseg.preprocess import preprocess
+    from covidseg.synth import synthesize
+
+    root = tmp_path_factory.mktemp("tiny")
+    synthesize(root / "raw", SynthParams(train=8, val=4, test=4, negatives=1, size=64), seed=7)
+    extract(root / "raw", root / "extracted", root / "data.json", DataParams(source=str(root / "raw"), classes=("COVID-19", "Normal")))
+    preprocess(root / "extracted", root / "prepared", PreprocessParams(size=64))
+    return root / "prepared"

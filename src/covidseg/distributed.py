@@ -32,24 +32,51 @@ class DistContext:
         return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
     def init(self, device: torch.device) -> None:
-        """Join the process group: nccl on CUDA, gloo on the CPU."""
+        """Join the process group: nccl on CUDA (one GPU per process), gloo on the CPU."""
         if self.enabled and not dist.is_initialized():
+            if device.type == "cuda":
+                # nccl collectives and barrier() use the current device: make it this rank's GPU,
+                # or every rank lands on cuda:0.
+                torch.cuda.set_device(device)
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @staticmethod
+    def _comm_device() -> torch.device:
+        """Where collective tensors must live: the current GPU for nccl, the CPU for gloo."""
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum a list of floats over all ranks (identity when alone)."""
         if not self.enabled:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return t.cpu().tolist()
+
+    def sync_buffers(self, module: torch.nn.Module) -> None:
+        """Make every rank's buffers equal: average floating ones (BatchNorm running statistics), take the rest from rank 0.
+
+        DDP keeps parameters in step, but each rank's BatchNorm updates its running statistics from
+        its own shard during the forward pass, so after an epoch the ranks' models differ in their
+        buffers; call this before evaluating or saving so that all ranks hold the same model.
+        """
+        if not self.enabled:
+            return
+        for buf in module.buffers():
+            if buf.is_floating_point():
+                dist.all_reduce(buf.data, op=dist.ReduceOp.SUM)
+                buf.data.div_(self.world_size)
+            else:
+                dist.broadcast(buf.data, src=0)
 
     def shard(self, indices: torch.Tensor) -> torch.Tensor:
         """This rank's share of an epoch's permutation (DistributedSampler's rule: pad by wrapping, then stride)."""
         if not self.enabled:
             return indices
         total = -(-len(indices) // self.world_size) * self.world_size
-        padded = torch.cat([indices, indices[: total - len(indices)]]) if total > len(indices) else indices
+        padded = indices.repeat(-(-total // len(indices)))[:total] if total > len(indices) else indices
         return padded[self.rank:total:self.world_size]
 
     def barrier(self) -> None:

@@ -3,7 +3,8 @@
 
 Writes ``metrics_path`` (JSON), ``per_image_csv`` (one row per test image), ``curves_dir``
 (``pr.csv``, ``calibration.csv``) and ``predictions_path`` (``.npz``: ids, uint8 probabilities
-``round(255 p)`` of shape (N, S, S)) for the figures.
+``round(255 p)`` of shape (N, S, S), the tuned ``threshold``) for the figures.
+What each number means is written in ``docs/metrics.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ PR_BINS = 200
 
 
 def threshold_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[dict, pd.DataFrame]:
-    """Summary and per-image table at one threshold. prob float (N, S, S); truth bool (N, S, S)."""
+    """Summary and per-image table at one threshold (a pixel is predicted infected when p >= threshold).
+
+    prob float (N, S, S) in [0, 1]; truth bool (N, S, S). The table has one row per image and
+    columns dice, iou, precision, recall, hd95 (NaN where undefined, see EMPTY_TRUTH_RULE).
+    """
     pred = prob >= threshold
     c = metrics.confusion(pred, truth)
     g = c.total()
@@ -47,33 +52,81 @@ def threshold_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float) -> 
         return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
 
     summary = {"threshold": float(threshold)}
-    for col in ("dice", "iou", "precision", "recall"):
+    for col in ("dice", "iou", "precision", "recall", "hd95"):
         summary[f"{col}_mean"], summary[f"{col}_std"] = stat(col)
-    summary["hd95_mean"], summary["hd95_std"] = stat("hd95")
-    finite = per["hd95"].to_numpy()
-    summary["hd95_median"] = float(np.nanmedian(finite)) if np.isfinite(finite).any() else float("nan")
+    hd = per["hd95"].to_numpy()
+    summary["hd95_median"] = float(np.median(hd[np.isfinite(hd)])) if np.isfinite(hd).any() else float("nan")
     summary["dice_global"] = float(metrics.dice(g)[0])
     summary["iou_global"] = float(metrics.iou(g)[0])
     summary["precision_global"] = float(metrics.precision(g)[0])
     summary["recall_global"] = float(metrics.recall(g)[0])
     summary["images_scored"] = int(np.isfinite(per["dice"]).sum())
+    summary["hd95_undefined_images"] = int((~np.isfinite(hd)).sum())
     empty = ~truth.reshape(len(truth), -1).any(1)
-    if empty.any():
-        summary["empty_truth_images"] = int(empty.sum())
-        summary["empty_truth_false_positive_images"] = int((c.fp[empty] > 0).sum())
+    summary["empty_truth_images"] = int(empty.sum())
+    summary["empty_truth_false_positive_images"] = int((c.fp[empty] > 0).sum())
     return summary, per
 
 
 def pr_curve(prob: np.ndarray, truth: np.ndarray, bins: int = PR_BINS) -> pd.DataFrame:
-    """Pixel precision and recall at thresholds k / bins, from histograms of positive and negative pixels."""
-    idx = np.clip((prob.reshape(-1) * bins).astype(np.int64), 0, bins - 1)
-    t = truth.reshape(-1)
-    pos = np.bincount(idx[t], minlength=bins)[::-1].cumsum()[::-1]
-    neg = np.bincount(idx[~t], minlength=bins)[::-1].cumsum()[::-1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(pos + neg > 0, pos / np.maximum(pos + neg, 1), np.nan)
-        recall = pos / max(int(t.sum()), 1)
-    return pd.DataFrame({"threshold": np.arange(bins) / bins, "precision": precision, "recall": recall})
+    """Pixel precision and recall at each threshold t_k = k / bins, k = 0 .. bins - 1.
+
+    A pixel counts as predicted at t_k when p >= t_k (the rule of :func:`threshold_metrics`), so
+    row k equals the global precision/recall there. prob float (N, S, S) (any shape), truth bool
+    of the same shape. Precision is NaN where nothing is predicted, recall NaN with no infected pixel.
+    """
+    thresholds = np.arange(bins) / bins
+    p = np.asarray(prob).reshape(-1)
+    t = np.asarray(truth).reshape(-1).astype(bool)
+    if p.shape != t.shape:
+        raise ValueError(f"pr_curve: prob {np.shape(prob)} and truth {np.shape(truth)} differ in shape")
+    # k = the largest k with t_k <= p, so "p >= t_k" <=> k_p >= k; -1 for p < 0 (never predicted).
+    idx = np.searchsorted(thresholds, p.astype(np.float64), side="right") - 1
+    keep = idx >= 0
+    pos = np.bincount(idx[keep & t], minlength=bins)[::-1].cumsum()[::-1]
+    neg = np.bincount(idx[keep & ~t], minlength=bins)[::-1].cumsum()[::-1]
+    n_pos = int(t.sum())
+    precision = np.where(pos + neg > 0, pos / np.maximum(pos + neg, 1), np.nan)
+    recall = pos / n_pos if n_pos else np.full(bins, np.nan)
+    return pd.DataFrame({"threshold": thresholds, "precision": precision, "recall": recall})
+
+
+def calibration_table(count: np.ndarray, psum: np.ndarray, tsum: np.ndarray) -> pd.DataFrame:
+    """Reliability-diagram rows from :func:`covidseg.metrics.calibration_bins` totals (each (B,)).
+
+    One row per bin that holds at least one pixel (empty bins have no mean and are left out):
+    bin_lo, bin_hi (edges), mean_probability, fraction_infected, pixels.
+    """
+    bins = len(count)
+    filled = np.flatnonzero(count > 0)
+    return pd.DataFrame({
+        "bin_lo": filled / bins, "bin_hi": (filled + 1) / bins,
+        "mean_probability": psum[filled] / count[filled],
+        "fraction_infected": tsum[filled] / count[filled],
+        "pixels": count[filled].astype(np.int64),
+    })
+
+
+def baselines(truth: np.ndarray, lungs: np.ndarray | None, prior: float) -> dict:
+    """Trivial predictors scored like the model, so RMSE and Dice have context.
+
+    all_background: p = 0 everywhere. constant_prior: p = ``prior`` (the train split's infected
+    pixel share) everywhere. lung_mask (when ``lungs`` bool (N, S, S) is given): p = 0.5 inside
+    the *true* lung fields, 0 outside, i.e. "the whole lung is infected", which needs no model
+    but the lung masks. Each: rmse, brier, per-image mean Dice and global Dice at threshold 0.5.
+    """
+    candidates = {"all_background": (np.zeros(truth.shape, np.float32), {}),
+                  "constant_prior": (np.full(truth.shape, prior, np.float32), {"prior": float(prior)})}
+    if lungs is not None:
+        candidates["lung_mask"] = (np.where(lungs, np.float32(0.5), np.float32(0.0)), {})
+    out = {}
+    for name, (prob, extra) in candidates.items():
+        c = metrics.confusion(prob >= 0.5, truth)
+        d = metrics.dice(c)
+        out[name] = {**extra, "rmse": metrics.rmse(prob, truth), "brier": metrics.brier(prob, truth),
+                     "dice_mean": float(np.nanmean(d)) if np.isfinite(d).any() else float("nan"),
+                     "dice_global": float(metrics.dice(c.total())[0])}
+    return out
 
 
 def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str | Path, per_image_csv: str | Path,
@@ -92,9 +145,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     fixed, per_fixed = threshold_metrics(prob, truth, params.threshold)
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
-    prevalence_train = _train_prevalence(prepared_dir)
-    all_bg = np.zeros_like(prob)
-    prior = np.full_like(prob, prevalence_train)
+    lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
     summary = {
         "n_images": int(len(prob)),
         "rmse": metrics.rmse(prob, truth),
@@ -102,12 +153,10 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
         "iou": fixed["iou_mean"],
         "brier": metrics.brier(prob, truth),
         "ece": metrics.expected_calibration_error(count, psum, tsum),
+        "ece_bins": params.calibration_bins,
         "at_fixed_threshold": fixed,
         "at_tuned_threshold": tuned,
-        "baselines": {
-            "all_background": {"rmse": metrics.rmse(all_bg, truth), "dice_mean": _mean_dice(all_bg, truth)},
-            "constant_prior": {"prior": prevalence_train, "rmse": metrics.rmse(prior, truth), "dice_mean": _mean_dice(prior, truth)},
-        },
+        "baselines": baselines(truth, lungs, _train_prevalence(prepared_dir)),
         "temperature": float(meta.get("temperature", 1.0)),
         "flip_tta": params.flip_tta,
         "empty_truth_rule": EMPTY_TRUTH_RULE,
@@ -121,14 +170,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     curves_dir = Path(curves_dir)
     _write_csv(per_image_csv, per)
     _write_csv(curves_dir / "pr.csv", pr_curve(prob, truth))
-    filled = count > 0
-    calib = pd.DataFrame({
-        "bin_center": (np.arange(params.calibration_bins) + 0.5) / params.calibration_bins,
-        "mean_probability": np.where(filled, psum / np.maximum(count, 1), np.nan),
-        "fraction_infected": np.where(filled, tsum / np.maximum(count, 1), np.nan),
-        "pixels": count.astype(np.int64),
-    })
-    _write_csv(curves_dir / "calibration.csv", calib)
+    _write_csv(curves_dir / "calibration.csv", calibration_table(count, psum, tsum))
     with atomic_path(predictions_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=test["ids"], probs=np.round(prob * 255).astype(np.uint8), threshold=tuned_threshold)
@@ -136,15 +178,13 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     return summary
 
 
-def _mean_dice(prob: np.ndarray, truth: np.ndarray) -> float:
-    d = metrics.dice(metrics.confusion(prob >= 0.5, truth))
-    return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
-
-
 def _train_prevalence(prepared_dir: str | Path) -> float:
     """Share of infected pixels in the training split (the constant-prior baseline's probability)."""
-    with np.load(Path(prepared_dir) / "train.npz") as z:
-        return float(z["masks"].mean())
+    path = Path(prepared_dir) / "train.npz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the train split is missing (the constant-prior baseline needs its prevalence)")
+    with np.load(path) as z:
+        return float(z["masks"].mean(dtype=np.float64))
 
 
 def _write_csv(path: str | Path, frame: pd.DataFrame) -> None:

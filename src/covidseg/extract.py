@@ -1,27 +1,45 @@
-"""Extract the COVID-19 subset (plus Non-COVID/Normal when asked) with a checked manifest.
+"""Extract the COVID-19 subset (plus Non-COVID/Normal when asked), checking every file.
 
-Output, replaced atomically:
-    ``out_dir/subset.zip``   normalised PNGs at ``{split}/{class}/{images,infection masks,lung masks}/{name}``
-    ``out_dir/manifest.csv`` one row per pair taken: split, class, id, source paths, hashes, size, fractions
-and ``metrics_path`` (JSON): per split the count taken, the skips by reason and infected-fraction stats.
+Output, all or nothing (a failed run leaves the previous outputs as they were):
+    ``out_dir/subset.zip``   8-bit grey PNGs at ``{split}/{class}/{images,infection masks,lung masks}/{name}``;
+                             files that needed no fix are copied byte for byte, fixed ones re-encoded
+    ``out_dir/manifest.csv`` one row per triplet taken: split, class, id, source paths, SHA-256 of
+                             the source files, height, width (pixels), infected and lung fractions, fixes
+    ``out_dir/skipped.csv``  one row per triplet skipped: split, class, name, reason, message
+    ``metrics_path`` (JSON)  per split: the count taken, counts per class, skips by reason, fixes
+                             by kind and infected-fraction stats of the COVID-19 pairs
+
+Checks (see docs/data.md): unreadable or truncated files, an image without masks or a mask
+without image, sizes that differ within a triplet, a COVID-19 infection mask that is empty
+(or a Non-COVID/Normal one that is not), and an image whose pixels repeat an earlier one
+(in split order train, val, test, so a leak into val/test is what gets dropped). With
+``data.on_error: skip`` such a triplet is skipped and counted; with ``fail`` the first one
+stops the run with an :class:`ExtractError` naming the file. Non-grey or 16-bit files are
+converted to 8-bit grey and masks with values other than 0/255 binarised at 0.5 (> 127)
+under both policies, and counted.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
 import hashlib
 import io
+import multiprocessing
+import os
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterator
 
 import numpy as np
 
-from covidseg.atomic import atomic_dir, write_json
+from covidseg.atomic import atomic_dir, atomic_path, write_json
 from covidseg.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
 from covidseg.params import DataParams
-from covidseg.pngcheck import BadImageError, binarise, decode_grey, encode_png
+from covidseg.pngcheck import BadImageError, binarise, decode, encode_png
 from covidseg.sources import Source, locate_root, open_source
 
 MANIFEST_FIELDS = [
@@ -29,14 +47,47 @@ MANIFEST_FIELDS = [
     "image_sha256", "infection_sha256", "lung_sha256", "height", "width",
     "infected_fraction", "lung_fraction", "fixes",
 ]
+SKIPPED_FIELDS = ["split", "class", "name", "reason", "message"]
 SKIP_REASONS = (
     "unreadable", "missing_mask", "missing_image", "missing_lung_mask", "size_mismatch",
     "duplicate", "empty_covid_mask", "nonempty_negative_mask",
 )
+FIX_KINDS = ("converted_mode", "binarised")
+# Below this many triplets the worker pool costs more than it saves.
+PARALLEL_MIN = 256
 
 
 class ExtractError(ValueError):
-    """A pair failed a check while ``data.on_error`` is ``fail``."""
+    """A triplet failed a check while ``data.on_error`` is ``fail``, or nothing usable was found."""
+
+
+@dataclass(frozen=True)
+class PairTask:
+    """One complete triplet to check: source paths (POSIX, relative to the source's top)."""
+
+    split: str
+    class_dir: str
+    name: str
+    image: str
+    infection: str
+    lung: str
+
+
+@dataclass
+class Checked:
+    """The outcome of :func:`check_pair`: a skip ``reason`` and ``message``, or the data to keep."""
+
+    task: PairTask
+    reason: str | None = None
+    message: str = ""
+    payload: dict[str, bytes] = field(default_factory=dict)   # kind -> PNG bytes to store
+    sha256: dict[str, str] = field(default_factory=dict)      # kind -> hash of the source file
+    pixel_hash: str = ""                                      # hash of the decoded image pixels
+    shape: tuple[int, int] = (0, 0)                           # (height, width) in pixels
+    infected_fraction: float = 0.0                            # share of infection-mask pixels set
+    lung_fraction: float = 0.0
+    fixes: list[str] = field(default_factory=list)            # "converted_mode:images", "binarised:lung masks", ...
+    notes: list[str] = field(default_factory=list)            # one message per fix, naming the file
 
 
 @dataclass
@@ -44,12 +95,19 @@ class Report:
     """What extraction took, skipped and fixed, per split."""
 
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLIT_DIRS})
+    class_counts: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
     skips: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
     fixes: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
     fractions: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SPLIT_DIRS})
     messages: list[str] = field(default_factory=list)
+    skipped_rows: list[dict] = field(default_factory=list)
+
+    @property
+    def skipped_total(self) -> int:
+        return int(sum(sum(c.values()) for c in self.skips.values()))
 
     def to_json(self) -> dict:
+        """The ``metrics/data.json`` document; fractions are shares of the image area, in [0, 1]."""
         out: dict = {}
         for split in SPLIT_DIRS:
             fr = np.asarray(self.fractions[split], dtype=np.float64)
@@ -59,12 +117,23 @@ class Report:
             )
             out[split] = {
                 "count": int(self.counts[split]),
+                "classes": {c: int(n) for c, n in sorted(self.class_counts[split].items())},
                 "skipped": {r: int(self.skips[split][r]) for r in SKIP_REASONS},
-                "fixed": dict(sorted(self.fixes[split].items())),
+                "fixed": {k: int(self.fixes[split][k]) for k in FIX_KINDS},
                 "infected_fraction_covid": stats,
             }
-        out["skipped_total"] = int(sum(sum(c.values()) for c in self.skips.values()))
+        out["skipped_total"] = self.skipped_total
         return out
+
+
+def default_workers() -> int:
+    """Worker processes for decoding: ``$COVIDSEG_WORKERS`` if set, else the usable CPUs, at most 4."""
+    env = os.environ.get("COVIDSEG_WORKERS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) < 1:
+            raise ValueError(f"COVIDSEG_WORKERS must be a positive integer, got {env!r}")
+        return int(env)
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
 def _sha256(data: bytes) -> str:
@@ -79,99 +148,204 @@ def _index(source: Source, root: str) -> dict[tuple[str, str, str], dict[str, st
         if not f.startswith(prefix) or not f.lower().endswith(".png"):
             continue
         parts = PurePosixPath(f[len(prefix):]).parts
-        if len(parts) == 4:
+        if len(parts) == 4 and not parts[3].startswith("."):  # skip macOS "._name.png" debris
             index[(parts[0], parts[1], parts[2])][parts[3]] = f
     return index
 
 
-def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Path, params: DataParams) -> Report:
-    """Check every pair of the requested classes and write the subset, manifest and data metrics."""
+def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[PairTask | tuple[str, str, str, str, str]]:
+    """Every triplet in output order: a PairTask, or (split, class, name, reason, message) when a file is missing."""
+    index = _index(source, root)
+    plan: list = []
+    for split, split_dir in SPLIT_DIRS.items():
+        for class_dir in classes:
+            images, masks, lungs = (index.get((split_dir, class_dir, k), {}) for k in (IMAGES, INFECTION, LUNG))
+            folder = f"{root}/{split_dir}/{class_dir}".lstrip("/")
+            for name in sorted(set(images) | set(masks) | set(lungs)):
+                if name not in images:
+                    have = masks.get(name) or lungs[name]
+                    kind = "infection mask" if name in masks else "lung mask"
+                    plan.append((split, class_dir, name, "missing_image",
+                                 f"{source.describe(have)}: {kind} has no image (expected {folder}/{IMAGES}/{name})"))
+                elif name not in masks:
+                    plan.append((split, class_dir, name, "missing_mask",
+                                 f"{source.describe(images[name])}: image has no infection mask (expected {folder}/{INFECTION}/{name})"))
+                elif name not in lungs:
+                    plan.append((split, class_dir, name, "missing_lung_mask",
+                                 f"{source.describe(images[name])}: image has no lung mask (expected {folder}/{LUNG}/{name})"))
+                else:
+                    plan.append(PairTask(split, class_dir, name, images[name], masks[name], lungs[name]))
+    return plan
+
+
+def check_pair(source: Source, task: PairTask) -> Checked:
+    """Read, decode and check one triplet; every file is decoded exactly once."""
+    paths = {IMAGES: task.image, INFECTION: task.infection, LUNG: task.lung}
+    out = Checked(task)
+    raw, arrays = {}, {}
+    for kind, rel in paths.items():
+        where = source.describe(rel)
+        try:
+            raw[kind] = source.read(rel)
+            arr, mode = decode(raw[kind], where)
+        except BadImageError as exc:
+            out.reason, out.message = "unreadable", str(exc)
+            return out
+        except OSError as exc:
+            out.reason, out.message = "unreadable", f"{where}: cannot read file ({exc})"
+            return out
+        if mode != "L":
+            out.fixes.append(f"converted_mode:{kind}")
+            out.notes.append(f"{where}: mode {mode} converted to 8-bit grey")
+        if kind != IMAGES:
+            arr, changed = binarise(arr)
+            if changed:
+                out.fixes.append(f"binarised:{kind}")
+                out.notes.append(f"{where}: mask values other than 0 and 255, binarised at 0.5 (> 127)")
+        arrays[kind] = arr
+    shape = arrays[IMAGES].shape
+    odd = [f"{source.describe(paths[k])} is {a.shape[1]}x{a.shape[0]}" for k, a in arrays.items() if a.shape != shape]
+    if odd:
+        out.reason = "size_mismatch"
+        out.message = f"{source.describe(paths[IMAGES])}: image is {shape[1]}x{shape[0]} but " + ", ".join(odd)
+        return out
+    infection = arrays[INFECTION] > 0
+    if task.class_dir == "COVID-19" and not infection.any():
+        out.reason, out.message = "empty_covid_mask", f"{source.describe(paths[INFECTION])}: COVID-19 infection mask is empty"
+        return out
+    if task.class_dir != "COVID-19" and infection.any():
+        out.reason = "nonempty_negative_mask"
+        out.message = f"{source.describe(paths[INFECTION])}: {task.class_dir} infection mask is not empty"
+        return out
+    fixed_kinds = {f.split(":", 1)[1] for f in out.fixes}
+    out.payload = {k: encode_png(arrays[k]) if k in fixed_kinds else raw[k] for k in paths}
+    out.sha256 = {k: _sha256(raw[k]) for k in paths}
+    out.pixel_hash = _sha256(arrays[IMAGES].tobytes() + repr(shape).encode())
+    out.shape = (int(shape[0]), int(shape[1]))
+    out.infected_fraction = float(infection.mean())
+    out.lung_fraction = float((arrays[LUNG] > 0).mean())
+    return out
+
+
+_WORKER_SOURCE: Source | None = None
+
+
+def _init_worker(location: str) -> None:
+    global _WORKER_SOURCE
+    _WORKER_SOURCE = open_source(location)
+
+
+def _check_in_worker(task: PairTask) -> Checked:
+    assert _WORKER_SOURCE is not None
+    return check_pair(_WORKER_SOURCE, task)
+
+
+@contextlib.contextmanager
+def _checked(source: Source, tasks: list[PairTask], workers: int) -> Iterator[Iterator[Checked]]:
+    """Yield an iterator of :func:`check_pair` results in task order, from a process pool when it pays."""
+    if workers <= 1 or len(tasks) < PARALLEL_MIN:
+        yield (check_pair(source, t) for t in tasks)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(str(source.location),))
+    try:
+        yield pool.map(_check_in_worker, tasks, chunksize=max(1, min(32, len(tasks) // (8 * workers))))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Path, params: DataParams,
+            workers: int | None = None) -> Report:
+    """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
+
+    ``workers``: processes that decode and check (default :func:`default_workers`); the
+    outputs do not depend on it. Raises SourceError when the source or its layout is not
+    found, ExtractError on the first bad triplet under ``on_error: fail`` or when a split
+    ends up without COVID-19 pairs; then nothing is written and earlier outputs are kept.
+    """
+    workers = default_workers() if workers is None else workers
     report = Report()
-    rows: list[dict] = []
-    seen_hashes: dict[str, str] = {}
-    with open_source(source_path) as source, atomic_dir(out_dir) as tmp:
+    with open_source(source_path) as source:
         root = locate_root(source)
-        index = _index(source, root)
-        with zipfile.ZipFile(tmp / "subset.zip", "w", compression=zipfile.ZIP_STORED) as out_zip:
-            for split, split_dir in SPLIT_DIRS.items():
-                for class_dir in params.classes:
-                    key = (split_dir, class_dir)
-                    images, masks, lungs = (index.get(key + (k,), {}) for k in (IMAGES, INFECTION, LUNG))
-                    for name in sorted(set(images) | set(masks)):
-                        row = _take_pair(source, split, class_dir, name, images, masks, lungs, seen_hashes, report, params)
-                        if row is None:
-                            continue
-                        row, payload = row
-                        for kind, data in payload.items():
-                            out_zip.writestr(f"{split}/{class_dir}/{kind}/{name}", data)
-                        rows.append(row)
-        if not any(report.counts.values()):
-            raise ExtractError(f"{source.location}: no usable pairs for classes {list(params.classes)}")
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=MANIFEST_FIELDS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        (tmp / "manifest.csv").write_text(buf.getvalue(), encoding="utf-8")
-        write_json(metrics_path, report.to_json())
+        plan = _plan(source, root, params.classes)
+        tasks = [p for p in plan if isinstance(p, PairTask)]
+        with atomic_path(metrics_path) as metrics_tmp, atomic_dir(out_dir) as tmp:
+            rows = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
+            missing = [s for s in SPLIT_DIRS if report.class_counts[s]["COVID-19"] == 0]
+            if missing:
+                first = next((m for m in report.messages if m.startswith("skipped")), "none")
+                raise ExtractError(
+                    f"{source.location}: no usable COVID-19 pairs in split(s) {', '.join(missing)} under "
+                    f"'{root or '.'}' ({report.skipped_total} triplets skipped; first: {first})"
+                )
+            _write_csv(tmp / "manifest.csv", MANIFEST_FIELDS, rows)
+            _write_csv(tmp / "skipped.csv", SKIPPED_FIELDS, report.skipped_rows)
+            # Written to a temporary file now and renamed onto metrics_path only after the
+            # new out_dir is in place, so a failure never pairs new metrics with old outputs.
+            write_json(metrics_tmp, report.to_json())
     return report
 
 
-def _take_pair(source, split, class_dir, name, images, masks, lungs, seen_hashes, report, params):
-    """Check one pair; return (manifest row, {kind: png bytes}) or None when skipped."""
+def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[dict]:
+    """Run the checks in plan order, apply the on_error policy and duplicates, write the subset zip."""
+    rows: list[dict] = []
+    seen: dict[str, str] = {}
 
-    def skip(reason: str, message: str) -> None:
+    def skip(split: str, class_dir: str, name: str, reason: str, message: str) -> None:
         if params.on_error == "fail":
-            raise ExtractError(message)
+            raise ExtractError(f"{message} [{reason}; data.on_error is 'fail']")
         report.skips[split][reason] += 1
         report.messages.append(f"skipped ({reason}): {message}")
+        report.skipped_rows.append({"split": split, "class": class_dir, "name": name, "reason": reason, "message": message})
 
-    where = f"{split}/{class_dir}/{name}"
-    if name not in masks:
-        return skip("missing_mask", f"{source.describe(images[name])}: image has no infection mask")
-    if name not in images:
-        return skip("missing_image", f"{source.describe(masks[name])}: infection mask has no image")
-    if name not in lungs:
-        return skip("missing_lung_mask", f"{source.describe(images[name])}: image has no lung mask")
-    raw = {kind: source.read(paths[name]) for kind, paths in ((IMAGES, images), (INFECTION, masks), (LUNG, lungs))}
-    paths = {IMAGES: images[name], INFECTION: masks[name], LUNG: lungs[name]}
-    arrays, fixes = {}, []
-    for kind, data in raw.items():
-        try:
-            arr, converted = decode_grey(data, source.describe(paths[kind]))
-        except BadImageError as exc:
-            return skip("unreadable", str(exc))
-        if converted:
-            fixes.append(f"converted_mode:{kind}")
-        if kind != IMAGES:
-            arr, binarised = binarise(arr)
-            if binarised:
-                fixes.append(f"binarised:{kind}")
-        arrays[kind] = arr
-    shapes = {k: a.shape for k, a in arrays.items()}
-    if len(set(shapes.values())) > 1:
-        return skip("size_mismatch", f"{source.describe(paths[IMAGES])}: image and masks differ in size {shapes}")
-    infection, lung = arrays[INFECTION] > 0, arrays[LUNG] > 0
-    if class_dir == "COVID-19" and not infection.any():
-        return skip("empty_covid_mask", f"{source.describe(paths[INFECTION])}: COVID-19 infection mask is empty")
-    if class_dir != "COVID-19" and infection.any():
-        return skip("nonempty_negative_mask", f"{source.describe(paths[INFECTION])}: {class_dir} infection mask is not empty")
-    pixel_hash = hashlib.sha256(arrays[IMAGES].tobytes() + repr(arrays[IMAGES].shape).encode()).hexdigest()
-    if pixel_hash in seen_hashes:
-        return skip("duplicate", f"{source.describe(paths[IMAGES])}: same pixels as {seen_hashes[pixel_hash]}")
-    seen_hashes[pixel_hash] = where
-    for f in fixes:
-        report.fixes[split][f.split(":")[0]] += 1
-    fraction = float(infection.mean())
-    report.counts[split] += 1
-    if class_dir == "COVID-19":
-        report.fractions[split].append(fraction)
-    payload = {kind: raw[kind] if not any(f.endswith(kind) for f in fixes) else encode_png(arrays[kind]) for kind in raw}
-    row = {
-        "split": split, "class": class_dir, "id": PurePosixPath(name).stem,
-        "image_path": paths[IMAGES], "infection_path": paths[INFECTION], "lung_path": paths[LUNG],
-        "image_sha256": _sha256(raw[IMAGES]), "infection_sha256": _sha256(raw[INFECTION]), "lung_sha256": _sha256(raw[LUNG]),
-        "height": arrays[IMAGES].shape[0], "width": arrays[IMAGES].shape[1],
-        "infected_fraction": f"{fraction:.6f}", "lung_fraction": f"{float(lung.mean()):.6f}",
-        "fixes": ";".join(fixes),
-    }
-    return row, payload
+    with _checked(source, tasks, workers) as results, \
+            zipfile.ZipFile(subset_path, "w", compression=zipfile.ZIP_STORED) as out_zip:
+        for item in plan:
+            if not isinstance(item, PairTask):
+                skip(*item)
+                continue
+            c = next(results)
+            t = c.task
+            if c.reason is not None:
+                skip(t.split, t.class_dir, t.name, c.reason, c.message)
+                continue
+            where = f"{t.split}/{t.class_dir}/{t.name}"
+            if c.pixel_hash in seen:
+                skip(t.split, t.class_dir, t.name, "duplicate",
+                     f"{source.describe(t.image)}: same pixels as the image already taken at {seen[c.pixel_hash]}")
+                continue
+            seen[c.pixel_hash] = where
+            for f in c.fixes:
+                report.fixes[t.split][f.split(":", 1)[0]] += 1
+            report.messages.extend(f"fixed: {n}" for n in c.notes)
+            report.counts[t.split] += 1
+            report.class_counts[t.split][t.class_dir] += 1
+            if t.class_dir == "COVID-19":
+                report.fractions[t.split].append(c.infected_fraction)
+            for kind, data in c.payload.items():
+                out_zip.writestr(_member(f"{t.split}/{t.class_dir}/{kind}/{t.name}"), data)
+            rows.append({
+                "split": t.split, "class": t.class_dir, "id": PurePosixPath(t.name).stem,
+                "image_path": t.image, "infection_path": t.infection, "lung_path": t.lung,
+                "image_sha256": c.sha256[IMAGES], "infection_sha256": c.sha256[INFECTION], "lung_sha256": c.sha256[LUNG],
+                "height": c.shape[0], "width": c.shape[1],
+                "infected_fraction": f"{c.infected_fraction:.6f}", "lung_fraction": f"{c.lung_fraction:.6f}",
+                "fixes": ";".join(c.fixes),
+            })
+    return rows
+
+
+def _member(name: str) -> zipfile.ZipInfo:
+    """A stored zip entry with a fixed timestamp, so the same input gives a byte-identical subset.zip."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")

@@ -1,10 +1,13 @@
 """The report's figures, and the ones researchers expect beside them, as PNG files.
 
 All images are uint8 (S, S) grey X-rays; masks bool (S, S); probabilities float (S, S) in [0, 1].
+Predictions come from ``data/predictions/test.npz`` (probabilities stored as round(255 p), so a
+pixel within 1/510 of the threshold may flip against the exact evaluation: invisible in a figure).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
@@ -22,10 +26,12 @@ FIGURES = (
     "sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png",
     "pr_curve.png", "reliability.png", "dice_histogram.png", "gallery.png",
 )
+REPORT_RMSE = 0.2288  # the report's test RMSE on COVID-QU-Ex (see DESIGN.md, Anchors)
+TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), (1.0, 0.8, 0.0)
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.15, 0.1), alpha: float = 0.45) -> np.ndarray:
-    """RGB float (S, S, 3) of the grey image with ``mask`` tinted in ``color``."""
+    """RGB float (S, S, 3) in [0, 1] of the grey uint8 image with ``mask`` tinted in ``color``."""
     rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
     tint = np.asarray(color, np.float32)
     rgb[mask] = (1 - alpha) * rgb[mask] + alpha * tint
@@ -33,122 +39,191 @@ def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.15, 0.1), alpha: 
 
 
 def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """RGB (S, S, 3): true positives green, false positives red, false negatives blue."""
+    """RGB (S, S, 3): true positives green, false positives red, false negatives blue, on a dimmed image."""
     rgb = np.repeat(image[..., None].astype(np.float32) / 255.0 * 0.7, 3, axis=2)
     for sel, col in ((pred & truth, (0.1, 0.85, 0.2)), (pred & ~truth, (0.95, 0.1, 0.1)), (~pred & truth, (0.15, 0.35, 1.0))):
         rgb[sel] = 0.4 * rgb[sel] + 0.6 * np.asarray(col, np.float32)
     return rgb
 
 
-def _save(fig: plt.Figure, path: Path, dpi: int) -> None:
+def _save(fig: plt.Figure, path: Path, dpi: int) -> Path:
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png", facecolor="white")
     plt.close(fig)
+    return path
 
 
-def _show(ax, img, title: str, **kw) -> None:
-    ax.imshow(img, **({"cmap": "gray", "vmin": 0, "vmax": 255} if img.ndim == 2 and img.dtype == np.uint8 else {}) | kw)
+def _show(ax, img, title: str, **kw):
+    grey = {"cmap": "gray", "vmin": 0, "vmax": 255} if img.ndim == 2 and img.dtype == np.uint8 else {}
+    handle = ax.imshow(img, **(grey | kw))
     ax.set_title(title, fontsize=9)
     ax.axis("off")
+    return handle
 
 
-def curves_figure(curves: pd.DataFrame, metric: str, ylabel: str) -> plt.Figure:
+def curves_figure(curves: pd.DataFrame, metric: str, ylabel: str, reference: float | None = None) -> plt.Figure:
+    """Train and val ``metric`` per epoch from curves.tsv (columns epoch, train_<metric>, val_<metric>)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     ax.plot(curves["epoch"], curves[f"train_{metric}"], "o-", ms=3, label="train")
     ax.plot(curves["epoch"], curves[f"val_{metric}"], "o-", ms=3, label="val")
+    if reference is not None:
+        ax.axhline(reference, ls=":", color="grey", label=f"report, test ({reference:g})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel} per epoch", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
+    return fig
+
+
+def pr_figure(pr: pd.DataFrame, points: list[tuple[str, float, float]]) -> plt.Figure:
+    """Pixel precision-recall curve (pr.csv rows) with operating points (label, recall, precision)."""
+    pr = pr.dropna(subset=["precision", "recall"])
+    fig, ax = plt.subplots(figsize=(4.4, 4))
+    ax.plot(pr["recall"], pr["precision"], label="model, thresholds 0..1")
+    if len(pr):
+        base = float(pr["precision"].iloc[0]) if float(pr["threshold"].iloc[0]) == 0 else None
+        if base is not None:  # at threshold 0 every pixel is predicted: precision = prevalence
+            ax.axhline(base, ls=":", color="grey", label=f"prevalence ({base:.3f})")
+    for (label, r, p), marker in zip(points, ("o", "s", "^")):
+        if np.isfinite(r) and np.isfinite(p):
+            ax.plot([r], [p], marker, ms=7, label=label)
+    ax.set_xlabel("recall (pixels)")
+    ax.set_ylabel("precision (pixels)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title("test precision-recall over thresholds", fontsize=9)
+    return fig
+
+
+def reliability_figure(cal: pd.DataFrame, ece: float | None) -> plt.Figure:
+    """Reliability diagram from calibration.csv rows, with the pixel count per bin below it."""
+    cal = cal.dropna(subset=["mean_probability", "fraction_infected"])
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(4.4, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(cal["mean_probability"], cal["fraction_infected"], "o-", label="model")
+    ax.set_ylabel("fraction of pixels infected")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    ece_txt = f", ECE {ece:.3f}" if ece is not None and np.isfinite(ece) else ""
+    ax.set_title(f"reliability diagram (test pixels{ece_txt})", fontsize=9)
+    if {"bin_lo", "bin_hi"} <= set(cal.columns) and len(cal):
+        axn.bar(cal["bin_lo"], cal["pixels"], width=cal["bin_hi"] - cal["bin_lo"], align="edge",
+                color="tab:blue", alpha=0.6, edgecolor="white")
+        axn.set_yscale("log")
+    axn.set_xlabel("mean predicted probability")
+    axn.set_ylabel("pixels", fontsize=8)
+    axn.grid(alpha=0.3)
+    return fig
+
+
+def dice_histogram_figure(dice: pd.Series, threshold: float) -> plt.Figure:
+    """Histogram of per-image Dice (NaN = undefined images, counted in the title, not drawn)."""
+    scored = dice.dropna()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4))
+    ax.hist(scored, bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
+    if len(scored):
+        ax.axvline(scored.mean(), color="black", ls="--", lw=1, label=f"mean {scored.mean():.3f}")
+        ax.axvline(scored.median(), color="tab:orange", ls=":", lw=1.5, label=f"median {scored.median():.3f}")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlim(0, 1)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(f"per-image Dice (threshold {threshold:g})")
+    ax.set_ylabel("images")
+    undefined = int(dice.isna().sum())
+    ax.set_title(f"{len(scored)} test images scored" + (f", {undefined} undefined (both empty)" if undefined else ""),
+                 fontsize=9)
     return fig
 
 
 def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_tsv: str | Path, eval_dir: str | Path,
-                 per_image_csv: str | Path, out_dir: str | Path, params: PlotsParams) -> list[Path]:
-    """Draw every figure in FIGURES into ``out_dir``; returns their paths."""
+                 per_image_csv: str | Path, out_dir: str | Path, params: PlotsParams,
+                 metrics_json: str | Path | None = None) -> list[Path]:
+    """Draw every figure in FIGURES into ``out_dir``; returns their paths.
+
+    ``metrics_json`` (metrics/test.json, optional) adds the operating points to the PR curve and
+    the ECE to the reliability diagram.
+    """
     out_dir = Path(out_dir)
     test = load_split(prepared_dir, "test")
     with np.load(predictions_path) as z:
         probs = z["probs"].astype(np.float32) / 255.0
         threshold = float(z["threshold"])
-    images, truth = test["images"][:, 0], test["masks"][:, 0].astype(bool)
+    images, truth, ids = test["images"][:, 0], test["masks"][:, 0].astype(bool), test["ids"]
+    if probs.shape != truth.shape:
+        raise ValueError(f"{predictions_path}: probabilities {probs.shape} do not match {prepared_dir}/test.npz masks "
+                         f"{truth.shape} (rerun `dvc repro evaluate`)")
     preds = probs >= threshold
     curves = pd.read_csv(curves_tsv, sep="\t")
     per = pd.read_csv(per_image_csv)
+    summary = json.loads(Path(metrics_json).read_text(encoding="utf-8")) if metrics_json else {}
     eval_dir = Path(eval_dir)
     dpi = params.dpi
     i0 = min(params.sample_index, len(images) - 1)
     written = []
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
-    _show(axes[0], images[i0], f"{test['ids'][i0]}")
-    _show(axes[1], overlay(images[i0], truth[i0]), "infection mask overlaid")
-    _save(fig, out_dir / "sample_overlay.png", dpi)
-    written.append(out_dir / "sample_overlay.png")
+    _show(axes[0], images[i0], f"X-ray {ids[i0]}")
+    _show(axes[1], overlay(images[i0], truth[i0]), "infection mask (red) overlaid")
+    written.append(_save(fig, out_dir / "sample_overlay.png", dpi))
 
-    for metric, ylabel, name in (("loss", "loss", "loss_curves.png"), ("rmse", "pixel RMSE", "rmse_curves.png")):
-        fig = curves_figure(curves, metric, ylabel)
-        _save(fig, out_dir / name, dpi)
-        written.append(out_dir / name)
+    for metric, ylabel, name, ref in (("loss", "loss", "loss_curves.png", None),
+                                      ("rmse", "pixel RMSE", "rmse_curves.png", REPORT_RMSE)):
+        written.append(_save(curves_figure(curves, metric, ylabel, ref), out_dir / name, dpi))
 
     rows = _spread(len(images), params.gallery_size)
-    fig, axes = plt.subplots(len(rows), 3, figsize=(8, 2.8 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(8.6, 2.8 * len(rows)), squeeze=False)
     for r, i in enumerate(rows):
-        _show(axes[r, 0], images[i], f"input {test['ids'][i]}")
-        _show(axes[r, 1], truth[i], "ground truth", cmap="gray", vmin=0, vmax=1)
-        _show(axes[r, 2], probs[i], "predicted probability", cmap="magma", vmin=0, vmax=1)
-    _save(fig, out_dir / "prediction_triplets.png", dpi)
-    written.append(out_dir / "prediction_triplets.png")
+        _show(axes[r, 0], images[i], f"input {ids[i]}")
+        _show(axes[r, 1], truth[i].astype(np.uint8), "ground truth", cmap="gray", vmin=0, vmax=1)
+        handle = _show(axes[r, 2], probs[i], "predicted probability", cmap="magma", vmin=0, vmax=1)
+    fig.colorbar(handle, ax=axes, fraction=0.025, pad=0.02, label="probability of infection")
+    written.append(_save(fig, out_dir / "prediction_triplets.png", dpi))
 
-    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.3), squeeze=False)
     for c, i in enumerate(rows):
-        _show(axes[0, c], overlay(images[i], preds[i], color=(1.0, 0.8, 0.0)), f"predicted infection {test['ids'][i]}")
-    _save(fig, out_dir / "prediction_overlay.png", dpi)
-    written.append(out_dir / "prediction_overlay.png")
+        _show(axes[0, c], overlay(images[i], preds[i], color=PRED_COLOR), f"{ids[i]}")
+    fig.suptitle(f"predicted infection (yellow, p >= {threshold:g}) on the X-ray", fontsize=10)
+    written.append(_save(fig, out_dir / "prediction_overlay.png", dpi))
 
-    pr = pd.read_csv(eval_dir / "pr.csv").dropna()
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.plot(pr["recall"], pr["precision"])
-    ax.set_xlabel("recall (pixels)")
-    ax.set_ylabel("precision (pixels)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title("precision-recall over thresholds", fontsize=9)
-    _save(fig, out_dir / "pr_curve.png", dpi)
-    written.append(out_dir / "pr_curve.png")
-
-    cal = pd.read_csv(eval_dir / "calibration.csv").dropna()
-    fig, ax = plt.subplots(figsize=(4.2, 4))
-    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot(cal["mean_probability"], cal["fraction_infected"], "o-", label="model")
-    ax.set_xlabel("mean predicted probability")
-    ax.set_ylabel("fraction of pixels infected")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.set_title("reliability diagram", fontsize=9)
-    _save(fig, out_dir / "reliability.png", dpi)
-    written.append(out_dir / "reliability.png")
-
-    fig, ax = plt.subplots(figsize=(4.8, 3.4))
-    ax.hist(per["dice_tuned"].dropna(), bins=np.linspace(0, 1, 21), color="tab:blue", edgecolor="white")
-    ax.set_xlabel("per-image Dice (tuned threshold)")
-    ax.set_ylabel("images")
-    _save(fig, out_dir / "dice_histogram.png", dpi)
-    written.append(out_dir / "dice_histogram.png")
-
-    scored = per["dice_tuned"].to_numpy()
-    order = [i for i in np.argsort(np.nan_to_num(scored, nan=-1.0))[::-1] if np.isfinite(scored[i])]
-    picks = [("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])] if order else []
-    fig, axes = plt.subplots(max(len(picks), 1), 4, figsize=(10.5, 2.8 * max(len(picks), 1)), squeeze=False)
-    for r, (label, i) in enumerate(picks):
-        _show(axes[r, 0], images[i], f"{label}: {test['ids'][i]} Dice {scored[i]:.2f}")
-        _show(axes[r, 1], overlay(images[i], truth[i], color=(0.1, 0.85, 0.2)), "truth")
-        _show(axes[r, 2], overlay(images[i], preds[i], color=(1.0, 0.8, 0.0)), "prediction")
-        _show(axes[r, 3], error_map(images[i], preds[i], truth[i]), "TP green, FP red, FN blue")
-    _save(fig, out_dir / "gallery.png", dpi)
-    written.append(out_dir / "gallery.png")
+    points = []
+    for key, label in (("at_fixed_threshold", "threshold"), ("at_tuned_threshold", "tuned threshold")):
+        s = summary.get(key) or {}
+        if s.get("recall_global") is not None and s.get("precision_global") is not None:
+            points.append((f"{label} {s['threshold']:g}", float(s["recall_global"]), float(s["precision_global"])))
+    written.append(_save(pr_figure(pd.read_csv(eval_dir / "pr.csv"), points), out_dir / "pr_curve.png", dpi))
+    written.append(_save(reliability_figure(pd.read_csv(eval_dir / "calibration.csv"), summary.get("ece")),
+                         out_dir / "reliability.png", dpi))
+    written.append(_save(dice_histogram_figure(per["dice_tuned"], threshold), out_dir / "dice_histogram.png", dpi))
+    written.append(_save(gallery_figure(images, truth, preds, ids, per["dice_tuned"].to_numpy()), out_dir / "gallery.png", dpi))
     return written
+
+
+def gallery_figure(images: np.ndarray, truth: np.ndarray, preds: np.ndarray, ids: np.ndarray, dice: np.ndarray) -> plt.Figure:
+    """Best, median and worst test images by per-image Dice: input, truth, prediction, errors coloured."""
+    order = [int(i) for i in np.argsort(-np.nan_to_num(dice, nan=-1.0), kind="stable") if np.isfinite(dice[i])]
+    picks: list[tuple[str, int]] = []
+    if order:
+        for label, i in (("best", order[0]), ("median", order[len(order) // 2]), ("worst", order[-1])):
+            if i not in [p for _, p in picks]:
+                picks.append((label, i))
+    n = max(len(picks), 1)
+    fig, axes = plt.subplots(n, 4, figsize=(10.5, 2.8 * n), squeeze=False)
+    if not picks:
+        for ax in axes[0]:
+            ax.axis("off")
+        axes[0, 0].text(0, 0.5, "no test image has a defined Dice (all truths and predictions empty)", fontsize=10)
+    for r, (label, i) in enumerate(picks):
+        _show(axes[r, 0], images[i], f"{label}: {ids[i]}, Dice {dice[i]:.2f}")
+        _show(axes[r, 1], overlay(images[i], truth[i], color=TRUTH_COLOR), "truth (green)")
+        _show(axes[r, 2], overlay(images[i], preds[i], color=PRED_COLOR), "prediction (yellow)")
+        _show(axes[r, 3], error_map(images[i], preds[i], truth[i]), "TP green, FP red, FN blue")
+    return fig
 
 
 def _spread(n: int, k: int) -> list[int]:

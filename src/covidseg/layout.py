@@ -14,6 +14,13 @@ SPLITS = tuple(SPLIT_DIRS)
 CLASS_DIRS = ("COVID-19", "Non-COVID", "Normal")
 IMAGES, INFECTION, LUNG = "images", "infection masks", "lung masks"
 KIND_DIRS = (IMAGES, INFECTION, LUNG)
+# The other half of the Kaggle archive (33,920 lung-segmentation images): never listed nor read.
+LUNG_DATA_NAME = "Lung Segmentation Data"
+
+
+def ignored_part(name: str) -> bool:
+    """Whether a folder called ``name`` is skipped: the lung-segmentation half, ``__MACOSX`` or hidden."""
+    return name.startswith((LUNG_DATA_NAME, "__MACOSX", "."))
 
 
 def file_name(class_dir: str, number: int) -> str:
@@ -33,14 +40,15 @@ def find_roots(dirs: set[str]) -> list[str]:
     ``dirs`` is the set of all directory paths in a tree or archive (POSIX, no trailing
     slash). A root is a directory with a ``Train``, ``Val`` or ``Test`` child that itself has
     a known class folder, so a root is found at any nesting depth and whatever its name.
-    Roots under ``Lung Segmentation Data`` (the other half of the archive) are ignored.
+    Roots under ``Lung Segmentation Data`` (the other half of the archive), ``__MACOSX`` or a
+    hidden folder are ignored (see :func:`ignored_part`).
     """
     roots = set()
     for d in dirs:
         parts = d.split("/")
         if len(parts) < 2 or parts[-1] not in CLASS_DIRS or parts[-2] not in SPLIT_DIRS.values():
             continue
-        if any(p.startswith("Lung Segmentation Data") for p in parts):
+        if any(ignored_part(p) for p in parts):
             continue
         roots.add("/".join(parts[:-2]))
     return sorted(roots)

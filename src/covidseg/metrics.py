@@ -5,7 +5,12 @@ Shapes: ``pred`` and ``truth`` are boolean arrays (N, H, W) (one mask per image)
 
 Empty-truth rule (as nnU-Net and MONAI): an image whose truth *and* prediction are both
 empty has an undefined Dice/IoU (NaN) and is left out of per-image means; a false
-positive on an empty truth scores 0. ``empty_score`` overrides the NaN.
+positive on an empty truth scores 0. ``empty_score`` overrides the NaN. The same rule holds
+for every ratio: precision is NaN on an image with no predicted pixel, recall on an image
+with no infected pixel, HD95 when either mask is empty.
+
+Conventions are written out in ``docs/metrics.md``; ``tests/test_metrics.py`` checks each
+formula on hand-computed cases.
 """
 
 from __future__ import annotations
@@ -33,8 +38,7 @@ class Counts:
 def confusion(pred: np.ndarray, truth: np.ndarray) -> Counts:
     """Per-image TP, FP, FN, TN of boolean masks (N, H, W)."""
     pred, truth = _as_batch(pred).astype(bool), _as_batch(truth).astype(bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} differ in shape")
+    _same_shape(pred, truth, "pred", "truth")
     axes = tuple(range(1, pred.ndim))
     tp = np.sum(pred & truth, axis=axes, dtype=np.int64)
     fp = np.sum(pred & ~truth, axis=axes, dtype=np.int64)
@@ -70,49 +74,65 @@ def recall(c: Counts, empty_score: float = np.nan) -> np.ndarray:
     return _ratio(c.tp, c.tp + c.fn, empty_score)
 
 
-def squared_error_sum(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Sum over all pixels of (p - t)^2, in float64 (to accumulate RMSE and Brier over batches)."""
-    diff = prob.astype(np.float64) - truth.astype(np.float64)
-    return float(np.sum(diff * diff))
+def squared_error_sum(prob: np.ndarray, truth: np.ndarray, chunk: int = 64) -> float:
+    """Sum over all pixels of (p - t)^2, accumulated in float64 ``chunk`` images at a time.
 
-
-def rmse(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Root mean squared error over all pixels between probabilities and the 0/1 truth (the report's metric)."""
-    if prob.shape != truth.shape:
-        raise ValueError(f"prob {prob.shape} and truth {truth.shape} differ in shape")
-    return float(np.sqrt(squared_error_sum(prob, truth) / prob.size))
+    prob float (N, H, W) (or (H, W)) in [0, 1]; truth bool or {0, 1} of the same shape.
+    Chunking keeps memory at a few float64 copies of ``chunk`` images, not of the whole split.
+    """
+    prob, truth = _as_batch(prob), _as_batch(truth)
+    _same_shape(prob, truth, "prob", "truth")
+    total = 0.0
+    for s in range(0, len(prob), chunk):
+        diff = prob[s:s + chunk].astype(np.float64) - truth[s:s + chunk].astype(np.float64)
+        total += float(np.sum(diff * diff))
+    return total
 
 
 def brier(prob: np.ndarray, truth: np.ndarray) -> float:
-    """Brier score: mean over pixels of (p - t)^2 (RMSE squared)."""
-    return rmse(prob, truth) ** 2
+    """Brier score: (1 / P) sum over all P pixels of (p - t)^2, unitless in [0, 1]."""
+    if np.size(prob) == 0:
+        raise ValueError("brier: no pixels to score")
+    return squared_error_sum(prob, truth) / np.size(prob)
+
+
+def rmse(prob: np.ndarray, truth: np.ndarray) -> float:
+    """sqrt(Brier): root mean squared error over all pixels of probabilities vs the 0/1 truth (the report's metric)."""
+    return float(np.sqrt(brier(prob, truth)))
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    return mask & ~ndimage.binary_erosion(mask, structure=np.ones((3, 3), bool), border_value=0)
+    """Pixels of ``mask`` with at least one 4-neighbour outside it (or on the image border), as MONAI."""
+    return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
 def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
-    """95th-percentile symmetric Hausdorff distance in pixels between two boolean masks (H, W).
+    """95th-percentile Hausdorff distance in pixels between two boolean masks (H, W), as MONAI computes it.
 
-    Distances go from each surface pixel of one mask to the nearest surface pixel of the
-    other (Euclidean); the 95th percentile of both directions pooled is returned. NaN
-    when either mask is empty (undefined), 0 when they are identical.
+    For each surface pixel of ``pred`` take the Euclidean distance to the nearest surface pixel
+    of ``truth``, and the same the other way; HD95 = max(P95(pred -> truth), P95(truth -> pred)),
+    with numpy's linear-interpolation percentile. 0 when the masks are identical; NaN when
+    either mask is empty (undefined, left out of means).
     """
-    pred, truth = pred.astype(bool), truth.astype(bool)
-    if pred.shape != truth.shape:
-        raise ValueError(f"pred {pred.shape} and truth {truth.shape} differ in shape")
+    pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
+    _same_shape(pred, truth, "pred", "truth")
+    if pred.ndim != 2:
+        raise ValueError(f"hd95 takes one mask (H, W) at a time, got shape {pred.shape}")
     if not pred.any() or not truth.any():
         return float("nan")
     sp, st = _surface(pred), _surface(truth)
-    d_to_t = ndimage.distance_transform_edt(~st)
-    d_to_p = ndimage.distance_transform_edt(~sp)
-    distances = np.concatenate([d_to_t[sp], d_to_p[st]])
-    return float(np.percentile(distances, 95))
+    pred_to_truth = ndimage.distance_transform_edt(~st)[sp]
+    truth_to_pred = ndimage.distance_transform_edt(~sp)[st]
+    return float(max(np.percentile(pred_to_truth, 95), np.percentile(truth_to_pred, 95)))
 
 
 def expected_calibration_error(bin_count: np.ndarray, bin_prob_sum: np.ndarray, bin_pos_sum: np.ndarray) -> float:
-    """ECE = sum_b (n_b / n) |mean truth_b - mean prob_b| from per-bin totals (each (B,))."""
+    """ECE = sum_b (n_b / n) |mean truth_b - mean prob_b| from per-bin totals (each (B,)).
+
+    ``bin_count`` n_b pixels per bin, ``bin_prob_sum`` the sum of their probabilities,
+    ``bin_pos_sum`` how many of them are infected (see :func:`calibration_bins`). NaN for no pixels.
+    """
+    bin_count, bin_prob_sum, bin_pos_sum = (np.asarray(a, np.float64) for a in (bin_count, bin_prob_sum, bin_pos_sum))
     n = bin_count.sum()
     if n == 0:
         return float("nan")
@@ -122,13 +142,24 @@ def expected_calibration_error(bin_count: np.ndarray, bin_prob_sum: np.ndarray, 
 
 
 def calibration_bins(prob: np.ndarray, truth: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-bin pixel count, sum of probabilities and sum of truths for ``bins`` equal-width bins of [0, 1]."""
-    p = prob.reshape(-1).astype(np.float64)
-    idx = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    """Per-bin pixel count, sum of probabilities and sum of truths, each float64 (bins,).
+
+    Bin b holds the pixels with b / bins <= p < (b + 1) / bins; p = 1 falls in the last bin.
+    """
+    if bins < 1:
+        raise ValueError(f"calibration_bins: bins must be >= 1, got {bins}")
+    _same_shape(np.asarray(prob), np.asarray(truth), "prob", "truth")
+    p = np.asarray(prob).reshape(-1).astype(np.float64)
+    idx = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
     count = np.bincount(idx, minlength=bins).astype(np.float64)
     psum = np.bincount(idx, weights=p, minlength=bins)
-    tsum = np.bincount(idx, weights=truth.reshape(-1).astype(np.float64), minlength=bins)
+    tsum = np.bincount(idx, weights=np.asarray(truth).reshape(-1).astype(np.float64), minlength=bins)
     return count, psum, tsum
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {a.shape} and {name_b} {b.shape} differ in shape")
 
 
 def _as_batch(a: np.ndarray) -> np.ndarray:

@@ -39,13 +39,21 @@ def resize_mask(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def _decode(data: bytes) -> np.ndarray:
+    """PNG bytes from the extracted subset (8-bit grey, see covidseg.extract) -> uint8 (H, W)."""
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
 
 
 def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: PreprocessParams) -> dict[str, int]:
-    """Write one ``.npz`` per split; returns the number of pairs per split."""
+    """Write one ``.npz`` per split (see the module doc); returns the number of pairs per split.
+
+    Every PNG is decoded once and resized only when its size differs from ``params.size``.
+    The output directory is replaced atomically: on any error the previous one is kept.
+    """
     extracted_dir = Path(extracted_dir)
+    for needed in ("manifest.csv", "subset.zip"):
+        if not (extracted_dir / needed).is_file():
+            raise FileNotFoundError(f"{extracted_dir / needed}: not found; run the extract stage first")
     with open(extracted_dir / "manifest.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     counts = {}
@@ -60,9 +68,13 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
             for i, r in enumerate(split_rows):
                 base = f"{split}/{r['class']}"
                 name = Path(r["image_path"]).name
-                images[i, 0] = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
-                masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
-                lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
+                try:
+                    images[i, 0] = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
+                    masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
+                    lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
+                except (KeyError, OSError, zipfile.BadZipFile) as exc:
+                    raise ValueError(f"{extracted_dir / 'subset.zip'}: {base}/.../{name} listed in "
+                                     f"manifest.csv cannot be read ({exc}); rerun the extract stage") from None
             np.savez(
                 tmp / f"{split}.npz", images=images, masks=masks, lungs=lungs,
                 ids=np.array([r["id"] for r in split_rows], dtype=str),

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
-from covidseg.layout import CLASS_DIRS, KIND_DIRS, ROOT_NAME, SPLIT_DIRS, find_roots
+from covidseg.layout import CLASS_DIRS, KIND_DIRS, ROOT_NAME, SPLIT_DIRS, find_roots, ignored_part
 
 
 class SourceError(ValueError):
@@ -42,12 +43,14 @@ class Source:
 
 
 class FolderSource(Source):
+    """A folder on disk; ``Lung Segmentation Data``, ``__MACOSX`` and hidden folders are not walked."""
+
     def __init__(self, location: Path):
         files = []
         for dirpath, dirnames, filenames in os.walk(location):
             rel_dir = os.path.relpath(dirpath, location)
-            # Never descend into the lung-segmentation half of the archive.
-            dirnames[:] = [d for d in dirnames if not d.startswith("Lung Segmentation Data")]
+            # Never descend into the lung-segmentation half of the archive (nor macOS/hidden debris).
+            dirnames[:] = sorted(d for d in dirnames if not ignored_part(d))
             for f in filenames:
                 files.append(PurePosixPath(*Path(rel_dir, f).parts).as_posix() if rel_dir != "." else f)
         super().__init__(location, files)
@@ -57,16 +60,31 @@ class FolderSource(Source):
 
 
 class ZipSource(Source):
+    """A zip archive read in place: only the central directory is listed, members are read on demand.
+
+    Members under ``Lung Segmentation Data``, ``__MACOSX`` or hidden folders are not even listed,
+    so they can never be read.
+    """
+
     def __init__(self, location: Path):
         try:
             self._zip = zipfile.ZipFile(location)
         except (zipfile.BadZipFile, OSError) as exc:
             raise SourceError(f"{location}: not a readable zip archive ({exc})") from None
-        files = [i.filename for i in self._zip.infolist() if not i.is_dir()]
+        files = [
+            i.filename for i in self._zip.infolist()
+            if not i.is_dir() and not any(ignored_part(p) for p in i.filename.split("/")[:-1])
+        ]
+        self._listed = frozenset(files)
         super().__init__(location, files)
 
     def read(self, rel: str) -> bytes:
-        return self._zip.read(rel)
+        if rel not in self._listed:
+            raise SourceError(f"{self.describe(rel)}: not a dataset member of this archive")
+        try:
+            return self._zip.read(rel)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            raise OSError(f"{self.describe(rel)}: cannot read archive member ({exc})") from None
 
     def close(self) -> None:
         self._zip.close()
@@ -100,7 +118,8 @@ def locate_root(source: Source) -> str:
     roots = find_roots(dirs)
     expected = (
         f"expected '{ROOT_NAME}/{{{','.join(SPLIT_DIRS.values())}}}/{{{','.join(CLASS_DIRS)}}}/"
-        f"{{{','.join(KIND_DIRS)}}}/*.png' at any depth"
+        f"{{{','.join(KIND_DIRS)}}}/*.png' at any depth (the Kaggle archive nests it twice: "
+        f"'{ROOT_NAME}/{ROOT_NAME}/Train/COVID-19/images/covid_1.png')"
     )
     if not roots:
         raise SourceError(f"{source.location}: no COVID-QU-Ex infection-segmentation layout found; {expected}")

@@ -1,0 +1,124 @@
+"""The ``covidseg`` command line: use a trained model (``covidseg predict``; more subcommands to come).
+
+Heavy imports (torch) happen inside the commands, so ``covidseg --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    help="covidseg: COVID-19 infection segmentation on chest X-rays. Use a trained model on your own images.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+EXIT_FAILED_INPUTS = 1  # some inputs could not be processed (their rows say why)
+EXIT_USAGE = 2          # nothing was run: bad INPUT, model file or option
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@app.callback()
+def main() -> None:
+    """covidseg: COVID-19 infection segmentation on chest X-rays."""
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def _die(console, message: str) -> None:
+    console.print(f"error: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+def predict(
+    inputs: List[str] = typer.Argument(
+        ..., metavar="INPUT", show_default=False,
+        help="X-ray files, folders (their image files) or quoted glob patterns such as 'scans/**/*.png'.",
+    ),
+    model: Path = typer.Option(..., "--model", "-m", help="Trained model file (models/model.pt from `dvc repro`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; files of the same name are replaced)."),
+    threshold: Optional[float] = typer.Option(
+        None, min=0.0, max=1.0, show_default=False,
+        help="Probability at or above which a pixel is infected. [default: the model's val-tuned threshold]",
+    ),
+    save_probs: bool = typer.Option(False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."),
+    device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
+    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where it is faster."),
+    batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
+    flip_tta: bool = typer.Option(False, "--flip-tta", help="Average with the left-right mirrored prediction."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
+) -> None:
+    """Segment infection on X-rays of any size and mode (grey, RGB, RGBA, 16-bit, palette; PNG, JPEG, ...).
+
+    Writes, at each input's own size: `OUT/masks/<stem>.png` (0/255 grey), `OUT/overlays/<stem>.png`
+    (the X-ray with the predicted region tinted), with `--save-probs` `OUT/probs/<stem>.npy`, and
+    `OUT/predictions.csv` (one row per input: input, stem, width, height, infected_fraction,
+    mean_probability, status, error). Two inputs with the same name get `<stem>-1`, `<stem>-2`, ...
+
+    Exit status: 0 when every input was processed; 1 when one or more inputs failed (an
+    unreadable, truncated or non-image file: the message names it, its CSV row has status
+    "error", and the other inputs are still processed); 2 when nothing ran (an INPUT that
+    matches nothing, an unreadable model file, or a bad option).
+    """
+    from covidseg.predict import InputError, PredictOptions, collect_inputs, predict_files, prepare_model
+
+    console = _stderr_console()
+    options = PredictOptions(threshold=threshold, save_probs=save_probs, batch_size=batch_size, device=device.value,
+                             precision=precision.value, flip_tta=flip_tta, recursive=recursive)
+    try:
+        paths = collect_inputs(inputs, recursive=recursive)
+    except InputError as exc:
+        _die(console, str(exc))
+    try:
+        prepared = prepare_model(model, options)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        _die(console, str(exc))
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        console=console, transient=True, disable=quiet or not console.is_terminal)
+    with progress:
+        task = progress.add_task("predict", total=len(paths))
+
+        def on_row(row) -> None:
+            if row.status != "ok":
+                console.print(f"error: {row.error}", markup=False, soft_wrap=True)
+            progress.advance(task)
+
+        rows = predict_files(paths, out, prepared, options, on_row=on_row)
+
+    failed = sum(r.status != "ok" for r in rows)
+    if not quiet:
+        typer.echo(f"predict: {len(rows) - failed} of {len(rows)} images done, {failed} failed; "
+                   f"threshold {prepared.threshold:g} ({prepared.threshold_source}); "
+                   f"results in {out / 'predictions.csv'}")
+    if failed:
+        raise typer.Exit(EXIT_FAILED_INPUTS)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

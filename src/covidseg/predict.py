@@ -1,0 +1,316 @@
+"""Segment infection on X-rays of any size and mode with a trained model (``covidseg predict``).
+
+For every input image the outputs in ``out_dir`` are
+
+    masks/<stem>.png      uint8 mode L (H, W), 0 = clear, 255 = predicted infected
+    overlays/<stem>.png   uint8 RGB (H, W, 3), the grey X-ray with the predicted region tinted
+    probs/<stem>.npy      float32 (H, W) probabilities in [0, 1] (only with ``save_probs``)
+    predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
+
+where (H, W) is the input's own size. Preprocessing matches training exactly: the file is
+decoded to 8-bit grey by :func:`covidseg.pngcheck.decode_grey`, resized to the model's
+``size`` x ``size`` by :func:`covidseg.preprocess.resize_image` (PIL bilinear), divided by 255
+inside :func:`covidseg.inference.predict_logits`, and the probabilities
+``sigmoid(logit / temperature)`` are resized back to (H, W) bilinearly before thresholding
+(``probability >= threshold`` is infected, as in evaluation).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from covidseg.atomic import atomic_path
+from covidseg.device import choose_device, choose_precision
+from covidseg.inference import predict_logits, probabilities
+from covidseg.modelio import load_model
+from covidseg.pngcheck import BadImageError, decode_grey
+from covidseg.preprocess import resize_image
+
+# Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
+CSV_COLUMNS = ("input", "stem", "width", "height", "infected_fraction", "mean_probability", "status", "error")
+TINT = (1.0, 0.8, 0.0)  # the prediction colour of the pipeline's figures (covidseg.figures)
+TINT_ALPHA = 0.45
+
+
+class InputError(ValueError):
+    """An INPUT argument that names no file and matches nothing (reported before any work is done)."""
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run: ``threshold`` None means the model's val-tuned threshold (0.5 if it has none)."""
+
+    threshold: float | None = None
+    save_probs: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "auto"
+    flip_tta: bool = False
+    recursive: bool = False
+
+
+@dataclass
+class Row:
+    """One line of ``predictions.csv``; sizes in pixels, fractions in [0, 1]."""
+
+    input: str
+    stem: str
+    width: int | None = None
+    height: int | None = None
+    infected_fraction: float | None = None
+    mean_probability: float | None = None
+    status: str = "ok"
+    error: str = ""
+
+    def as_csv(self) -> list[str]:
+        def fmt(v):
+            return "" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+        return [fmt(getattr(self, c)) for c in CSV_COLUMNS]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model ready to run and the settings read from its file."""
+
+    model: torch.nn.Module
+    device: torch.device
+    precision: str
+    size: int
+    threshold: float
+    temperature: float
+    threshold_source: str  # "option", "model" or "default"
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _folder_images(folder: Path, recursive: bool) -> list[Path]:
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and _is_image_name(p) and not p.name.startswith("."))
+
+
+def collect_inputs(inputs: Sequence[str], recursive: bool = False) -> list[Path]:
+    """Expand INPUT arguments (files, folders, glob patterns) into a list of files, in order.
+
+    A file is taken whatever its name; a folder gives its image files (by suffix, sorted;
+    with ``recursive`` also those in subfolders); a pattern (``*``, ``?``, ``[...]``, ``**``)
+    gives the image files it matches and the images of folders it matches. A file reached
+    twice is kept once. Raises InputError listing every INPUT that yields nothing.
+    """
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    problems: list[str] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = _folder_images(path, recursive)
+            if not found:
+                problems.append(f"{raw}: folder holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        elif glob.has_magic(raw):
+            found = []
+            for match in sorted(glob.glob(raw, recursive=True)):
+                m = Path(match)
+                if m.is_dir():
+                    found.extend(_folder_images(m, recursive))
+                elif m.is_file() and _is_image_name(m):
+                    found.append(m)
+            if not found:
+                problems.append(f"{raw}: pattern matches no image files")
+        else:
+            problems.append(f"{raw}: no such file or folder")
+            found = []
+        for p in found:
+            key = p.resolve()
+            if key not in seen:
+                seen.add(key)
+                paths.append(p)
+    if problems:
+        raise InputError("; ".join(problems))
+    return paths
+
+
+def unique_stems(paths: Iterable[Path]) -> list[str]:
+    """Output names: each file's stem, with ``-1``, ``-2``, ... added when an earlier file took it.
+
+    Compared case-insensitively, so outputs never collide on case-insensitive file systems.
+    """
+    used: set[str] = set()
+    stems = []
+    for p in paths:
+        stem = base = p.stem or "image"
+        k = 0
+        while stem.lower() in used:
+            k += 1
+            stem = f"{base}-{k}"
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_grey(path: Path) -> np.ndarray:
+    """uint8 (H, W) grey levels of any image file, converted as the pipeline converts its data.
+
+    Raises BadImageError naming ``path`` when it cannot be read or decoded.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BadImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    try:
+        grey, _ = decode_grey(data, str(path))
+    except BadImageError:
+        raise
+    except Exception as exc:  # e.g. PIL's DecompressionBombError, odd modes numpy cannot map
+        raise BadImageError(f"{path}: cannot decode image ({exc})") from None
+    if grey.ndim != 2 or grey.size == 0:
+        raise BadImageError(f"{path}: decoded to shape {grey.shape}, expected one 2-D image")
+    return grey
+
+
+def resize_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
+    """float32 (S, S) probabilities -> float32 (height, width), PIL bilinear, clipped to [0, 1]."""
+    if prob.shape == (height, width):
+        return prob.astype(np.float32, copy=False)
+    out = np.asarray(Image.fromarray(prob.astype(np.float32, copy=False)).resize((width, height), Image.BILINEAR))
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def tint(grey: np.ndarray, mask: np.ndarray, color=TINT, alpha: float = TINT_ALPHA) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of grey uint8 (H, W) with bool ``mask`` (H, W) blended towards ``color`` (RGB in [0, 1])."""
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    tinted = (1 - alpha) * grey[mask][:, None].astype(np.float32) + alpha * 255.0 * np.asarray(color, np.float32)
+    rgb[mask] = np.clip(np.round(tinted), 0, 255).astype(np.uint8)
+    return rgb
+
+
+def _save_png(path: Path, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr)
+
+
+def write_outputs(out_dir: Path, stem: str, grey: np.ndarray, prob: np.ndarray, threshold: float,
+                  save_probs: bool) -> tuple[float, float]:
+    """Write mask, overlay (and probs) for one image; grey uint8 (H, W), prob float32 (H, W).
+
+    Returns (infected fraction, mean probability) over the image's H * W pixels.
+    """
+    mask = prob >= threshold
+    _save_png(out_dir / "masks" / f"{stem}.png", np.where(mask, 255, 0).astype(np.uint8))
+    _save_png(out_dir / "overlays" / f"{stem}.png", tint(grey, mask))
+    if save_probs:
+        _save_npy(out_dir / "probs" / f"{stem}.npy", prob)
+    return float(mask.mean()), float(prob.mean(dtype=np.float64))
+
+
+# ----------------------------------------------------------------------------- model
+
+def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
+    """Load the model on the chosen device and read size, threshold and temperature from its file.
+
+    Raises FileNotFoundError / ValueError naming the model file, RuntimeError for an unusable device.
+    """
+    device = choose_device(options.device)
+    model, meta = load_model(model_path, device)
+    if "size" not in meta:
+        raise ValueError(f"{model_path}: model file has no 'size' (the input size it was trained on)")
+    if options.threshold is not None:
+        threshold, source = float(options.threshold), "option"
+    elif "threshold" in meta:
+        threshold, source = float(meta["threshold"]), "model"
+    else:
+        threshold, source = 0.5, "default"
+    return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
+                    size=int(meta["size"]), threshold=threshold, temperature=float(meta.get("temperature", 1.0)),
+                    threshold_source=source)
+
+
+# ----------------------------------------------------------------------------- run
+
+def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared, options: PredictOptions,
+                  on_row: Callable[[Row], None] | None = None) -> list[Row]:
+    """Predict every file in ``paths``; write per-image outputs and ``predictions.csv`` under ``out_dir``.
+
+    Images are decoded ``options.batch_size`` at a time (so memory holds one batch of
+    full-size images) and run through the model as one batch. A file that fails gets a
+    row with status ``error`` and its message; the others still run. ``on_row`` is called
+    with each finished row (for progress and error reporting). Returns the rows in input order.
+    """
+    out_dir = Path(out_dir)
+    stems = unique_stems(paths)
+    rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
+    step = max(1, options.batch_size)
+    for start in range(0, len(paths), step):
+        batch = list(range(start, min(start + step, len(paths))))
+        greys: dict[int, np.ndarray] = {}
+        for i in batch:
+            try:
+                greys[i] = load_grey(paths[i])
+                rows[i].height, rows[i].width = greys[i].shape
+            except BadImageError as exc:
+                _fail(rows[i], str(exc), on_row)
+        if not greys:
+            continue
+        order = list(greys)
+        small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
+        logits = predict_logits(prepared.model, small, prepared.device, prepared.precision,
+                                batch_size=step, flip_tta=options.flip_tta)
+        probs = probabilities(logits, prepared.temperature)  # float32 (n, S, S)
+        for k, i in enumerate(order):
+            grey = greys.pop(i)
+            try:
+                prob = resize_probs(probs[k], grey.shape[1], grey.shape[0])
+                frac, mean = write_outputs(out_dir, stems[i], grey, prob, prepared.threshold, options.save_probs)
+            except OSError as exc:
+                _fail(rows[i], f"{paths[i]}: cannot write outputs ({exc})", on_row)
+                continue
+            rows[i].infected_fraction, rows[i].mean_probability = frac, mean
+            if on_row:
+                on_row(rows[i])
+    write_csv(out_dir / "predictions.csv", rows)
+    return rows
+
+
+def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
+    row.status, row.error = "error", message
+    if on_row:
+        on_row(row)
+
+
+def write_csv(path: str | Path, rows: Iterable[Row]) -> None:
+    """Atomically write rows as CSV with header :data:`CSV_COLUMNS` (empty cells where unknown)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(CSV_COLUMNS)
+            writer.writerows(r.as_csv() for r in rows)
+
+
+def read_csv(path: str | Path) -> list[dict[str, str]]:
+    """The rows of a ``predictions.csv`` as dicts of strings (for tests and scripts)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+

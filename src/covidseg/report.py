@@ -1,0 +1,221 @@
+"""A self-contained HTML report of one pipeline run: metrics, baselines, anchors, figures.
+
+Everything lives in the one file: the CSS is inline and every figure is a base64 ``data:``
+URI, so the report opens offline, from an e-mail attachment, or from a DVC remote, with no
+script, stylesheet or font fetched from anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from covidseg.atomic import write_text
+
+# Published quality on the real COVID-QU-Ex COVID-19 test split (see DESIGN.md, Anchors).
+REPORT_RMSE = 0.2288
+MEDSEGBENCH_DICE = (0.740, 0.756)
+MEDSEGBENCH_IOU = (0.627, 0.647)
+
+FIGURE_CAPTIONS = {
+    "sample_overlay.png": "A test X-ray and its infection mask (red).",
+    "loss_curves.png": "Training and validation loss per epoch.",
+    "rmse_curves.png": "Training and validation pixel RMSE per epoch; dotted: the report's test RMSE.",
+    "prediction_triplets.png": "Input, ground truth and predicted probability for test images spread over the split.",
+    "prediction_overlay.png": "Predicted infection (tuned threshold) overlaid on the X-ray.",
+    "pr_curve.png": "Pixel precision-recall over thresholds 0 to 1, with the two operating points.",
+    "reliability.png": "Reliability diagram: infected share of pixels against their mean predicted probability, "
+                       "per probability bin; below, how many pixels fall in each bin (log scale).",
+    "dice_histogram.png": "Per-image Dice at the tuned threshold.",
+    "gallery.png": "Best, median and worst test images by per-image Dice: input, truth, prediction, and the errors "
+                   "(true positives green, false positives red, false negatives blue).",
+}
+
+DEFINITIONS = (
+    ("RMSE", "sqrt((1/P) &Sigma; (p - t)&sup2;) over all P test pixels, p the predicted probability and t the 0/1 truth. "
+             "The report's metric; threshold-free. Lower is better."),
+    ("Brier", "(1/P) &Sigma; (p - t)&sup2; = RMSE&sup2;. Lower is better."),
+    ("ECE", "Expected calibration error: pixels binned by p into equal-width bins; "
+            "&Sigma;<sub>b</sub> (n<sub>b</sub>/P) |mean t<sub>b</sub> - mean p<sub>b</sub>|. 0 is perfectly calibrated."),
+    ("Dice", "2TP / (2TP + FP + FN) of the mask p &ge; threshold. Per-image: computed on each image, then mean &plusmn; "
+             "std (population) over images; global: from TP, FP, FN summed over the split."),
+    ("IoU", "TP / (TP + FP + FN) (Jaccard), per-image and global as for Dice."),
+    ("Precision", "TP / (TP + FP): the share of pixels called infected that are."),
+    ("Recall", "TP / (TP + FN): the share of infected pixels found (sensitivity)."),
+    ("HD95", "95th-percentile Hausdorff distance in pixels between the predicted and true mask surfaces: "
+             "max of the two directed 95th percentiles (MONAI's convention). Lower is better."),
+    ("Tuned threshold", "The threshold that maximised mean per-image Dice on the validation split; the test split "
+                        "never chooses anything."),
+)
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _pm(block: dict, key: str, digits: int = 4) -> str:
+    mean, std = block.get(f"{key}_mean"), block.get(f"{key}_std")
+    return _fmt(mean, digits) if std is None else f"{_fmt(mean, digits)} &plusmn; {_fmt(std, digits)}"
+
+
+def _read_json(path: str | Path | None, what: str) -> dict:
+    if path is None:
+        return {}
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found (run the stage that writes it, e.g. `dvc repro`)") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: {what} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: {what} should hold a JSON object")
+    return data
+
+
+def _png_data_uri(path: Path) -> str:
+    data = path.read_bytes()
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ValueError(f"{path}: not a PNG file")
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def metrics_table(test: dict) -> str:
+    """The model's test metrics at the fixed and the tuned threshold, as an HTML table."""
+    fixed, tuned = test.get("at_fixed_threshold") or {}, test.get("at_tuned_threshold") or {}
+    col = [f"threshold {_fmt(fixed.get('threshold'), 3)}", f"tuned on val: {_fmt(tuned.get('threshold'), 3)}"]
+    same = lambda v: [v, v]  # noqa: E731 - threshold-free rows
+    rows = [
+        ["RMSE (all pixels)", *same(_fmt(test.get("rmse")))],
+        ["Brier score", *same(_fmt(test.get("brier")))],
+        [f"ECE ({_fmt(test.get('ece_bins'))} bins)", *same(_fmt(test.get("ece")))],
+        ["Dice, per-image mean &plusmn; std", _pm(fixed, "dice"), _pm(tuned, "dice")],
+        ["Dice, global", _fmt(fixed.get("dice_global")), _fmt(tuned.get("dice_global"))],
+        ["IoU, per-image mean &plusmn; std", _pm(fixed, "iou"), _pm(tuned, "iou")],
+        ["IoU, global", _fmt(fixed.get("iou_global")), _fmt(tuned.get("iou_global"))],
+        ["Precision, per-image mean &plusmn; std", _pm(fixed, "precision"), _pm(tuned, "precision")],
+        ["Precision, global", _fmt(fixed.get("precision_global")), _fmt(tuned.get("precision_global"))],
+        ["Recall, per-image mean &plusmn; std", _pm(fixed, "recall"), _pm(tuned, "recall")],
+        ["Recall, global", _fmt(fixed.get("recall_global")), _fmt(tuned.get("recall_global"))],
+        ["HD95 (pixels), mean &plusmn; std", _pm(fixed, "hd95", 2), _pm(tuned, "hd95", 2)],
+        ["HD95 (pixels), median", _fmt(fixed.get("hd95_median"), 2), _fmt(tuned.get("hd95_median"), 2)],
+        ["images with a defined Dice", _fmt(fixed.get("images_scored")), _fmt(tuned.get("images_scored"))],
+        ["images with empty truth (of which predicted infected)",
+         f"{_fmt(fixed.get('empty_truth_images'))} ({_fmt(fixed.get('empty_truth_false_positive_images'))})",
+         f"{_fmt(tuned.get('empty_truth_images'))} ({_fmt(tuned.get('empty_truth_false_positive_images'))})"],
+    ]
+    return _table(["metric", *col], rows, "metrics")
+
+
+def baselines_table(test: dict) -> str:
+    """The model beside trivial predictors and published anchors (RMSE, Brier, Dice)."""
+    fixed = test.get("at_fixed_threshold") or {}
+    rows = [["<b>this model</b>", _fmt(test.get("rmse")), _fmt(test.get("brier")), _fmt(fixed.get("dice_mean")),
+             _fmt(fixed.get("dice_global")), "this run, threshold 0.5"]]
+    notes = {
+        "all_background": "p = 0 everywhere",
+        "constant_prior": "p = train infected-pixel share ({prior}) everywhere",
+        "lung_mask": "p = 0.5 inside the true lung masks: 'the whole lung is infected'",
+    }
+    for name, b in (test.get("baselines") or {}).items():
+        note = notes.get(name, "").format(prior=_fmt(b.get("prior")))
+        rows.append([html.escape(name.replace("_", " ")), _fmt(b.get("rmse")), _fmt(b.get("brier")),
+                     _fmt(b.get("dice_mean")), _fmt(b.get("dice_global")), note])
+    rows.append(["the report (reference)", f"{REPORT_RMSE:.4f}", "", "not measured", "",
+                 "U-Net, BCE; real COVID-QU-Ex test split"])
+    rows.append(["MedSegBench (reference)", "", "", f"{MEDSEGBENCH_DICE[0]:.3f} to {MEDSEGBENCH_DICE[1]:.3f}", "",
+                 f"smp U-Net from scratch, Dice loss, same split; IoU {MEDSEGBENCH_IOU[0]:.3f} to {MEDSEGBENCH_IOU[1]:.3f}"])
+    return _table(["predictor", "RMSE", "Brier", "Dice (per-image)", "Dice (global)", "what it is"], rows, "baselines")
+
+
+def run_table(train: dict, data: dict, source: str | None) -> str:
+    """Where the numbers come from: data source, split sizes, training summary."""
+    rows = []
+    if source:
+        rows.append(["data source", html.escape(source)])
+    counts = ", ".join(f"{s} {_fmt((data.get(s) or {}).get('count'))}" for s in ("train", "val", "test") if s in data)
+    if counts:
+        rows.append(["images per split", counts])
+    if "skipped_total" in data:
+        rows.append(["pairs skipped at extraction", _fmt(data["skipped_total"])])
+    for key, label in (("epochs_run", "epochs run"), ("best_epoch", "best epoch (restored)"), ("threshold", "tuned threshold"),
+                       ("temperature", "temperature"), ("train_seconds", "training seconds"),
+                       ("train_images_per_second", "training images/s"), ("device", "device"), ("precision", "precision")):
+        if key in train:
+            rows.append([label, _fmt(train[key], 3)])
+    return _table(["run", "value"], rows, "run") if rows else ""
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1100px;
+padding:0 1em;color:#1d1d1f;line-height:1.45;background:#fff}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}th,td{border:1px solid #d5d5d5;padding:.3em .6em;text-align:left}
+th{background:#f3f4f6}td:not(:first-child){font-variant-numeric:tabular-nums}
+.note{color:#555;font-size:.9em}figure{margin:1.2em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-size:.9em;color:#444;margin-top:.3em}dt{font-weight:600;margin-top:.5em}dd{margin-left:1.2em}
+.rule{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em .8em}
+"""
+
+
+def render_report(test: dict, train: dict, data: dict, figures: list[Path], source: str | None = None) -> str:
+    """The report as one HTML string (figures read from ``figures`` and embedded)."""
+    figs = []
+    for path in figures:
+        caption = FIGURE_CAPTIONS.get(path.name, path.stem.replace("_", " "))
+        figs.append(f'<figure id="{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
+                    f'src="{_png_data_uri(path)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+    defs = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in DEFINITIONS)
+    rule = html.escape(test.get("empty_truth_rule", "not stated in metrics/test.json"))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>covidseg report</title><style>{CSS}</style></head>
+<body>
+<h1>covidseg: COVID-19 infection segmentation report</h1>
+<p class="note">Test split, {_fmt(test.get('n_images'))} images. Written by the <code>plots</code> stage (no timestamp: the
+same inputs give the same file);
+all figures are embedded, so this file opens offline. Definitions are at the end and in <code>docs/metrics.md</code>.</p>
+{run_table(train, data, source)}
+<h2>Test metrics</h2>
+{metrics_table(test)}
+<p class="note">Test-time flip averaging: {_fmt(test.get('flip_tta'))}. Threshold-free metrics (RMSE, Brier, ECE)
+are the same in both columns.</p>
+<h2>Baselines and references</h2>
+{baselines_table(test)}
+<p class="note">The references were measured on the real COVID-QU-Ex COVID-19 test split (583 images, 256 px);
+compare with them only when this run used that data. Per-image Dice is the comparable number.</p>
+<h2>Figures</h2>
+{''.join(figs)}
+<h2>Definitions</h2>
+<dl>{defs}</dl>
+<p class="rule"><b>Empty-truth rule.</b> {rule}</p>
+</body></html>
+"""
+
+
+def write_report(test_json: str | Path, train_json: str | Path | None, data_json: str | Path | None,
+                 figures: list[Path], out_path: str | Path, source: str | None = None) -> Path:
+    """Read the metrics JSON files, embed ``figures`` (PNG paths) and write the HTML atomically to ``out_path``."""
+    test = _read_json(test_json, "test metrics")
+    html_text = render_report(test, _read_json(train_json, "train metrics"), _read_json(data_json, "data metrics"),
+                              [Path(f) for f in figures], source)
+    write_text(out_path, html_text)
+    return Path(out_path)

@@ -1,0 +1,47 @@
+"""dvc.yaml keeps its rules: thin stage entries, deps = entry + every covidseg module it imports."""
+
+import re
+
+import yaml
+
+from covidseg.importgraph import module_files
+from conftest import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_every_stage_runs_its_own_entry():
+    for name, stage in DVC["stages"].items():
+        assert re.fullmatch(rf"python stages/{name}\.py( .*)?", stage["cmd"]), f"{name}: {stage['cmd']}"
+
+
+def test_deps_list_entry_and_every_imported_library_module():
+    for name, stage in DVC["stages"].items():
+        entry = f"stages/{name}.py"
+        deps = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
+        code_deps = {d for d in deps if d.startswith("src/")}
+        expected = {p.relative_to(REPO).as_posix() for p in module_files(REPO / entry, REPO / "src")}
+        assert entry in deps, name
+        assert code_deps == expected, f"stage {name}: missing {sorted(expected - code_deps)}, extra {sorted(code_deps - expected)}"
+
+
+def test_stage_params_exist_and_are_sections_or_keys_of_params_yaml():
+    for name, stage in DVC["stages"].items():
+        for p in stage.get("params", []):
+            key = p if isinstance(p, str) else next(iter(p))
+            node = PARAMS
+            for part in key.split("."):
+                assert part in node, f"stage {name} declares param {key!r}, absent from params.yaml"
+                node = node[part]
+
+
+def test_metrics_and_plots_are_declared_at_top_level():
+    assert {"metrics/test.json", "metrics/train.json", "metrics/data.json"} <= set(DVC["metrics"])
+    plotted = {next(iter(p)) if isinstance(p, dict) else p for p in DVC["plots"]}
+    assert "plots/figures" in plotted
+
+
+def test_editing_a_plot_module_does_not_touch_training():
+    train_deps = set(DVC["stages"]["train"]["deps"])
+    assert "src/covidseg/figures.py" not in train_deps and "src/covidseg/model.py" in train_deps

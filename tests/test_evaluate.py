@@ -1,0 +1,194 @@
+"""covidseg.evaluate on a tiny generated prepared dir and a tiny untrained model.
+
+The helpers ``make_prepared``, ``make_model`` and ``run_evaluate`` are reused by
+test_figures.py and test_report_browser.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidseg.evaluate import PR_BINS, baselines, evaluate
+from covidseg.inference import predict_logits, probabilities
+from covidseg.model import UNet, UNetConfig
+from covidseg.modelio import load_model, save_model
+from covidseg.params import EvaluateParams
+
+SIZE = 32
+TUNED = 0.45
+
+
+def _split(rng: np.random.Generator, n_covid: int, n_negative: int) -> dict[str, np.ndarray]:
+    """One split in preprocess.py's format: COVID-19 images with a bright square lesion, negatives empty."""
+    n = n_covid + n_negative
+    images = rng.integers(40, 120, size=(n, 1, SIZE, SIZE), dtype=np.uint8)
+    masks = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    lungs = np.zeros((n, 1, SIZE, SIZE), np.uint8)
+    lungs[:, 0, 6:26, 4:14] = 1
+    lungs[:, 0, 6:26, 18:28] = 1
+    for i in range(n_covid):
+        r, c = 8 + 2 * (i % 4), 5 + (i % 3)
+        masks[i, 0, r:r + 6, c:c + 6] = 1
+        images[i, 0][masks[i, 0] > 0] = 220
+    ids = [f"covid_{i + 1}" for i in range(n_covid)] + [f"Non_COVID ({i + 1})" for i in range(n_negative)]
+    classes = ["COVID-19"] * n_covid + ["Non-COVID"] * n_negative
+    return {"images": images, "masks": masks, "lungs": lungs, "ids": np.array(ids, dtype=str),
+            "classes": np.array(classes, dtype=str)}
+
+
+def make_prepared(root: Path, n_test_covid: int = 3, n_test_negative: int = 1) -> Path:
+    """A prepared dir (train/val/test .npz, 32x32) with ``n_test_negative`` empty-truth test images."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, (nc, nn) in {"train": (4, 0), "val": (2, 0), "test": (n_test_covid, n_test_negative)}.items():
+        np.savez(root / f"{split}.npz", **_split(rng, nc, nn))
+    return root
+
+
+def make_model(path: Path, threshold: float = TUNED) -> Path:
+    """A tiny untrained U-Net saved as training would save it (with a 'tuned' threshold)."""
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=4, depth=2))
+    save_model(path, model, {"threshold": threshold, "temperature": 1.0, "size": SIZE})
+    return path
+
+
+def run_evaluate(root: Path, **prepared_kw) -> dict:
+    """Evaluate a tiny model on a tiny prepared dir under ``root``; returns the paths and the summary."""
+    prepared = make_prepared(root / "prepared", **prepared_kw)
+    model = make_model(root / "model.pt")
+    paths = {"model": model, "prepared": prepared, "metrics": root / "metrics" / "test.json",
+             "per_image": root / "eval" / "per_image.csv", "eval": root / "eval",
+             "predictions": root / "predictions" / "test.npz"}
+    summary = evaluate(paths["model"], paths["prepared"], paths["metrics"], paths["per_image"], paths["eval"],
+                       paths["predictions"], EvaluateParams())
+    return {**paths, "summary": summary}
+
+
+def _strict_json(path: Path) -> dict:
+    def no_constant(name):
+        raise AssertionError(f"{path}: non-standard JSON constant {name}")
+    return json.loads(path.read_text(), parse_constant=no_constant)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return run_evaluate(tmp_path_factory.mktemp("evaluate"))
+
+
+def _reference_probs(tiny: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The model's test probabilities and truth, computed here independently of evaluate()."""
+    model, _ = load_model(tiny["model"])
+    with np.load(tiny["prepared"] / "test.npz") as z:
+        images, truth = z["images"], z["masks"][:, 0].astype(bool)
+    return probabilities(predict_logits(model, images, torch.device("cpu"), "fp32")), truth
+
+
+def test_metrics_json_keys_and_standard_json(tiny):
+    data = _strict_json(tiny["metrics"])
+    for key in ("n_images", "rmse", "dice", "iou", "brier", "ece", "ece_bins", "at_fixed_threshold",
+                "at_tuned_threshold", "baselines", "temperature", "flip_tta", "empty_truth_rule"):
+        assert key in data, key
+    assert data["n_images"] == 4
+    assert data["at_fixed_threshold"]["threshold"] == 0.5
+    assert data["at_tuned_threshold"]["threshold"] == TUNED  # from the model file, not the params
+    for block in (data["at_fixed_threshold"], data["at_tuned_threshold"]):
+        for key in ("dice_mean", "dice_std", "iou_mean", "iou_std", "precision_mean", "recall_mean", "hd95_mean",
+                    "hd95_median", "dice_global", "iou_global", "precision_global", "recall_global",
+                    "images_scored", "empty_truth_images", "empty_truth_false_positive_images", "hd95_undefined_images"):
+            assert key in block, key
+        assert block["empty_truth_images"] == 1
+    assert set(data["baselines"]) == {"all_background", "constant_prior", "lung_mask"}
+    assert "NaN" in data["empty_truth_rule"] and "false positive" in data["empty_truth_rule"]
+
+
+def test_metrics_match_an_independent_computation(tiny):
+    prob, truth = _reference_probs(tiny)
+    s = tiny["summary"]
+    assert s["rmse"] == pytest.approx(math.sqrt(np.mean((prob.astype(np.float64) - truth) ** 2)), rel=1e-6)
+    assert s["brier"] == pytest.approx(s["rmse"] ** 2, rel=1e-9)
+    dices = []
+    for p, t in zip(prob >= 0.5, truth):
+        tp, fp, fn = (p & t).sum(), (p & ~t).sum(), (~p & t).sum()
+        if tp + fp + fn:
+            dices.append(2 * tp / (2 * tp + fp + fn))
+    assert s["dice"] == pytest.approx(np.mean(dices))
+    assert s["at_fixed_threshold"]["images_scored"] == len(dices)
+    # the constant-prior baseline uses the train split's infected share: 4 lesions of 6x6 in 4 images of 32x32
+    assert s["baselines"]["constant_prior"]["prior"] == pytest.approx(36 / 1024)
+    # all background: error 1 on every infected test pixel (3 lesions of 36), 0 elsewhere
+    assert s["baselines"]["all_background"]["rmse"] == pytest.approx(math.sqrt(3 * 36 / (4 * 1024)))
+
+
+def test_per_image_csv_rows(tiny):
+    per = pd.read_csv(tiny["per_image"])
+    assert per["id"].tolist() == ["covid_1", "covid_2", "covid_3", "Non_COVID (1)"]
+    assert per["class"].tolist() == ["COVID-19"] * 3 + ["Non-COVID"]
+    for col in ("true_fraction", "pred_fraction", "rmse", "dice_fixed", "iou_fixed", "precision_fixed", "recall_fixed",
+                "hd95_fixed", "dice_tuned", "iou_tuned", "precision_tuned", "recall_tuned", "hd95_tuned"):
+        assert col in per.columns, col
+    assert per["true_fraction"].tolist()[:3] == pytest.approx([36 / 1024] * 3, rel=1e-5)  # CSV keeps 6 digits
+    assert per["true_fraction"].iloc[3] == 0
+    # the empty-truth image: recall undefined; Dice 0 if anything was predicted there, else undefined
+    neg = per.iloc[3]
+    assert math.isnan(neg["recall_fixed"])
+    assert (neg["dice_fixed"] == 0) if tiny["summary"]["at_fixed_threshold"]["empty_truth_false_positive_images"] \
+        else math.isnan(neg["dice_fixed"])
+
+
+def test_curve_csvs(tiny):
+    pr = pd.read_csv(tiny["eval"] / "pr.csv")
+    assert list(pr.columns) == ["threshold", "precision", "recall"] and len(pr) == PR_BINS
+    assert pr["recall"].iloc[0] == 1.0  # threshold 0 predicts every pixel
+    assert pr["recall"].is_monotonic_decreasing
+    cal = pd.read_csv(tiny["eval"] / "calibration.csv")
+    assert list(cal.columns) == ["bin_lo", "bin_hi", "mean_probability", "fraction_infected", "pixels"]
+    assert cal["pixels"].sum() == 4 * SIZE * SIZE and (cal["pixels"] > 0).all()
+    assert ((cal["mean_probability"] >= cal["bin_lo"]) & (cal["mean_probability"] <= cal["bin_hi"])).all()
+
+
+def test_predictions_file(tiny):
+    prob, _ = _reference_probs(tiny)
+    with np.load(tiny["predictions"]) as z:
+        assert z["probs"].dtype == np.uint8 and z["probs"].shape == (4, SIZE, SIZE)
+        assert float(z["threshold"]) == TUNED
+        assert np.abs(z["probs"] / 255.0 - prob).max() <= 0.5 / 255 + 1e-6
+
+
+def test_baselines_by_hand():
+    truth = np.zeros((1, 2, 4), bool)
+    truth[0, 0, 0] = True                      # 1 infected pixel of 8
+    lungs = np.zeros((1, 2, 4), bool)
+    lungs[0, :, :2] = True                     # 4 lung pixels, containing the infected one
+    b = baselines(truth, lungs, prior=0.25)
+    # all background: squared errors 1 once -> Brier 1/8
+    assert b["all_background"]["brier"] == pytest.approx(1 / 8)
+    assert b["all_background"]["dice_mean"] == 0.0
+    # prior 0.25: (0.75^2 + 7 * 0.25^2) / 8 = (0.5625 + 0.4375) / 8 = 1/8; predicts nothing at 0.5 -> Dice 0
+    assert b["constant_prior"]["brier"] == pytest.approx(1 / 8)
+    # lung: p = 0.5 on 4 pixels -> 4 * 0.25 / 8 = 1/8; mask = lungs: TP 1, FP 3 -> Dice 2 / (2 + 3) = 0.4
+    assert b["lung_mask"]["brier"] == pytest.approx(1 / 8)
+    assert b["lung_mask"]["dice_mean"] == pytest.approx(0.4)
+    assert b["lung_mask"]["rmse"] == pytest.approx(math.sqrt(1 / 8))
+
+
+def test_empty_test_split_is_a_clear_error(tmp_path):
+    prepared = make_prepared(tmp_path / "prepared", n_test_covid=0, n_test_negative=0)
+    model = make_model(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"test\.npz: the test split is empty"):
+        evaluate(model, prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz", EvaluateParams())
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_missing_model_names_the_file(tmp_path):
+    prepared = make_prepared(tmp_path / "prepared")
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        evaluate(tmp_path / "nowhere.pt", prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz",
+                 EvaluateParams())

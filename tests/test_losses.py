@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from covidseg.losses import bce_loss, focal_loss, make_loss, soft_dice_loss
+
+
+def test_bce_hand_checked():
+    # logit 0 -> p = 0.5 -> -log(0.5) = ln 2 for either target.
+    logits = torch.zeros(1, 1, 2, 2)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    assert bce_loss(logits, target).item() == pytest.approx(math.log(2))
+    # pos_weight 3 triples the positive pixels' terms: mean of (3, 1, 1, 3) * ln2 = 2 ln 2.
+    assert bce_loss(logits, target, pos_weight=3.0).item() == pytest.approx(2 * math.log(2))
+
+
+def test_soft_dice_perfect_wrong_and_empty():
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    confident = torch.where(target > 0, 50.0, -50.0)
+    # Perfect prediction: (2*1 + 1) / (1 + 1 + 1) = 1 -> loss 0.
+    assert soft_dice_loss(confident, target).item() == pytest.approx(0.0, abs=1e-6)
+    # Everything wrong: intersection 0, |P| = 3, |T| = 1 -> 1 - 1/5.
+    assert soft_dice_loss(-confident, target).item() == pytest.approx(1 - 1 / 5, abs=1e-6)
+    # Empty truth, empty prediction (a negative image done right) costs nothing.
+    empty = torch.zeros_like(target)
+    assert soft_dice_loss(torch.full_like(target, -50.0), empty).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_focal_reduces_easy_pixels_and_matches_weighted_bce_at_gamma_zero():
+    logits = torch.tensor([[[[3.0, -3.0], [0.5, -0.2]]]])
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]])
+    alpha_t = 0.25 * target + 0.75 * (1 - target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    assert focal_loss(logits, target, gamma=0.0).item() == pytest.approx((alpha_t * bce).mean().item())
+    assert focal_loss(logits, target, gamma=2.0).item() < focal_loss(logits, target, gamma=0.0).item()
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice", "focal"])
+def test_every_loss_is_finite_and_differentiable(name):
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8) > 0.7).float()
+    loss = make_loss(name)(logits, target)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        make_loss("l1")

@@ -1,0 +1,58 @@
+import pytest
+
+from covidseg.params import (DataParams, EvaluateParams, ParamsError, PlotsParams, PreprocessParams, SynthParams,
+                             TrainParams, from_dict, load_section, load_seed)
+from conftest import REPO
+
+
+def test_repo_params_file_loads_every_section():
+    path = REPO / "params.yaml"
+    assert load_section(SynthParams, "synth", path).size == 256
+    assert load_section(DataParams, "data", path).classes == ("COVID-19",)
+    assert load_section(PreprocessParams, "preprocess", path).size == 256
+    train = load_section(TrainParams, "train", path)
+    # The defaults reproduce the report's setup.
+    assert (train.loss, train.lr, train.batch_size, train.weight_decay, train.schedule) == ("bce", 1e-4, 8, 0.0, "constant")
+    assert load_section(EvaluateParams, "evaluate", path).threshold == 0.5
+    assert load_section(PlotsParams, "plots", path).dpi >= 50
+    assert load_seed(path) == 42
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ParamsError, match=r"train.*unknown keys \['lrate'\]"):
+        from_dict(TrainParams, "train", {"lrate": 0.1})
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"lr": "fast"}, "train.lr': expected a number"),
+    ({"epochs": 2.5}, "train.epochs': expected an integer"),
+    ({"epochs": 0}, "epochs must be >= 1"),
+    ({"loss": "hinge"}, "loss must be one of"),
+    ({"augment": "yes"}, "expected true or false"),
+    ({"downsample": 3}, "downsample must be 1, 2 or 4"),
+    ({"warmup_epochs": 10, "epochs": 10}, "warmup_epochs"),
+])
+def test_bad_train_values_are_rejected(raw, message):
+    with pytest.raises(ParamsError, match=message):
+        from_dict(TrainParams, "train", raw)
+
+
+def test_data_classes_accept_a_single_string_and_validate_names():
+    assert from_dict(DataParams, "data", {"classes": "COVID-19"}).classes == ("COVID-19",)
+    with pytest.raises(ParamsError, match="unknown class 'Pneumonia'"):
+        from_dict(DataParams, "data", {"classes": ["COVID-19", "Pneumonia"]})
+    with pytest.raises(ParamsError, match="must include 'COVID-19'"):
+        from_dict(DataParams, "data", {"classes": ["Normal"]})
+
+
+def test_missing_and_malformed_files_are_named(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_section(TrainParams, "train", tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match=f"{bad}: not valid YAML"):
+        load_section(TrainParams, "train", bad)
+    neg = tmp_path / "neg.yaml"
+    neg.write_text("seed: -1\n")
+    with pytest.raises(ParamsError, match="'seed' must be a non-negative integer"):
+        load_seed(neg)

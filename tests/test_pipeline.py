@@ -1,0 +1,34 @@
+"""End to end: the real `dvc repro` on a tiny copy of the repository."""
+
+import json
+
+from conftest import dvc, set_params
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
+    first = dvc(tiny_repo, "repro").stdout
+    assert _ran(first) == {"synthesize", "extract", "preprocess", "train", "evaluate", "plots"}
+    test = json.loads((tiny_repo / "metrics" / "test.json").read_text())
+    for key in ("rmse", "dice", "iou"):
+        assert 0 <= test[key] <= 1
+    assert test["rmse"] < 1.0 and test["baselines"]["all_background"]["dice_mean"] == 0.0
+    data = json.loads((tiny_repo / "metrics" / "data.json").read_text())
+    assert [data[s]["count"] for s in ("train", "val", "test")] == [6, 3, 3]
+    figures = sorted(p.name for p in (tiny_repo / "plots" / "figures").glob("*.png"))
+    for name in ("sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png"):
+        assert name in figures
+        assert (tiny_repo / "plots" / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = dvc(tiny_repo, "metrics", "show", "--json").stdout
+    assert '"rmse"' in shown and '"dice"' in shown and '"iou"' in shown
+
+    second = dvc(tiny_repo, "repro").stdout
+    assert _ran(second) == set(), second
+    assert "is up to date" in dvc(tiny_repo, "status").stdout
+
+    set_params(tiny_repo, {"train": {"lr": 0.0005}})
+    third = dvc(tiny_repo, "repro").stdout
+    assert _ran(third) == {"train", "evaluate", "plots"}, third

@@ -1,0 +1,366 @@
+"""`covidseg predict`: outputs per input (mask, overlay, probs), the CSV, errors, names, CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from typer.testing import CliRunner
+
+from covidseg.cli import app
+from covidseg.inference import predict_logits, probabilities
+from covidseg.model import UNet, UNetConfig
+from covidseg.modelio import save_model
+from covidseg.pngcheck import decode_grey
+from covidseg.predict import CSV_COLUMNS, TINT, TINT_ALPHA, read_csv, unique_stems
+from covidseg.preprocess import resize_image
+
+SIZE = 32  # the tiny model's input size (divisible by 2 ** (depth - 1))
+FAST = ["--device", "cpu", "--precision", "fp32"]
+runner = CliRunner()
+
+
+def make_model(path: Path, bias: float | None = None, threshold: float | None = 0.5, temperature: float = 1.0,
+               seed: int = 0) -> Path:
+    """A tiny U-Net saved like train does; with ``bias`` its logits are that constant everywhere."""
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(base_channels=4, depth=2))
+    if bias is not None:
+        with torch.no_grad():
+            net.head.weight.zero_()
+            net.head.bias.fill_(bias)
+    extra = {"temperature": temperature, "size": SIZE}
+    if threshold is not None:
+        extra["threshold"] = threshold
+    save_model(path, net.eval(), extra)
+    return path
+
+
+def grey_array(w: int, h: int, seed: int = 0) -> np.ndarray:
+    """uint8 (h, w): a smooth gradient plus noise, so resizing and the model see structure."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = 40 + 150 * (xx / max(w - 1, 1)) * (0.5 + 0.5 * yy / max(h - 1, 1))
+    return np.clip(base + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
+
+
+def save_image(path: Path, kind: str, w: int, h: int, seed: int = 0) -> Path:
+    """Write a ``kind`` image (grey, rgb, rgba, grey16, palette, jpeg) of w x h pixels."""
+    g = grey_array(w, h, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "grey":
+        img = Image.fromarray(g)
+    elif kind == "rgb":
+        img = Image.fromarray(np.stack([g, np.roll(g, 3, 1), 255 - g], axis=2))
+    elif kind == "rgba":
+        img = Image.fromarray(np.stack([g, g, g, np.full_like(g, 200)], axis=2))
+    elif kind == "grey16":
+        img = Image.fromarray(g.astype(np.uint16) * 257)
+    elif kind == "palette":
+        img = Image.fromarray(g).convert("P")
+    elif kind == "jpeg":
+        Image.fromarray(np.stack([g, g, g], axis=2)).save(path, format="JPEG", quality=90)
+        return path
+    else:
+        raise ValueError(kind)
+    img.save(path, format="PNG")
+    return path
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["predict", *map(str, args)])
+
+
+def rows_by_stem(out: Path) -> dict[str, dict[str, str]]:
+    rows = read_csv(out / "predictions.csv")
+    return {r["stem"]: r for r in rows}
+
+
+def no_temp_files(out: Path) -> bool:
+    """Atomic writes leave no hidden temporary files behind."""
+    return not [p for p in out.rglob(".*")]
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return make_model(tmp_path / "model.pt", threshold=0.5)
+
+
+# ----------------------------------------------------------------------------- CLI surface
+
+def test_help_lists_commands_and_exit_codes():
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "predict" in top.output
+    sub = runner.invoke(app, ["predict", "--help"], env={"COLUMNS": "200"})
+    assert sub.exit_code == 0
+    for word in ("--model", "--out", "--threshold", "--save-probs", "--device", "Exit status", "failed"):
+        assert word in sub.output
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def test_every_mode_and_size_gives_outputs_at_input_size(tmp_path, model):
+    inputs = {
+        "grey": save_image(tmp_path / "in" / "grey.png", "grey", 100, 80),
+        "rgb": save_image(tmp_path / "in" / "rgb.png", "rgb", 300, 200, seed=1),
+        "rgba": save_image(tmp_path / "in" / "rgba.png", "rgba", 64, 48, seed=2),
+        "grey16": save_image(tmp_path / "in" / "grey16.png", "grey16", 50, 70, seed=3),
+        "palette": save_image(tmp_path / "in" / "palette.png", "palette", 40, 40, seed=4),
+        "photo": save_image(tmp_path / "in" / "photo.jpg", "jpeg", 150, 120, seed=5),
+    }
+    assert Image.open(inputs["grey16"]).mode.startswith("I")
+    assert Image.open(inputs["palette"]).mode == "P"
+    out = tmp_path / "out"
+    result = invoke(*inputs.values(), "--model", model, "--out", out, "--save-probs", *FAST)
+    assert result.exit_code == 0, result.output
+
+    rows = read_csv(out / "predictions.csv")
+    assert list(rows[0].keys()) == list(CSV_COLUMNS)
+    assert [r["stem"] for r in rows] == list(inputs)  # input order kept
+    for stem, src in inputs.items():
+        w, h = Image.open(src).size
+        row = rows_by_stem(out)[stem]
+        assert row["input"] == str(src) and row["status"] == "ok" and row["error"] == ""
+        assert (int(row["width"]), int(row["height"])) == (w, h)
+
+        mask_img = Image.open(out / "masks" / f"{stem}.png")
+        assert mask_img.mode == "L" and mask_img.size == (w, h)
+        mask = np.asarray(mask_img)
+        assert set(np.unique(mask)) <= {0, 255}
+
+        overlay = Image.open(out / "overlays" / f"{stem}.png")
+        assert overlay.mode == "RGB" and overlay.size == (w, h)
+
+        probs = np.load(out / "probs" / f"{stem}.npy")
+        assert probs.dtype == np.float32 and probs.shape == (h, w)
+        assert probs.min() >= 0.0 and probs.max() <= 1.0
+        np.testing.assert_array_equal(mask == 255, probs >= 0.5)
+        assert float(row["infected_fraction"]) == pytest.approx((mask == 255).mean(), abs=1e-6)
+        assert float(row["mean_probability"]) == pytest.approx(float(probs.mean()), abs=1e-6)
+    assert no_temp_files(out)
+
+
+@pytest.mark.parametrize("bias, fraction", [(20.0, 1.0), (-20.0, 0.0)])
+def test_all_or_nothing_model_gives_exact_masks_fractions_and_overlays(tmp_path, bias, fraction):
+    model = make_model(tmp_path / "m.pt", bias=bias, threshold=0.5)
+    src = save_image(tmp_path / "x.png", "grey", 90, 60)
+    out = tmp_path / "out"
+    result = invoke(src, "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    mask = np.asarray(Image.open(out / "masks" / "x.png"))
+    assert (mask == (255 if fraction else 0)).all()
+    row = rows_by_stem(out)["x"]
+    assert float(row["infected_fraction"]) == fraction
+    assert float(row["mean_probability"]) == pytest.approx(fraction, abs=1e-6)
+
+    g = grey_array(90, 60).astype(np.float32)
+    overlay = np.asarray(Image.open(out / "overlays" / "x.png")).astype(np.float32)
+    if fraction:
+        expected = (1 - TINT_ALPHA) * g[..., None] + TINT_ALPHA * 255 * np.asarray(TINT, np.float32)
+    else:
+        expected = np.repeat(g[..., None], 3, axis=2)  # untouched X-ray
+    assert np.abs(overlay - np.round(expected)).max() <= 1
+
+
+def test_threshold_from_model_file_and_override(tmp_path):
+    """A zero-logit model predicts exactly 0.5 everywhere; infected means probability >= threshold."""
+    src = save_image(tmp_path / "x.png", "grey", 40, 30)
+    cases = [(0.6, [], 0.0), (0.5, [], 1.0), (0.6, ["--threshold", "0.4"], 1.0), (0.4, ["--threshold", "0.7"], 0.0),
+             (None, [], 1.0)]  # no threshold saved: 0.5
+    for i, (saved, extra, fraction) in enumerate(cases):
+        model = make_model(tmp_path / f"m{i}.pt", bias=0.0, threshold=saved)
+        out = tmp_path / f"out{i}"
+        result = invoke(src, "--model", model, "--out", out, "--save-probs", *FAST, *extra)
+        assert result.exit_code == 0, result.output
+        assert float(rows_by_stem(out)["x"]["infected_fraction"]) == fraction, (saved, extra)
+        assert (np.load(out / "probs" / "x.npy") == 0.5).all()
+    bad = invoke(src, "--model", tmp_path / "m0.pt", "--out", tmp_path / "o", "--threshold", "1.5", *FAST)
+    assert bad.exit_code == 2
+
+
+def test_preprocessing_matches_training(tmp_path):
+    """Same grey levels via L, RGB, 16-bit -> same probabilities as the pipeline's own path."""
+    model_path = make_model(tmp_path / "m.pt", threshold=0.5, temperature=2.0, seed=3)
+    g = grey_array(SIZE, SIZE, seed=7)
+    d = tmp_path / "in"
+    d.mkdir()
+    Image.fromarray(g).save(d / "a_grey.png")
+    Image.fromarray(np.stack([g, g, g], axis=2)).save(d / "b_rgb.png")
+    Image.fromarray(g.astype(np.uint16) * 257).save(d / "c_g16.png")
+    big = grey_array(3 * SIZE, 2 * SIZE, seed=8)  # (64, 96): resized down, probabilities resized up
+    Image.fromarray(big).save(d / "d_big.png")
+    out = tmp_path / "out"
+    result = invoke(d, "--model", model_path, "--out", out, "--save-probs", *FAST)
+    assert result.exit_code == 0, result.output
+
+    from covidseg.modelio import load_model
+
+    net, meta = load_model(model_path)
+    cpu = torch.device("cpu")
+    expected = probabilities(predict_logits(net, g[None, None], cpu, "fp32"), 2.0)[0]
+    for stem in ("a_grey", "b_rgb", "c_g16"):
+        np.testing.assert_allclose(np.load(out / "probs" / f"{stem}.npy"), expected, atol=1e-6, err_msg=stem)
+
+    # Larger input: decode_grey -> PIL bilinear to SIZE -> model / temperature -> bilinear back to (H, W).
+    small = np.array(resize_image(decode_grey((d / "d_big.png").read_bytes(), "d_big")[0], SIZE))
+    p = torch.from_numpy(probabilities(predict_logits(net, small[None, None], cpu, "fp32"), 2.0))
+    up = F.interpolate(p[None], size=big.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    got = np.load(out / "probs" / "d_big.npy")
+    assert got.shape == big.shape
+    np.testing.assert_allclose(got, up, atol=1e-5)
+
+
+def test_batching_does_not_change_results(tmp_path, model):
+    d = tmp_path / "in"
+    for i, (w, h) in enumerate([(40, 30), (64, 64), (20, 50), (33, 33), (100, 10)]):
+        save_image(d / f"im{i}.png", "grey", w, h, seed=i)
+    outs = {}
+    for bs in (1, 2, 8):
+        outs[bs] = tmp_path / f"out{bs}"
+        result = invoke(d, "--model", model, "--out", outs[bs], "--save-probs", "--batch-size", bs, *FAST)
+        assert result.exit_code == 0, result.output
+    for i in range(5):
+        ref = np.load(outs[8] / "probs" / f"im{i}.npy")
+        for bs in (1, 2):
+            np.testing.assert_allclose(np.load(outs[bs] / "probs" / f"im{i}.npy"), ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
+    d = tmp_path / "in"
+    good1 = save_image(d / "good1.png", "grey", 50, 40)
+    whole = (d / "good1.png").read_bytes()
+    truncated = d / "truncated.png"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    text = d / "notes.png"
+    text.write_text("this is not an image\n")
+    good2 = save_image(d / "good2.jpg", "jpeg", 70, 30, seed=1)
+    empty = d / "empty.png"
+    empty.write_bytes(b"")
+    out = tmp_path / "out"
+    result = invoke(good1, truncated, text, good2, empty, "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 1
+    for bad in (truncated, text, empty):
+        assert str(bad) in result.stderr
+    rows = rows_by_stem(out)
+    assert [r["stem"] for r in read_csv(out / "predictions.csv")] == ["good1", "truncated", "notes", "good2", "empty"]
+    for stem in ("truncated", "notes", "empty"):
+        assert rows[stem]["status"] == "error"
+        assert rows[stem]["input"] in rows[stem]["error"] and "cannot decode image" in rows[stem]["error"]
+        assert rows[stem]["width"] == rows[stem]["infected_fraction"] == ""
+        assert not (out / "masks" / f"{stem}.png").exists()
+    for stem, size in (("good1", (50, 40)), ("good2", (70, 30))):
+        assert rows[stem]["status"] == "ok"
+        assert Image.open(out / "masks" / f"{stem}.png").size == size
+        assert Image.open(out / "overlays" / f"{stem}.png").size == size
+    assert "3 failed" in result.stdout
+    assert no_temp_files(out)
+
+
+def test_inputs_matching_nothing_stop_before_any_work(tmp_path, model):
+    (tmp_path / "empty_dir").mkdir()
+    out = tmp_path / "out"
+    result = invoke(tmp_path / "missing.png", str(tmp_path / "nothing" / "*.png"), tmp_path / "empty_dir",
+                    "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 2
+    assert "missing.png: no such file or folder" in result.stderr
+    assert "pattern matches no image files" in result.stderr
+    assert "empty_dir: folder holds no image files" in result.stderr
+    assert not out.exists()
+
+
+def test_unreadable_model_is_a_clear_error(tmp_path):
+    src = save_image(tmp_path / "x.png", "grey", 20, 20)
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a model")
+    for path, words in ((junk, "not a covidseg model file"), (tmp_path / "absent.pt", "model file not found")):
+        result = invoke(src, "--model", path, "--out", tmp_path / "out", *FAST)
+        assert result.exit_code == 2
+        assert str(path) in result.stderr and words in result.stderr
+
+
+# ----------------------------------------------------------------------------- inputs and names
+
+def test_folder_and_glob_inputs(tmp_path, model):
+    a = tmp_path / "a"
+    save_image(a / "one.png", "grey", 30, 20)
+    save_image(a / "two.JPG", "jpeg", 20, 30)
+    (a / "readme.txt").write_text("skip me")
+    save_image(a / "sub" / "deep.png", "grey", 16, 16)
+    b = tmp_path / "b"
+    save_image(b / "three.png", "rgb", 25, 25)
+    Image.fromarray(grey_array(10, 12)).save(b / "four.bmp")
+    out = tmp_path / "out"
+    result = invoke(a, str(b / "*.png"), "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert [r["stem"] for r in read_csv(out / "predictions.csv")] == ["one", "two", "three"]
+
+    out_r = tmp_path / "out_r"
+    result = invoke(a, str(b / "*"), "--recursive", "--model", model, "--out", out_r, *FAST)
+    assert result.exit_code == 0, result.output
+    assert sorted(r["stem"] for r in read_csv(out_r / "predictions.csv")) == ["deep", "four", "one", "three", "two"]
+
+
+def test_duplicate_stems_do_not_overwrite(tmp_path, model):
+    x = save_image(tmp_path / "x" / "scan.png", "grey", 40, 30)
+    y = save_image(tmp_path / "y" / "scan.png", "grey", 50, 20, seed=1)
+    z = save_image(tmp_path / "z" / "SCAN.jpg", "jpeg", 60, 10, seed=2)
+    w = save_image(tmp_path / "w" / "scan-1.png", "grey", 12, 12, seed=3)
+    out = tmp_path / "out"
+    result = invoke(x, y, x, z, w, "--model", model, "--out", out, "--save-probs", *FAST)  # x twice: kept once
+    assert result.exit_code == 0, result.output
+    rows = read_csv(out / "predictions.csv")
+    assert [(r["input"], r["stem"]) for r in rows] == [
+        (str(x), "scan"), (str(y), "scan-1"), (str(z), "SCAN-2"), (str(w), "scan-1-1")]
+    for r in rows:
+        size = (int(r["width"]), int(r["height"]))
+        assert Image.open(out / "masks" / f"{r['stem']}.png").size == size
+        assert Image.open(out / "overlays" / f"{r['stem']}.png").size == size
+        assert np.load(out / "probs" / f"{r['stem']}.npy").shape == size[::-1]
+
+
+def test_unique_stems_rule():
+    names = [Path("a/x.png"), Path("b/x.png"), Path("c/x-1.png"), Path("d/X.png"), Path("e/y.png")]
+    assert unique_stems(names) == ["x", "x-1", "x-1-1", "X-2", "y"]
+
+
+# ----------------------------------------------------------------------------- installed script, real data
+
+def test_installed_console_script(tmp_path, model):
+    script = Path(sys.executable).parent / "covidseg"
+    if not script.exists():
+        pytest.skip(f"console script not installed at {script} (pip install -e .)")
+    good = save_image(tmp_path / "in" / "good.png", "rgb", 80, 60)
+    bad = tmp_path / "in" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    top = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0 and "predict" in top.stdout
+    out = tmp_path / "out"
+    proc = subprocess.run([str(script), "predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out),
+                           *FAST], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert f"error: {bad}: cannot decode image" in proc.stderr
+    assert "1 of 2 images done, 1 failed" in proc.stdout
+    assert Image.open(out / "masks" / "good.png").size == (80, 60)
+    assert {r["stem"]: r["status"] for r in read_csv(out / "predictions.csv")} == {"bad": "error", "good": "ok"}
+
+
+def test_real_dev_images(tmp_path, dev_data, model):
+    images = sorted((dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19"
+                     / "images").glob("*.png"))[:2]
+    if len(images) < 2:
+        pytest.skip("dev data has no Test/COVID-19 images")
+    out = tmp_path / "out"
+    result = invoke(*images, "--model", model, "--out", out, "--save-probs", *FAST)
+    assert result.exit_code == 0, result.output
+    for src in images:
+        size = Image.open(src).size
+        assert Image.open(out / "masks" / f"{src.stem}.png").size == size
+        assert np.load(out / "probs" / f"{src.stem}.npy").shape == size[::-1]

@@ -1,0 +1,172 @@
+"""Sources: a folder or a zip read in place, the layout root found by structure at any depth."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from covidseg.extract import extract
+from covidseg.layout import find_roots
+from covidseg.params import DataParams
+from covidseg.sources import FolderSource, SourceError, ZipSource, locate_root, open_source
+from test_extract import NEST, make_dataset, read_csv, write_triplet
+
+DEV_NEST = "Infection Segmentation Data/Infection Segmentation Data"
+PER_SPLIT = 4  # COVID-19 triplets per split taken from the dev set for the zip tests (36 files)
+
+
+def dev_part(dev_data: Path, classes=("COVID-19", "Normal"), per_split: int = PER_SPLIT) -> dict[str, Path]:
+    """A few dozen real files: layout path below the root (``Train/COVID-19/images/x.png``) -> file."""
+    files = {}
+    for split_dir in ("Train", "Val", "Test"):
+        for class_dir in classes:
+            names = sorted(p.name for p in (dev_data / DEV_NEST / split_dir / class_dir / "images").iterdir())[:per_split]
+            for kind in ("images", "infection masks", "lung masks"):
+                for name in names:
+                    files[f"{split_dir}/{class_dir}/{kind}/{name}"] = dev_data / DEV_NEST / split_dir / class_dir / kind / name
+    return files
+
+
+def write_zip(path: Path, files: dict[str, Path], prefix: str, extra: dict[str, Path] | None = None) -> Path:
+    """Zip ``files`` under ``prefix`` (with directory entries, as Kaggle's archive has) plus ``extra`` as is."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        dirs = set()
+        for rel in files:
+            parts = f"{prefix}{rel}".split("/")[:-1]
+            dirs |= {"/".join(parts[:i]) + "/" for i in range(1, len(parts) + 1)}
+        for d in sorted(dirs):
+            z.writestr(d, b"")
+        for rel, src in files.items():
+            z.write(src, f"{prefix}{rel}")
+        for rel, src in (extra or {}).items():
+            z.write(src, rel)
+    return path
+
+
+def extract_to(src: Path, work: Path, classes=("COVID-19",)) -> dict:
+    extract(src, work / "extracted", work / "data.json", DataParams(source=str(src), classes=classes))
+    return json.loads((work / "data.json").read_text())
+
+
+def test_find_roots_by_structure_at_any_depth() -> None:
+    dirs = {"a", "a/b", "a/b/Train", "a/b/Train/COVID-19", "x/Val/Normal", "Test/Non-COVID", "Train/other"}
+    assert find_roots(dirs) == ["", "a/b", "x"]
+    lung = {"Lung Segmentation Data/Lung Segmentation Data/Train/COVID-19", "__MACOSX/r/Val/COVID-19", ".hidden/Val/COVID-19"}
+    assert find_roots(lung) == []
+
+
+def test_dev_folder_root(dev_data: Path) -> None:
+    with open_source(dev_data) as src:
+        assert isinstance(src, FolderSource)
+        assert locate_root(src) == DEV_NEST
+
+
+@pytest.mark.parametrize("prefix", [f"{DEV_NEST}/", "Infection Segmentation Data/", "", "download/covidqu/" + f"{DEV_NEST}/"],
+                         ids=["kaggle_two_levels", "one_level", "top", "deeper"])
+def test_partial_dev_zip_matches_folder(dev_data: Path, tmp_path: Path, prefix: str) -> None:
+    files = dev_part(dev_data)
+    archive = write_zip(tmp_path / "part.zip", files, prefix)
+    with open_source(archive) as src:
+        assert isinstance(src, ZipSource)
+        assert locate_root(src) == prefix.rstrip("/")
+    m = extract_to(archive, tmp_path / "z", classes=("COVID-19", "Normal"))
+    assert [m[s]["count"] for s in ("train", "val", "test")] == [2 * PER_SPLIT] * 3
+    assert m["train"]["classes"] == {"COVID-19": PER_SPLIT, "Normal": PER_SPLIT}
+    # The same files as a folder give the same hashes, fractions and subset bytes.
+    folder = tmp_path / "folder"
+    for rel, p in files.items():
+        (folder / DEV_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / DEV_NEST / rel).write_bytes(p.read_bytes())
+    extract_to(folder, tmp_path / "f", classes=("COVID-19", "Normal"))
+    drop = ("image_path", "infection_path", "lung_path")
+    zip_rows = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "z/extracted/manifest.csv")]
+    dir_rows = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "f/extracted/manifest.csv")]
+    assert zip_rows == dir_rows and len(zip_rows) == 6 * PER_SPLIT
+    assert (tmp_path / "z/extracted/subset.zip").read_bytes() == (tmp_path / "f/extracted/subset.zip").read_bytes()
+    assert read_csv(tmp_path / "z/extracted/manifest.csv")[0]["image_path"].startswith(prefix + "Train/COVID-19/images/")
+
+
+def test_zip_reads_only_needed_members_never_lung_data(dev_data: Path, tmp_path: Path, monkeypatch) -> None:
+    files = dev_part(dev_data)
+    lung_tree = {f"Lung Segmentation Data/Lung Segmentation Data/{rel.replace('infection masks', 'lung masks')}": p
+                 for rel, p in files.items()}
+    archive = write_zip(tmp_path / "covidqu.zip", files, f"{DEV_NEST}/", extra=lung_tree)
+    read: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def spy(self, name, *args, **kwargs):  # every member opened from the source archive
+        if self.filename == str(archive):
+            read.append(name if isinstance(name, str) else name.filename)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", spy)
+    with open_source(archive) as src:
+        assert not any("Lung Segmentation Data" in f for f in src.files)
+        with pytest.raises(SourceError, match="not a dataset member"):
+            src.read(next(iter(lung_tree)))
+    m = extract_to(archive, tmp_path / "w")  # COVID-19 only
+    assert [m[s]["count"] for s in ("train", "val", "test")] == [PER_SPLIT] * 3
+    assert read and not any("Lung Segmentation Data" in n for n in read)
+    assert sorted(read) == sorted(f"{DEV_NEST}/{rel}" for rel in files if "/COVID-19/" in rel)
+
+
+def test_folder_never_walks_lung_data_or_macos_debris(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "src", per_split=1)
+    write_triplet(tmp_path / "src" / "Lung Segmentation Data" / "Lung Segmentation Data", "Train", "COVID-19", "covid_1.png", 1)
+    write_triplet(tmp_path / "src" / "__MACOSX" / NEST, "Train", "COVID-19", "covid_1.png", 1)
+    (tmp_path / "src" / NEST / "Train/COVID-19/images/._covid_1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    with open_source(tmp_path / "src") as src:
+        assert locate_root(src) == NEST
+        assert not any(f.startswith(("Lung", "__MACOSX")) for f in src.files)
+    m = extract_to(tmp_path / "src", tmp_path / "w")
+    assert m["skipped_total"] == 0 and m["train"]["count"] == 1
+
+
+def test_no_layout_names_what_was_expected(tmp_path: Path) -> None:
+    (tmp_path / "src" / "Train" / "images").mkdir(parents=True)
+    (tmp_path / "src" / "Train" / "images" / "covid_1.png").write_bytes(b"x")
+    with pytest.raises(SourceError) as err:
+        extract_to(tmp_path / "src", tmp_path / "w")
+    msg = str(err.value)
+    assert str(tmp_path / "src") in msg and "no COVID-QU-Ex infection-segmentation layout found" in msg
+    assert "Infection Segmentation Data/Infection Segmentation Data/Train/COVID-19/images" in msg
+    assert not (tmp_path / "w").exists()
+
+
+def test_zip_without_layout_and_other_bad_sources(tmp_path: Path) -> None:
+    with zipfile.ZipFile(tmp_path / "other.zip", "w") as z:
+        z.writestr("Lung Segmentation Data/Train/COVID-19/images/covid_1.png", b"x")
+    with pytest.raises(SourceError, match=r"other\.zip: no COVID-QU-Ex"):
+        extract_to(tmp_path / "other.zip", tmp_path / "w")
+    with pytest.raises(SourceError, match=r"missing\.zip: data source not found"):
+        open_source(tmp_path / "missing.zip")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(SourceError, match=r"notes\.txt: data source is neither a folder nor a \.zip"):
+        open_source(tmp_path / "notes.txt")
+
+
+def test_several_roots_is_an_error(tmp_path: Path) -> None:
+    make_dataset(tmp_path / "src", per_split=1, nest="copy1")
+    make_dataset(tmp_path / "src", per_split=1, nest="copy2")
+    with pytest.raises(SourceError, match=r"several dataset roots found \['copy1', 'copy2'\]"):
+        extract_to(tmp_path / "src", tmp_path / "w")
+
+
+def test_corrupt_zip_member_is_unreadable_not_a_crash(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "src", per_split=2)
+    files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*.png"))}
+    archive = write_zip(tmp_path / "a.zip", files, f"{NEST}/")
+    data = bytearray(archive.read_bytes())
+    member = f"{NEST}/Val/COVID-19/images/covid_3.png"
+    with zipfile.ZipFile(archive) as z:
+        info = z.getinfo(member)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + 20: start + 30] = b"\xff" * 10  # damage the compressed bytes: CRC or inflate error
+    archive.write_bytes(bytes(data))
+    report = extract(archive, tmp_path / "w/x", tmp_path / "w/m.json",
+                     DataParams(source=str(archive)))
+    (msg,) = [m for m in report.messages if m.startswith("skipped (unreadable)")]
+    assert member in msg and str(archive) in msg

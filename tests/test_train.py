@@ -1,0 +1,147 @@
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import covidseg.train as train_mod
+from covidseg.modelio import load_model
+from covidseg.params import TrainParams
+from covidseg.train import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold
+from conftest import REPO, run
+
+TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")
+
+
+def _train(prepared, out, params=TINY, seed=0):
+    return train(prepared, out / "model.pt", out / "resume", out / "curves.tsv", out / "train.json", params, seed, log=lambda *a: None)
+
+
+def _curves(path):
+    return pd.read_csv(path, sep="\t").drop(columns=["seconds"])
+
+
+def test_outputs_and_summary(tiny_prepared, tmp_path):
+    summary = _train(tiny_prepared, tmp_path)
+    curves = pd.read_csv(tmp_path / "curves.tsv", sep="\t")
+    assert list(curves["epoch"]) == [1, 2, 3]
+    assert {"train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou"} <= set(curves.columns)
+    model, meta = load_model(tmp_path / "model.pt")
+    assert model.config.out_channels == 2  # infection + lung auxiliary head
+    assert meta["size"] == 64 and 0 < meta["threshold"] < 1 and meta["temperature"] == 1.0
+    assert 1 <= summary["best_epoch"] <= 3
+    assert summary["val_dice_at_0.5"] == pytest.approx(curves["val_dice"].max(), abs=1e-5)  # best, not last
+    assert not (tmp_path / "resume" / "state.pt").exists()  # a finished run leaves no resume state
+
+
+def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
+    _train(tiny_prepared, tmp_path / "a")
+    _train(tiny_prepared, tmp_path / "b")
+    _train(tiny_prepared, tmp_path / "c", seed=1)
+    pd.testing.assert_frame_equal(_curves(tmp_path / "a" / "curves.tsv"), _curves(tmp_path / "b" / "curves.tsv"))
+    wa, wb = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in ("a", "b"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not _curves(tmp_path / "a" / "curves.tsv").equals(_curves(tmp_path / "c" / "curves.tsv"))
+
+
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, monkeypatch):
+    _train(tiny_prepared, tmp_path / "full")
+    original = train_mod.Trainer._train_epoch
+
+    def interrupt_in_epoch_3(self, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third epoch
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", interrupt_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_prepared, tmp_path / "cut")
+    assert (tmp_path / "cut" / "resume" / "state.pt").exists()
+    assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
+    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
+    logs = []
+    train(tiny_prepared, tmp_path / "cut" / "model.pt", tmp_path / "cut" / "resume", tmp_path / "cut" / "curves.tsv",
+          tmp_path / "cut" / "train.json", TINY, 0, log=logs.append)
+    assert any("continuing after epoch 2" in line for line in logs)
+    pd.testing.assert_frame_equal(_curves(tmp_path / "full" / "curves.tsv"), _curves(tmp_path / "cut" / "curves.tsv"))
+
+
+def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path, monkeypatch):
+    original = train_mod.Trainer._train_epoch
+    monkeypatch.setattr(train_mod.Trainer, "_train_epoch",
+                        lambda self, e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 2 else original(self, e))
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_prepared, tmp_path)
+    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
+    logs = []
+    train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
+          dataclasses.replace(TINY, lr=5e-4), 0, log=logs.append)
+    assert any("starting afresh" in line for line in logs)
+    assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2, 3]
+
+
+def test_killed_process_resumes_from_last_finished_epoch(tiny_prepared, tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\ntrain:\n  epochs: 40\n  batch_size: 4\n  base_channels: 4\n  depth: 3\n")
+    args = [sys.executable, str(REPO / "stages" / "train.py"), "--prepared", str(tiny_prepared), "--model", str(tmp_path / "m.pt"),
+            "--resume", str(tmp_path / "resume"), "--curves", str(tmp_path / "c.tsv"), "--metrics", str(tmp_path / "t.json"),
+            "--params", str(params)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "resume" / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(pd.read_csv(tmp_path / "c.tsv", sep="\t"))
+    assert 1 <= done < 40 and not (tmp_path / "m.pt").exists()
+    out = run(args, cwd=REPO, timeout=600).stdout
+    assert "resume: continuing after epoch" in out
+    assert list(pd.read_csv(tmp_path / "c.tsv", sep="\t")["epoch"]) == list(range(1, 41))
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_mod, "make_loss", lambda *a, **k: (lambda logits, target: logits.mean() * float("nan")))
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 1; lower train.lr"):
+        _train(tiny_prepared, tmp_path)
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_prepared, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.7, 0.6, 0.4, 0.3, 0.2])
+    monkeypatch.setattr(train_mod.Trainer, "_val_epoch",
+                        lambda self: {"val_loss": 1.0, "val_rmse": 0.5, "val_dice": next(scores), "val_iou": 0.1})
+    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=6, patience=2))
+    assert summary["epochs_run"] == 4 and summary["best_epoch"] == 2
+
+
+def test_learning_rate_schedule():
+    p = TrainParams(epochs=10, lr=1e-3, schedule="cosine", warmup_epochs=1)
+    assert lr_at(p, 0, 10) == pytest.approx(1e-4)  # warm-up: step 1 of 10
+    assert lr_at(p, 9, 10) == pytest.approx(1e-3)
+    assert lr_at(p, 10, 10) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(p, 100, 10) == pytest.approx(1e-5)  # and ends at 1% of it
+    assert lr_at(TrainParams(lr=2e-4), 57, 10) == 2e-4  # the report's constant lr
+
+
+def test_threshold_tuning_finds_the_gap():
+    # Infected pixels get p = 0.7, healthy ones p = 0.6: every threshold in (0.6, 0.7] is perfect;
+    # the tie-break picks the one nearest 0.5 on the grid, 0.625.
+    masks = np.zeros((3, 1, 8, 8), np.uint8)
+    masks[:, :, 2:5, 2:5] = 1
+    prob = np.where(masks[:, 0] > 0, 0.7, 0.6)
+    logits = torch.from_numpy(np.log(prob / (1 - prob))).float()
+    assert tune_threshold(logits, masks, 1.0) == pytest.approx(0.625)
+
+
+def test_temperature_recovers_overconfident_logits():
+    gen = np.random.default_rng(0)
+    z = gen.normal(0, 2, (4, 1, 96, 96))
+    masks = (gen.random(z.shape) < 1 / (1 + np.exp(-z))).astype(np.uint8)  # calibrated at T = 1 on z
+    logits = torch.from_numpy(2.0 * z[:, 0]).float()  # twice overconfident
+    assert 1.6 < tune_temperature(logits, masks) < 2.5
