@@ -44,6 +44,8 @@ def test_queued_grid_then_compare(tmp_path):
     status = dvc(repo, "queue", "status").stdout
     assert status.count("Queued") == len(LRS), status
 
+    # The worker inherits the captured output pipes, so this returns once the worker has drained the
+    # queue and shut down (DVC stops an idle worker after 10 s): no worker outlives the test.
     dvc(repo, "queue", "start", "-j", "1")
     status = _wait_for_queue(repo)
     try:
@@ -69,7 +71,7 @@ def test_queued_grid_then_compare(tmp_path):
     assert diff["metrics/test.json"]
 
     # Plots across the two experiments: the curves (one line per experiment) and the figures, side by side.
-    plots = json.loads(dvc(repo, "plots", "diff", first, second, "--json", "-o", str(tmp_path / "plots")).stdout)
+    plots = json.loads(dvc(repo, "plots", "diff", first, second, "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
     assert {"loss", "val_dice"} <= set(plots), sorted(plots)
     loss_revs = {rev for entry in plots["loss"] for rev in entry.get("revisions", [])}
     assert {first, second} <= loss_revs, loss_revs

@@ -27,7 +27,7 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
 
     second = dvc(tiny_repo, "repro").stdout
     assert _ran(second) == set(), second
-    assert "is up to date" in dvc(tiny_repo, "status").stdout
+    assert "up to date" in dvc(tiny_repo, "status").stdout
 
     set_params(tiny_repo, {"train": {"lr": 0.0005}})
     third = dvc(tiny_repo, "repro").stdout

@@ -137,7 +137,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     test = load_split(prepared_dir, "test")
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
-    logits = predict_logits(model, test["images"], device, choose_precision(device), flip_tta=params.flip_tta)
+    logits = predict_logits(model, test["images"], device, choose_precision(device), flip_tta=params.flip_tta,
+                            lung_gate=bool(meta.get("lung_gate", False)))
     prob = probabilities(logits, float(meta.get("temperature", 1.0)))
     truth = test["masks"][:, 0].astype(bool)
     tuned_threshold = float(meta.get("threshold", params.threshold))
@@ -159,6 +160,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
         "baselines": baselines(truth, lungs, _train_prevalence(prepared_dir)),
         "temperature": float(meta.get("temperature", 1.0)),
         "flip_tta": params.flip_tta,
+        "lung_gate": bool(meta.get("lung_gate", False)),
         "empty_truth_rule": EMPTY_TRUTH_RULE,
     }
     per = pd.DataFrame({"id": test["ids"], "class": test["classes"],

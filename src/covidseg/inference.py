@@ -16,12 +16,15 @@ def predict_logits(
     precision: str = "fp32",
     batch_size: int = 16,
     flip_tta: bool = False,
+    lung_gate: bool = False,
 ) -> torch.Tensor:
     """Infection logits for uint8 images.
 
     Args:
         images: uint8 (N, 1, S, S) grey levels 0..255.
         flip_tta: also predict the left-right mirrored image and average the logits.
+        lung_gate: with a lung output (channel 1), cap the infection logit by the lung logit, so no
+            pixel is more likely infected than it is likely lung (infection lies inside the lungs).
     Returns:
         float32 CPU tensor (N, S, S) of infection logits (channel 0 of the model output).
     """
@@ -32,10 +35,13 @@ def predict_logits(
         x = images[start:start + batch_size].to(device, torch.float32).div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            logits = model(x)[:, 0].float()
+            logits = model(x).float()
             if flip_tta:
-                logits = 0.5 * (logits + model(torch.flip(x, dims=[3]))[:, 0].float().flip(dims=[2]))
-        out.append(logits.cpu())
+                logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float().flip(dims=[3]))
+        if lung_gate and logits.shape[1] > 1:
+            out.append(torch.minimum(logits[:, 0], logits[:, 1]).cpu())
+        else:
+            out.append(logits[:, 0].cpu())
     return torch.cat(out) if out else torch.zeros((0,) + tuple(images.shape[2:]))
 
 

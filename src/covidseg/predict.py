@@ -89,6 +89,7 @@ class Prepared:
     threshold: float
     temperature: float
     threshold_source: str  # "option", "model" or "default"
+    lung_gate: bool = False  # cap infection by the lung output (chosen on val by training)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -245,7 +246,7 @@ def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
         threshold, source = 0.5, "default"
     return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
                     size=int(meta["size"]), threshold=threshold, temperature=float(meta.get("temperature", 1.0)),
-                    threshold_source=source)
+                    threshold_source=source, lung_gate=bool(meta.get("lung_gate", False)))
 
 
 # ----------------------------------------------------------------------------- run
@@ -277,7 +278,7 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
         logits = predict_logits(prepared.model, small, prepared.device, prepared.precision,
-                                batch_size=step, flip_tta=options.flip_tta)
+                                batch_size=step, flip_tta=options.flip_tta, lung_gate=prepared.lung_gate)
         probs = probabilities(logits, prepared.temperature)  # float32 (n, S, S)
         for k, i in enumerate(order):
             grey = greys.pop(i)

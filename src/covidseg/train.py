@@ -37,7 +37,7 @@ from covidseg.preprocess import load_split
 
 CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr", "seconds"]
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.025), 3)
-TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.25), np.log(4.0), 41)), 4)
+TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.1), np.log(10.0), 81)), 4)  # ratio 1.059 per step; includes 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -242,16 +242,13 @@ class Trainer:
         self.train_images += int(seen)
         return loss_sum / seen, math.sqrt(sse / pixels)
 
-    def _val_logits(self) -> torch.Tensor:
-        return predict_logits(self.model, self.val["images"], self.device, self.precision, batch_size=max(self.params.batch_size, 8))
-
     def _val_epoch(self) -> dict[str, float]:
         ctx = self.ctx
         idx = np.arange(ctx.rank, len(self.val["images"]), ctx.world_size)  # each val image on one rank
         images, masks = self.val["images"][idx], self.val["masks"][idx]
         logits = predict_logits(self.model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8))
         target = torch.from_numpy(masks).float()
-        loss = float(self.loss_fn(logits[:, None], target)) * len(idx)
+        loss = float(self.loss_fn(logits[:, None], target)) * len(idx) if len(idx) else 0.0  # a rank may hold no val image
         s = val_scores(logits, masks)
         total = ctx.all_sum([loss, float(len(idx)), s["dice_sum"], s["iou_sum"], s["scored"], s["sse"], s["pixels"]])
         loss, n, dice_sum, iou_sum, scored, sse, pixels = total
@@ -266,6 +263,7 @@ class Trainer:
                 break
             start = time.perf_counter()
             train_loss, train_rmse = self._train_epoch(epoch)
+            self.ctx.sync_buffers(self.model)  # same BatchNorm statistics on every rank before val and saving
             val = self._val_epoch()
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"], "train_rmse": train_rmse,
@@ -288,26 +286,41 @@ class Trainer:
                 self.log(f"early stop: val Dice has not improved for {p.patience} epochs (best {self.best_score:.4f} at epoch {self.best_epoch})")
                 break
 
+    def _calibrate(self) -> tuple[bool, float, float, dict]:
+        """Choose on val: lung gating (with a lung head), then temperature, then threshold.
+
+        Returns (lung_gate, temperature, threshold, val scores at them). Gating is kept only
+        if it raises mean per-image val Dice at its own tuned threshold.
+        """
+        best = None
+        for gate in ((False, True) if self.aux else (False,)):
+            logits = predict_logits(self.model, self.val["images"], self.device, self.precision,
+                                    batch_size=max(self.params.batch_size, 8), lung_gate=gate)
+            temperature = tune_temperature(logits, self.val["masks"]) if self.params.temperature_scaling else 1.0
+            threshold = tune_threshold(logits, self.val["masks"], temperature)
+            scores = val_scores(logits, self.val["masks"], threshold, temperature)
+            dice = scores["dice_sum"] / max(scores["scored"], 1)
+            if best is None or dice > best[0] + 1e-9:
+                best = (dice, gate, temperature, threshold, scores)
+        return best[1], best[2], best[3], best[4]
+
     def finish(self, model_path: Path, metrics_path: Path) -> dict:
-        """Restore the best epoch, tune temperature and threshold on val, save model and metrics (rank 0)."""
+        """Restore the best epoch, choose lung gating, temperature and threshold on val, save model and metrics (rank 0)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        logits = self._val_logits()
-        temperature = tune_temperature(logits, self.val["masks"]) if self.params.temperature_scaling else 1.0
-        threshold = tune_threshold(logits, self.val["masks"], temperature)
-        tuned = val_scores(logits, self.val["masks"], threshold, temperature)
+        gate, temperature, threshold, tuned = self._calibrate()
         summary = {
             "epochs_run": len(self.rows), "best_epoch": self.best_epoch,
             "val_dice_at_0.5": self.best_score, "val_dice_at_threshold": tuned["dice_sum"] / max(tuned["scored"], 1),
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
-            "threshold": threshold, "temperature": temperature,
+            "threshold": threshold, "temperature": temperature, "lung_gate": gate,
             "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "train_seconds": self.train_seconds, "device": self.device.type, "precision": self.precision,
             "world_size": self.ctx.world_size,
         }
         if self.ctx.is_main:
             save_model(model_path, self.model, {
-                "threshold": threshold, "temperature": temperature, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
+                "threshold": threshold, "temperature": temperature, "lung_gate": gate, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
                 "train_params": dataclasses.asdict(self.params), "seed": self.seed,
             })
             write_json(metrics_path, summary)
