@@ -27,7 +27,7 @@ from covidseg.losses import make_loss
 from covidseg.model import UNet, UNetConfig
 from covidseg.params import TrainParams
 from covidseg.synth import make_case
-from covidseg.train import Trainer, _loss, _targets
+from covidseg.train import Trainer, _loss
 
 CONFIGS = {
     "report_default (base 16, depth 4, full res, bce)": TrainParams(base_channels=16, depth=4, downsample=1),

@@ -337,7 +337,7 @@ def test_installed_console_script(tmp_path, model):
     script = Path(sys.executable).parent / "covidseg"
     if not script.exists():
         pytest.skip(f"console script not installed at {script} (pip install -e .)")
-    good = save_image(tmp_path / "in" / "good.png", "rgb", 80, 60)
+    save_image(tmp_path / "in" / "good.png", "rgb", 80, 60)
     bad = tmp_path / "in" / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     top = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)

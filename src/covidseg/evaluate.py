@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covidseg import metrics
 from covidseg.atomic import atomic_path, write_json, write_text
