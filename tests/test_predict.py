@@ -18,7 +18,8 @@ from covidseg.inference import predict_logits, probabilities
 from covidseg.model import UNet, UNetConfig
 from covidseg.modelio import save_model
 from covidseg.pngcheck import decode_grey
-from covidseg.predict import CSV_COLUMNS, TINT, TINT_ALPHA, read_csv, unique_stems
+from covidseg.overlay import TINT, TINT_ALPHA
+from covidseg.predict import CSV_COLUMNS, read_csv, unique_stems
 from covidseg.preprocess import resize_image
 
 SIZE = 32  # the tiny model's input size (divisible by 2 ** (depth - 1))

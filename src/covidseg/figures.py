@@ -19,6 +19,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
+from covidseg.overlay import TINT, tint  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
 from covidseg.preprocess import load_split  # noqa: E402
 
@@ -27,15 +28,12 @@ FIGURES = (
     "pr_curve.png", "reliability.png", "dice_histogram.png", "gallery.png",
 )
 REPORT_RMSE = 0.2288  # the report's test RMSE on COVID-QU-Ex (see DESIGN.md, Anchors)
-TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), (1.0, 0.8, 0.0)
+TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.15, 0.1), alpha: float = 0.45) -> np.ndarray:
-    """RGB float (S, S, 3) in [0, 1] of the grey uint8 image with ``mask`` tinted in ``color``."""
-    rgb = np.repeat(image[..., None].astype(np.float32) / 255.0, 3, axis=2)
-    tint = np.asarray(color, np.float32)
-    rgb[mask] = (1 - alpha) * rgb[mask] + alpha * tint
-    return rgb
+    """uint8 RGB (S, S, 3) of the grey uint8 image with ``mask`` tinted in ``color`` (as ``covidseg predict`` draws it)."""
+    return tint(image, mask, color, alpha)
 
 
 def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

@@ -32,14 +32,13 @@ from covidseg.atomic import atomic_path
 from covidseg.device import choose_device, choose_precision
 from covidseg.inference import predict_logits, probabilities
 from covidseg.modelio import load_model
+from covidseg.overlay import tint
 from covidseg.pngcheck import BadImageError, decode_grey
 from covidseg.preprocess import resize_image
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
 CSV_COLUMNS = ("input", "stem", "width", "height", "infected_fraction", "mean_probability", "status", "error")
-TINT = (1.0, 0.8, 0.0)  # the prediction colour of the pipeline's figures (covidseg.figures)
-TINT_ALPHA = 0.45
 
 
 class InputError(ValueError):
@@ -191,14 +190,6 @@ def resize_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
         return prob.astype(np.float32, copy=False)
     out = np.asarray(Image.fromarray(prob.astype(np.float32, copy=False)).resize((width, height), Image.BILINEAR))
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def tint(grey: np.ndarray, mask: np.ndarray, color=TINT, alpha: float = TINT_ALPHA) -> np.ndarray:
-    """uint8 RGB (H, W, 3) of grey uint8 (H, W) with bool ``mask`` (H, W) blended towards ``color`` (RGB in [0, 1])."""
-    rgb = np.repeat(grey[..., None], 3, axis=2)
-    tinted = (1 - alpha) * grey[mask][:, None].astype(np.float32) + alpha * 255.0 * np.asarray(color, np.float32)
-    rgb[mask] = np.clip(np.round(tinted), 0, 255).astype(np.uint8)
-    return rgb
 
 
 def _save_png(path: Path, arr: np.ndarray) -> None:

@@ -90,6 +90,13 @@ def _format_time(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _overlap_sums(prob: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
+    """Sums of per-image Dice and IoU at ``threshold`` and the number of images scored (empty-truth rule)."""
+    counts = metrics.confusion(prob >= threshold, truth)
+    d, j = metrics.dice(counts), metrics.iou(counts)
+    return {"dice_sum": float(np.nansum(d)), "iou_sum": float(np.nansum(j)), "scored": float(np.sum(~np.isnan(d)))}
+
+
 def val_scores(logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, temperature: float = 1.0) -> dict[str, float]:
     """Per-image mean Dice/IoU (empty-truth rule of :mod:`covidseg.metrics`), and sums for RMSE.
 
@@ -97,19 +104,16 @@ def val_scores(logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, 
     """
     prob = torch.sigmoid(logits / temperature).numpy()
     truth = masks[:, 0].astype(bool)
-    counts = metrics.confusion(prob >= threshold, truth)
-    d, j = metrics.dice(counts), metrics.iou(counts)
-    return {
-        "dice_sum": float(np.nansum(d)), "iou_sum": float(np.nansum(j)), "scored": float(np.sum(~np.isnan(d))),
-        "sse": metrics.squared_error_sum(prob, truth), "pixels": float(truth.size),
-    }
+    return _overlap_sums(prob, truth, threshold) | {"sse": metrics.squared_error_sum(prob, truth), "pixels": float(truth.size)}
 
 
 def tune_threshold(logits: torch.Tensor, masks: np.ndarray, temperature: float) -> float:
     """The threshold on THRESHOLDS that maximises mean per-image val Dice (ties: the one nearest 0.5)."""
+    prob = torch.sigmoid(logits / temperature).numpy()  # once, not once per threshold
+    truth = masks[:, 0].astype(bool)
     best, best_t = -1.0, 0.5
     for t in sorted(THRESHOLDS, key=lambda t: abs(t - 0.5)):
-        s = val_scores(logits, masks, float(t), temperature)
+        s = _overlap_sums(prob, truth, float(t))
         score = s["dice_sum"] / max(s["scored"], 1)
         if score > best + 1e-9:
             best, best_t = score, float(t)
