@@ -213,10 +213,11 @@ class Trainer:
         report_every = max(steps_per_epoch // 5, 1)
         for step in range(steps_per_epoch):
             idx = order[step * p.batch_size:(step + 1) * p.batch_size]
-            x = self.train_x[idx].float().div_(255.0)
             y = _targets(self.train_m[idx], self.train_l[idx], self.aux)
             if p.augment:
-                x, y = augment_batch(x, y, p, aug_gen)
+                x, y = augment_batch(self.train_x[idx], y, p, aug_gen)
+            else:
+                x = self.train_x[idx].float().div_(255.0)
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             y = y.to(self.device)
             for group in self.opt.param_groups:
