@@ -96,6 +96,7 @@ def test_metrics_json_keys_and_standard_json(tiny):
     for key in ("n_images", "rmse", "dice", "iou", "brier", "ece", "ece_bins", "at_fixed_threshold",
                 "at_tuned_threshold", "baselines", "temperature", "flip_tta", "empty_truth_rule"):
         assert key in data, key
+    assert data["flip_tta"] is False  # the model file has no flip_tta
     assert data["n_images"] == 4
     assert data["at_fixed_threshold"]["threshold"] == 0.5
     assert data["at_tuned_threshold"]["threshold"] == TUNED  # from the model file, not the params
@@ -160,6 +161,29 @@ def test_predictions_file(tiny):
         assert z["probs"].dtype == np.uint8 and z["probs"].shape == (4, SIZE, SIZE)
         assert float(z["threshold"]) == TUNED
         assert np.abs(z["probs"] / 255.0 - prob).max() <= 0.5 / 255 + 1e-6
+
+
+def test_flip_averaging_as_saved_in_the_model(tmp_path):
+    """A model calibrated with flip averaging is evaluated with it (and test.json says so)."""
+    prepared = make_prepared(tmp_path / "prepared")
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=4, depth=2))
+    with torch.no_grad():
+        net.head.weight.mul_(100)  # strong logits, so the mirrored prediction differs visibly
+    model = tmp_path / "model.pt"
+    save_model(model, net, {"threshold": TUNED, "temperature": 1.0, "size": SIZE, "flip_tta": True})
+    summary = evaluate(model, prepared, tmp_path / "test.json", tmp_path / "per_image.csv", tmp_path / "eval",
+                       tmp_path / "pred.npz", EvaluateParams())
+    net, _ = load_model(model)
+    with np.load(prepared / "test.npz") as z:
+        images, truth = z["images"], z["masks"][:, 0].astype(bool)
+    plain, tta = (probabilities(predict_logits(net, images, torch.device("cpu"), "fp32", flip_tta=f)) for f in (False, True))
+    assert summary["flip_tta"] is True
+    assert summary["rmse"] == pytest.approx(math.sqrt(np.mean((tta.astype(np.float64) - truth) ** 2)), rel=1e-6)
+    with np.load(tmp_path / "pred.npz") as z:
+        saved = z["probs"] / 255.0
+    assert np.abs(saved - tta).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(saved - plain).max() > 2 / 255
 
 
 def test_baselines_by_hand():

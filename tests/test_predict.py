@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from covidseg.cli import app
 from covidseg.inference import predict_logits, probabilities
 from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import save_model
+from covidseg.modelio import load_model, save_model
 from covidseg.pngcheck import decode_grey
 from covidseg.overlay import TINT, TINT_ALPHA
 from covidseg.predict import CSV_COLUMNS, read_csv, unique_stems
@@ -28,7 +28,7 @@ runner = CliRunner()
 
 
 def make_model(path: Path, bias: float | None = None, threshold: float | None = 0.5, temperature: float = 1.0,
-               seed: int = 0) -> Path:
+               seed: int = 0, flip_tta: bool | None = None) -> Path:
     """A tiny U-Net saved like train does; with ``bias`` its logits are that constant everywhere."""
     torch.manual_seed(seed)
     net = UNet(UNetConfig(base_channels=4, depth=2))
@@ -39,6 +39,8 @@ def make_model(path: Path, bias: float | None = None, threshold: float | None = 
     extra = {"temperature": temperature, "size": SIZE}
     if threshold is not None:
         extra["threshold"] = threshold
+    if flip_tta is not None:
+        extra["flip_tta"] = flip_tta
     save_model(path, net.eval(), extra)
     return path
 
@@ -183,6 +185,22 @@ def test_threshold_from_model_file_and_override(tmp_path):
         assert (np.load(out / "probs" / "x.npy") == 0.5).all()
     bad = invoke(src, "--model", tmp_path / "m0.pt", "--out", tmp_path / "o", "--threshold", "1.5", *FAST)
     assert bad.exit_code == 2
+
+
+def test_flip_averaging_follows_the_model_file_unless_overridden(tmp_path):
+    """A model calibrated with flip averaging predicts with it by default; the option overrides either way."""
+    src = save_image(tmp_path / "x.png", "grey", SIZE, SIZE)
+    image = np.array(Image.open(src))[None, None]
+    for saved in (True, False, None):
+        model_path = make_model(tmp_path / f"m{saved}.pt", seed=5, flip_tta=saved)
+        net, _ = load_model(model_path)
+        expected = {tta: probabilities(predict_logits(net, image, torch.device("cpu"), flip_tta=tta))[0] for tta in (False, True)}
+        assert not np.allclose(expected[False], expected[True], atol=1e-4)  # the random net is not mirror-symmetric
+        for extra, tta in (([], bool(saved)), (["--flip-tta"], True), (["--no-flip-tta"], False)):
+            out = tmp_path / f"out{saved}{extra}"
+            result = invoke(src, "--model", model_path, "--out", out, "--save-probs", *FAST, *extra)
+            assert result.exit_code == 0, result.output
+            np.testing.assert_allclose(np.load(out / "probs" / "x.npy"), expected[tta], atol=1e-5)
 
 
 def test_preprocessing_matches_training(tmp_path):

@@ -13,7 +13,8 @@ import torch
 import covidseg.train as train_mod
 from covidseg.modelio import load_model
 from covidseg.params import TrainParams
-from covidseg.train import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold
+from covidseg.inference import predict_logits
+from covidseg.train import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold, val_scores
 from conftest import REPO, run
 
 TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")
@@ -35,9 +36,25 @@ def test_outputs_and_summary(tiny_prepared, tmp_path):
     model, meta = load_model(tmp_path / "model.pt")
     assert model.config.out_channels == 2  # infection + lung auxiliary head
     assert meta["size"] == 64 and 0 < meta["threshold"] < 1 and meta["temperature"] == 1.0
+    assert meta["flip_tta"] is False and summary["flip_tta"] is False
     assert 1 <= summary["best_epoch"] <= 3
     assert summary["val_dice_at_0.5"] == pytest.approx(curves["val_dice"].max(), abs=1e-5)  # best, not last
     assert not (tmp_path / "resume" / "state.pt").exists()  # a finished run leaves no resume state
+
+
+def test_flip_averaging_calibrates_on_flipped_val_and_is_saved(tiny_prepared, tmp_path):
+    params = dataclasses.replace(TINY, epochs=1, flip_tta=True, temperature_scaling=True)
+    summary = _train(tiny_prepared, tmp_path, params)
+    model, meta = load_model(tmp_path / "model.pt")
+    assert meta["flip_tta"] is True and summary["flip_tta"] is True
+    with np.load(tiny_prepared / "val.npz") as z:
+        images, masks = z["images"], z["masks"]
+    for tta in (True, False):
+        logits = predict_logits(model, images, torch.device("cpu"), flip_tta=tta, lung_gate=meta["lung_gate"])
+        if tta:  # the saved temperature is the one fitted on flip-averaged val logits
+            assert meta["temperature"] == tune_temperature(logits, masks)
+            assert summary["val_rmse"] == pytest.approx(val_scores(logits, masks, meta["threshold"], meta["temperature"])["sse"] ** 0.5
+                                                        / masks.size ** 0.5, rel=1e-6)
 
 
 def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):

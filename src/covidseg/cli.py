@@ -67,7 +67,9 @@ def predict(
     device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
     precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where it is faster."),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
-    flip_tta: bool = typer.Option(False, "--flip-tta", help="Average with the left-right mirrored prediction."),
+    flip_tta: Optional[bool] = typer.Option(
+        None, "--flip-tta/--no-flip-tta", show_default=False,
+        help="Average with the left-right mirrored prediction. [default: as the model was calibrated on val]"),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
 ) -> None:

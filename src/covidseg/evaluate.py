@@ -136,7 +136,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     test = load_split(prepared_dir, "test")
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
-    logits = predict_logits(model, test["images"], device, choose_precision(device), flip_tta=params.flip_tta,
+    flip_tta = bool(meta.get("flip_tta", False))  # inference exactly as calibrated on val
+    logits = predict_logits(model, test["images"], device, choose_precision(device), flip_tta=flip_tta,
                             lung_gate=bool(meta.get("lung_gate", False)))
     prob = probabilities(logits, float(meta.get("temperature", 1.0)))
     truth = test["masks"][:, 0].astype(bool)
@@ -158,7 +159,7 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
         "at_tuned_threshold": tuned,
         "baselines": baselines(truth, lungs, _train_prevalence(prepared_dir)),
         "temperature": float(meta.get("temperature", 1.0)),
-        "flip_tta": params.flip_tta,
+        "flip_tta": flip_tta,
         "lung_gate": bool(meta.get("lung_gate", False)),
         "empty_truth_rule": EMPTY_TRUTH_RULE,
     }

@@ -99,6 +99,7 @@ class TrainParams:
     gamma: float = 0.15
     patience: int = 0
     temperature_scaling: bool = False
+    flip_tta: bool = False
     device: str = "auto"
     precision: str = "auto"
     num_threads: int = 0
@@ -135,7 +136,6 @@ class EvaluateParams:
 
     threshold: float = 0.5
     calibration_bins: int = 15
-    flip_tta: bool = False
 
     def validate(self) -> None:
         _check(0 < self.threshold < 1, "evaluate", "threshold must be in (0, 1)")

@@ -47,14 +47,15 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class PredictOptions:
-    """How to run: ``threshold`` None means the model's val-tuned threshold (0.5 if it has none)."""
+    """How to run: ``threshold`` None means the model's val-tuned threshold (0.5 if it has none);
+    ``flip_tta`` None means as the model was calibrated (its saved ``flip_tta``, off if it has none)."""
 
     threshold: float | None = None
     save_probs: bool = False
     batch_size: int = 8
     device: str = "auto"
     precision: str = "auto"
-    flip_tta: bool = False
+    flip_tta: bool | None = None
     recursive: bool = False
 
 
@@ -89,6 +90,7 @@ class Prepared:
     temperature: float
     threshold_source: str  # "option", "model" or "default"
     lung_gate: bool = False  # cap infection by the lung output (chosen on val by training)
+    flip_tta: bool = False  # average with the mirrored image's prediction
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -237,7 +239,8 @@ def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
         threshold, source = 0.5, "default"
     return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
                     size=int(meta["size"]), threshold=threshold, temperature=float(meta.get("temperature", 1.0)),
-                    threshold_source=source, lung_gate=bool(meta.get("lung_gate", False)))
+                    threshold_source=source, lung_gate=bool(meta.get("lung_gate", False)),
+                    flip_tta=bool(meta.get("flip_tta", False)) if options.flip_tta is None else options.flip_tta)
 
 
 # ----------------------------------------------------------------------------- run
@@ -269,7 +272,7 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
         logits = predict_logits(prepared.model, small, prepared.device, prepared.precision,
-                                batch_size=step, flip_tta=options.flip_tta, lung_gate=prepared.lung_gate)
+                                batch_size=step, flip_tta=prepared.flip_tta, lung_gate=prepared.lung_gate)
         probs = probabilities(logits, prepared.temperature)  # float32 (n, S, S)
         for k, i in enumerate(order):
             grey = greys.pop(i)

@@ -300,7 +300,7 @@ class Trainer:
         best = None
         for gate in ((False, True) if self.aux else (False,)):
             logits = predict_logits(self.model, self.val["images"], self.device, self.precision,
-                                    batch_size=max(self.params.batch_size, 8), lung_gate=gate)
+                                    batch_size=max(self.params.batch_size, 8), flip_tta=self.params.flip_tta, lung_gate=gate)
             temperature = tune_temperature(logits, self.val["masks"]) if self.params.temperature_scaling else 1.0
             threshold = tune_threshold(logits, self.val["masks"], temperature)
             scores = val_scores(logits, self.val["masks"], threshold, temperature)
@@ -318,14 +318,14 @@ class Trainer:
             "epochs_run": len(self.rows), "best_epoch": self.best_epoch,
             "val_dice_at_0.5": self.best_score, "val_dice_at_threshold": tuned["dice_sum"] / max(tuned["scored"], 1),
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
-            "threshold": threshold, "temperature": temperature, "lung_gate": gate,
+            "threshold": threshold, "temperature": temperature, "lung_gate": gate, "flip_tta": self.params.flip_tta,
             "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "train_seconds": self.train_seconds, "device": self.device.type, "precision": self.precision,
             "world_size": self.ctx.world_size,
         }
         if self.ctx.is_main:
             save_model(model_path, self.model, {
-                "threshold": threshold, "temperature": temperature, "lung_gate": gate, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
+                "threshold": threshold, "temperature": temperature, "lung_gate": gate, "flip_tta": self.params.flip_tta, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
                 "train_params": dataclasses.asdict(self.params), "seed": self.seed,
             })
             write_json(metrics_path, summary)
