@@ -3,8 +3,9 @@
 Intensity transforms (brightness, contrast, gamma) touch only the image and are applied to the
 uint8 grey levels through one 256-entry lookup table per image; geometric transforms (left-right
 flip, rotation, scale) then move image and masks together with one shared sampling grid.
-Applied to the training split only. Written for speed: it runs on the training critical path
-(about 4 ms per batch of 8 at 256 px on one core, against ~30 ms for a pow + affine_grid version).
+Applied to the training split only. It runs on the training loop's critical path, hence the
+lookup tables (no per-pixel pow) and the broadcast grid (``F.affine_grid`` is a slow batched
+matmul on the CPU); ``benchmarks/bench_train_step.py`` measures the loop with and without it.
 """
 
 from __future__ import annotations
