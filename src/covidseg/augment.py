@@ -44,9 +44,8 @@ def sampling_grid(angle: torch.Tensor, scale: torch.Tensor, flip: torch.Tensor, 
     matmul over a homogeneous base grid is several times slower on the CPU).
     """
     # Inverse map (output -> input coordinates): (1 / scale) * Rotation(angle) @ diag(flip, 1).
-    f = torch.where(flip, -1.0, 1.0)
+    f = torch.where(flip, -1.0, 1.0)[:, None, None]
     cos, sin = (torch.cos(angle) / scale)[:, None, None], (torch.sin(angle) / scale)[:, None, None]
-    f = f[:, None, None]
     xs = ((2 * torch.arange(width, dtype=torch.float32) + 1) / width - 1)[None, None, :]
     ys = ((2 * torch.arange(height, dtype=torch.float32) + 1) / height - 1)[None, :, None]
     gx = f * cos * xs - sin * ys

@@ -18,7 +18,7 @@ import pandas as pd
 from covidseg import metrics
 from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference import predict_logits, probabilities
+from covidseg.inference import Calibration, calibrated_probabilities
 from covidseg.modelio import load_model
 from covidseg.params import EvaluateParams
 from covidseg.preprocess import load_split
@@ -136,12 +136,10 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     test = load_split(prepared_dir, "test")
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
-    flip_tta = bool(meta.get("flip_tta", False))  # inference exactly as calibrated on val
-    logits = predict_logits(model, test["images"], device, choose_precision(device), flip_tta=flip_tta,
-                            lung_gate=bool(meta.get("lung_gate", False)))
-    prob = probabilities(logits, float(meta.get("temperature", 1.0)))
+    calibration = Calibration.from_meta(meta)  # inference exactly as calibrated on val
+    prob = calibrated_probabilities(model, test["images"], device, choose_precision(device), calibration)
     truth = test["masks"][:, 0].astype(bool)
-    tuned_threshold = float(meta.get("threshold", params.threshold))
+    tuned_threshold = params.threshold if calibration.threshold is None else calibration.threshold
 
     fixed, per_fixed = threshold_metrics(prob, truth, params.threshold)
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
@@ -158,9 +156,9 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
         "at_fixed_threshold": fixed,
         "at_tuned_threshold": tuned,
         "baselines": baselines(truth, lungs, _train_prevalence(prepared_dir)),
-        "temperature": float(meta.get("temperature", 1.0)),
-        "flip_tta": flip_tta,
-        "lung_gate": bool(meta.get("lung_gate", False)),
+        "temperature": calibration.temperature,
+        "flip_tta": calibration.flip_tta,
+        "lung_gate": calibration.lung_gate,
         "empty_truth_rule": EMPTY_TRUTH_RULE,
     }
     per = pd.DataFrame({"id": test["ids"], "class": test["classes"],

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import glob
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -30,7 +30,7 @@ from PIL import Image
 
 from covidseg.atomic import atomic_path
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference import predict_logits, probabilities
+from covidseg.inference import Calibration, calibrated_probabilities
 from covidseg.modelio import load_model
 from covidseg.overlay import tint
 from covidseg.pngcheck import BadImageError, decode_grey
@@ -86,11 +86,12 @@ class Prepared:
     device: torch.device
     precision: str
     size: int
-    threshold: float
-    temperature: float
+    calibration: Calibration  # the model file's, with the options applied (threshold always set)
     threshold_source: str  # "option", "model" or "default"
-    lung_gate: bool = False  # cap infection by the lung output (chosen on val by training)
-    flip_tta: bool = False  # average with the mirrored image's prediction
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -231,16 +232,17 @@ def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
     model, meta = load_model(model_path, device)
     if "size" not in meta:
         raise ValueError(f"{model_path}: model file has no 'size' (the input size it was trained on)")
+    saved = Calibration.from_meta(meta)
     if options.threshold is not None:
         threshold, source = float(options.threshold), "option"
-    elif "threshold" in meta:
-        threshold, source = float(meta["threshold"]), "model"
+    elif saved.threshold is not None:
+        threshold, source = saved.threshold, "model"
     else:
         threshold, source = 0.5, "default"
+    flip_tta = saved.flip_tta if options.flip_tta is None else options.flip_tta
     return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
-                    size=int(meta["size"]), threshold=threshold, temperature=float(meta.get("temperature", 1.0)),
-                    threshold_source=source, lung_gate=bool(meta.get("lung_gate", False)),
-                    flip_tta=bool(meta.get("flip_tta", False)) if options.flip_tta is None else options.flip_tta)
+                    size=int(meta["size"]), calibration=replace(saved, threshold=threshold, flip_tta=flip_tta),
+                    threshold_source=source)
 
 
 # ----------------------------------------------------------------------------- run
@@ -271,9 +273,8 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
             continue
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
-        logits = predict_logits(prepared.model, small, prepared.device, prepared.precision,
-                                batch_size=step, flip_tta=prepared.flip_tta, lung_gate=prepared.lung_gate)
-        probs = probabilities(logits, prepared.temperature)  # float32 (n, S, S)
+        probs = calibrated_probabilities(prepared.model, small, prepared.device, prepared.precision,
+                                         prepared.calibration, batch_size=step)  # float32 (n, S, S)
         for k, i in enumerate(order):
             grey = greys.pop(i)
             try:

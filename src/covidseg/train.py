@@ -28,7 +28,7 @@ from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.augment import augment_batch
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.distributed import DistContext
-from covidseg.inference import predict_logits
+from covidseg.inference import Calibration, predict_logits
 from covidseg.losses import make_loss
 from covidseg.model import UNet, UNetConfig
 from covidseg.modelio import save_model
@@ -291,11 +291,11 @@ class Trainer:
                 self.log(f"early stop: val Dice has not improved for {p.patience} epochs (best {self.best_score:.4f} at epoch {self.best_epoch})")
                 break
 
-    def _calibrate(self) -> tuple[bool, float, float, dict]:
+    def _calibrate(self) -> tuple[Calibration, dict]:
         """Choose on val: lung gating (with a lung head), then temperature, then threshold.
 
-        Returns (lung_gate, temperature, threshold, val scores at them). Gating is kept only
-        if it raises mean per-image val Dice at its own tuned threshold.
+        Returns (the calibration, val scores with it). Gating is kept only if it raises mean
+        per-image val Dice at its own tuned threshold.
         """
         best = None
         for gate in ((False, True) if self.aux else (False,)):
@@ -306,26 +306,27 @@ class Trainer:
             scores = val_scores(logits, self.val["masks"], threshold, temperature)
             dice = scores["dice_sum"] / max(scores["scored"], 1)
             if best is None or dice > best[0] + 1e-9:
-                best = (dice, gate, temperature, threshold, scores)
-        return best[1], best[2], best[3], best[4]
+                best = (dice, Calibration(threshold, temperature, gate, self.params.flip_tta), scores)
+        return best[1], best[2]
 
     def finish(self, model_path: Path, metrics_path: Path) -> dict:
         """Restore the best epoch, choose lung gating, temperature and threshold on val, save model and metrics (rank 0)."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        gate, temperature, threshold, tuned = self._calibrate()
+        calibration, tuned = self._calibrate()
+        chosen = dataclasses.asdict(calibration)
         summary = {
             "epochs_run": len(self.rows), "best_epoch": self.best_epoch,
             "val_dice_at_0.5": self.best_score, "val_dice_at_threshold": tuned["dice_sum"] / max(tuned["scored"], 1),
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
-            "threshold": threshold, "temperature": temperature, "lung_gate": gate, "flip_tta": self.params.flip_tta,
+            **chosen,
             "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "train_seconds": self.train_seconds, "device": self.device.type, "precision": self.precision,
             "world_size": self.ctx.world_size,
         }
         if self.ctx.is_main:
             save_model(model_path, self.model, {
-                "threshold": threshold, "temperature": temperature, "lung_gate": gate, "flip_tta": self.params.flip_tta, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
+                **chosen, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
                 "train_params": dataclasses.asdict(self.params), "seed": self.seed,
             })
             write_json(metrics_path, summary)
