@@ -67,8 +67,10 @@ def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
     assert not _curves(tmp_path / "a" / "curves.tsv").equals(_curves(tmp_path / "c" / "curves.tsv"))
 
 
-def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, monkeypatch):
-    _train(tiny_prepared, tmp_path / "full")
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, monkeypatch, ema_decay):
+    params = dataclasses.replace(TINY, ema_decay=ema_decay)
+    _train(tiny_prepared, tmp_path / "full", params)
     original = train_mod.Trainer._train_epoch
 
     def interrupt_in_epoch_3(self, epoch):
@@ -78,15 +80,35 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
 
     monkeypatch.setattr(train_mod.Trainer, "_train_epoch", interrupt_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path / "cut")
+        _train(tiny_prepared, tmp_path / "cut", params)
     assert (tmp_path / "cut" / "resume" / "state.pt").exists()
     assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
     monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
     logs = []
     train(tiny_prepared, tmp_path / "cut" / "model.pt", tmp_path / "cut" / "resume", tmp_path / "cut" / "curves.tsv",
-          tmp_path / "cut" / "train.json", TINY, 0, log=logs.append)
+          tmp_path / "cut" / "train.json", params, 0, log=logs.append)
     assert any("continuing after epoch 2" in line for line in logs)
     pd.testing.assert_frame_equal(_curves(tmp_path / "full" / "curves.tsv"), _curves(tmp_path / "cut" / "curves.tsv"))
+    wa, wb = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in ("full", "cut"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_prepared, tmp_path, monkeypatch):
+    _train(tiny_prepared, tmp_path / "raw")
+    kept = {}
+    original = train_mod.Trainer._val_epoch
+
+    def remember_average(self):
+        kept[len(self.rows) + 1] = {k: v.clone() for k, v in self.ema.model.state_dict().items()}
+        return original(self)
+
+    monkeypatch.setattr(train_mod.Trainer, "_val_epoch", remember_average)
+    summary = _train(tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9))
+    raw, ema = _curves(tmp_path / "raw" / "curves.tsv"), _curves(tmp_path / "ema" / "curves.tsv")
+    pd.testing.assert_series_equal(raw["train_loss"], ema["train_loss"])  # the raw weights train exactly as without averaging
+    assert not np.allclose(raw["val_loss"], ema["val_loss"])  # validation sees the averaged weights
+    saved = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[k], kept[summary["best_epoch"]][k]) for k in saved)  # the best epoch's average is kept
 
 
 def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path, monkeypatch):

@@ -98,6 +98,7 @@ class TrainParams:
     contrast: float = 0.1
     gamma: float = 0.15
     patience: int = 0
+    ema_decay: float = 0.0
     temperature_scaling: bool = False
     flip_tta: bool = False
     device: str = "auto"
@@ -124,6 +125,7 @@ class TrainParams:
         for name in ("scale", "brightness", "contrast", "gamma"):
             _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
         _check(self.patience >= 0, s, "patience must be >= 0 (0 disables early stopping)")
+        _check(0 <= self.ema_decay < 1, s, "ema_decay must be in [0, 1) (0: no weight averaging)")
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), s, "device must be auto, cpu or cuda[:N]")
         _check(self.precision in ("auto", "fp32", "bf16"), s, "precision must be auto, fp32 or bf16")
         _check(self.num_threads >= 0, s, "num_threads must be >= 0 (0: torch's default)")

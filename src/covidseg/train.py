@@ -1,8 +1,8 @@
 """Train the U-Net on the preprocessed train split, select on val, save the best model.
 
 One readable loop: data held in memory as uint8 tensors (no decoding in the loop),
-optional augmentation, fp32 or bf16 autocast with channels_last, a per-epoch resume
-state (``resume_dir/state.pt``), early stopping on val Dice, and after training a
+optional augmentation, fp32 or bf16 autocast with channels_last, optional weight
+averaging (validated and kept instead of the raw weights), a per-epoch resume state (``resume_dir/state.pt``), early stopping on val Dice, and after training a
 threshold and a temperature tuned on val. Under ``torchrun`` it runs DDP and only
 rank 0 writes.
 """
@@ -28,6 +28,7 @@ from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.augment import augment_batch
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.distributed import DistContext
+from covidseg.ema import WeightAverage
 from covidseg.inference import Calibration, predict_logits
 from covidseg.losses import make_loss
 from covidseg.model import UNet, UNetConfig
@@ -159,6 +160,9 @@ class Trainer:
         self.net = self.model
         if ctx.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Validation, best-epoch selection and saving use the weight average when there is one.
+        self.ema = WeightAverage(self.model, params.ema_decay) if params.ema_decay > 0 else None
+        self.eval_model = self.ema.model if self.ema else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         self.loss_fn = make_loss(params.loss, params.pos_weight, params.focal_gamma)
         self.rows: list[dict] = []
@@ -172,6 +176,7 @@ class Trainer:
         return {
             "fingerprint": self.fingerprint, "epoch": len(self.rows), "rows": self.rows,
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "ema": self.ema.state_dict() if self.ema else None,
             "best_score": self.best_score, "best_state": self.best_state, "best_epoch": self.best_epoch,
             "since_best": self.since_best, "train_seconds": self.train_seconds, "train_images": self.train_images,
         }
@@ -194,6 +199,8 @@ class Trainer:
             return
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+        if self.ema:
+            self.ema.load_state_dict(state["ema"])
         self.rows = state["rows"]
         self.best_score, self.best_state, self.best_epoch = state["best_score"], state["best_state"], state["best_epoch"]
         self.since_best, self.train_seconds, self.train_images = state["since_best"], state["train_seconds"], state["train_images"]
@@ -230,6 +237,8 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
+            if self.ema:
+                self.ema.update(self.model)
             n = x.shape[0]
             loss_sum += loss.item() * n
             with torch.no_grad():
@@ -251,7 +260,7 @@ class Trainer:
         ctx = self.ctx
         idx = np.arange(ctx.rank, len(self.val["images"]), ctx.world_size)  # each val image on one rank
         images, masks = self.val["images"][idx], self.val["masks"][idx]
-        logits = predict_logits(self.model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8))
+        logits = predict_logits(self.eval_model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8))
         target = torch.from_numpy(masks).float()
         loss = float(self.loss_fn(logits[:, None], target)) * len(idx) if len(idx) else 0.0  # a rank may hold no val image
         s = val_scores(logits, masks)
@@ -269,6 +278,8 @@ class Trainer:
             start = time.perf_counter()
             train_loss, train_rmse = self._train_epoch(epoch)
             self.ctx.sync_buffers(self.model)  # same BatchNorm statistics on every rank before val and saving
+            if self.ema:
+                self.ctx.sync_buffers(self.ema.model)
             val = self._val_epoch()
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"], "train_rmse": train_rmse,
@@ -277,7 +288,7 @@ class Trainer:
             self.rows.append(row)
             if val["val_dice"] > self.best_score:
                 self.best_score, self.best_epoch, self.since_best = val["val_dice"], epoch, 0
-                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
             else:
                 self.since_best += 1
             mean_epoch = sum(r["seconds"] for r in self.rows[-3:]) / len(self.rows[-3:])
