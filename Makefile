@@ -24,7 +24,7 @@ DATA ?= $(abspath ../shared/data/covidqu-dev)
 REAL_PARAMS := -S data.source=$(abspath $(DATA)) -S train.epochs=28 -S train.lr=0.001 -S train.weight_decay=0.0001 \
 	-S train.schedule=cosine -S train.warmup_epochs=1 -S train.loss=bce_dice -S train.lung_aux_weight=0.5 \
 	-S train.base_channels=16 -S train.depth=5 -S train.downsample=2 -S train.augment=true \
-	-S train.ema_decay=0.999 -S train.temperature_scaling=true -S train.flip_tta=true
+	-S train.temperature_scaling=true -S train.flip_tta=true
 
 real: $(STAMP)
 	$(BIN)/dvc exp run -n real-preset $(REAL_PARAMS)

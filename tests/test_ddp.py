@@ -29,14 +29,14 @@ TRAIN = dict(TINY_PARAMS["train"], epochs=2)
 NPROC = 2
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    """Prepared data, then one single-process run and one 2-process torchrun on it."""
+@pytest.fixture(scope="module", params=[0.0, 0.9], ids=["raw-weights", "weight-average"])
+def runs(request, tmp_path_factory) -> dict[str, Path]:
+    """Prepared data, then one single-process run and one 2-process torchrun on it (without and with train.ema_decay)."""
     root = tmp_path_factory.mktemp("ddp")
     synthesize(root / "raw", SynthParams(train=5, val=1, test=1, negatives=0, size=64), seed=3)
     extract(root / "raw", root / "extracted", root / "data.json", DataParams(source=str(root / "raw")))
     preprocess(root / "extracted", root / "prepared", PreprocessParams(size=64))
-    params = json.dumps(TRAIN)
+    params = json.dumps(dict(TRAIN, ema_decay=request.param))
     env = {"OMP_NUM_THREADS": "1"}
     run([sys.executable, str(WORKER), str(root / "prepared"), str(root / "single"), params], cwd=root, timeout=300, env=env)
     torchrun = shutil.which("torchrun", path=str(VENV_BIN)) or "torchrun"
