@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from covidseg.evaluate import PR_BINS, baselines, evaluate
+from covidseg.evaluate import PR_BINS, baselines, class_breakdown, evaluate
 from covidseg.inference import predict_logits, probabilities
 from covidseg.model import UNet, UNetConfig
 from covidseg.modelio import load_model, save_model
@@ -126,6 +126,44 @@ def test_metrics_match_an_independent_computation(tiny):
     assert s["baselines"]["constant_prior"]["prior"] == pytest.approx(36 / 1024)
     # all background: error 1 on every infected test pixel (3 lesions of 36), 0 elsewhere
     assert s["baselines"]["all_background"]["rmse"] == pytest.approx(math.sqrt(3 * 36 / (4 * 1024)))
+
+
+def test_by_class_matches_an_independent_computation(tiny):
+    prob, truth = _reference_probs(tiny)
+    by_class = tiny["summary"]["by_class"]
+    assert _strict_json(tiny["metrics"])["by_class"].keys() == by_class.keys() == {"COVID-19", "Non-COVID"}
+    covid, negative = slice(0, 3), slice(3, 4)  # make_prepared: 3 COVID-19 test images, then 1 Non-COVID
+    assert by_class["COVID-19"]["n_images"] == 3 and by_class["Non-COVID"]["n_images"] == 1
+    assert by_class["COVID-19"]["rmse"] == pytest.approx(math.sqrt(np.mean((prob[covid].astype(np.float64) - truth[covid]) ** 2)), rel=1e-5)
+    assert by_class["Non-COVID"]["rmse"] == pytest.approx(math.sqrt(np.mean(prob[negative].astype(np.float64) ** 2)), rel=1e-5)
+    dices = [2 * (p & t).sum() / ((p & t).sum() * 2 + (p & ~t).sum() + (~p & t).sum()) for p, t in zip(prob[covid] >= 0.5, truth[covid])]
+    assert by_class["COVID-19"]["dice"] == pytest.approx(np.mean(dices), rel=1e-5)
+    assert by_class["COVID-19"]["empty_truth_images"] == 0
+    assert by_class["Non-COVID"]["empty_truth_images"] == 1
+    assert by_class["Non-COVID"]["empty_truth_false_positive_images"] == int((prob[3] >= TUNED).any())
+
+
+def test_class_breakdown_by_hand():
+    nan = float("nan")
+    per = pd.DataFrame({
+        "class": ["COVID-19", "COVID-19", "Normal", "Normal"],
+        "rmse": [0.3, 0.4, 0.0, 0.2],
+        "true_fraction": [0.1, 0.2, 0.0, 0.0], "pred_fraction": [0.1, 0.3, 0.0, 0.05],
+        "dice_fixed": [0.5, 0.7, nan, 0.0], "iou_fixed": [0.4, 0.6, nan, 0.0],
+        "dice_tuned": [0.6, 0.8, nan, 0.0], "iou_tuned": [0.5, 0.7, nan, 0.0],
+    })
+    out = class_breakdown(per)
+    assert list(out) == ["COVID-19", "Normal"]
+    covid, normal = out["COVID-19"], out["Normal"]
+    assert covid["rmse"] == pytest.approx(math.sqrt((0.09 + 0.16) / 2))  # pooled over pixels, not the mean of RMSEs
+    assert covid["dice"] == pytest.approx(0.6) and covid["dice_at_tuned_threshold"] == pytest.approx(0.7)
+    assert covid["iou"] == pytest.approx(0.5) and covid["iou_at_tuned_threshold"] == pytest.approx(0.6)
+    assert (covid["empty_truth_images"], covid["empty_truth_false_positive_images"]) == (0, 0)
+    assert normal["rmse"] == pytest.approx(math.sqrt(0.04 / 2))
+    assert normal["dice"] == 0.0  # only the false positive is scored; the clean negative is left out (NaN)
+    assert (normal["empty_truth_images"], normal["empty_truth_false_positive_images"]) == (2, 1)
+    clean = class_breakdown(per.iloc[[2]])["Normal"]  # nothing scored at all
+    assert math.isnan(clean["dice"]) and clean["empty_truth_false_positive_images"] == 0
 
 
 def test_per_image_csv_rows(tiny):

@@ -163,11 +163,12 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     }
     per = pd.DataFrame({"id": test["ids"], "class": test["classes"],
                         "true_fraction": truth.mean((1, 2)), "pred_fraction": (prob >= tuned_threshold).mean((1, 2)),
-                        "rmse": np.sqrt(((prob - truth) ** 2).mean((1, 2)))})
+                        "rmse": np.sqrt(((prob - truth) ** 2).mean((1, 2), dtype=np.float64))})
     for name, table in (("fixed", per_fixed), ("tuned", per_tuned)):
         for col in table.columns:
             per[f"{col}_{name}"] = table[col].to_numpy()
     curves_dir = Path(curves_dir)
+    summary["by_class"] = class_breakdown(per)
     _write_csv(per_image_csv, per)
     _write_csv(curves_dir / "pr.csv", pr_curve(prob, truth))
     _write_csv(curves_dir / "calibration.csv", calibration_table(count, psum, tsum))
@@ -176,6 +177,30 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
             np.savez(f, ids=test["ids"], probs=np.round(prob * 255).astype(np.uint8), threshold=tuned_threshold)
     write_json(metrics_path, summary)
     return summary
+
+
+def class_breakdown(per: pd.DataFrame) -> dict:
+    """Headline metrics per image class, from the per-image table, so runs with negatives stay comparable.
+
+    ``per`` has one row per image with ``class``, ``rmse`` (per-image pixel RMSE), ``true_fraction``,
+    ``pred_fraction`` (at the tuned threshold), ``dice_fixed``/``iou_fixed`` and ``dice_tuned``/``iou_tuned``
+    (NaN where the empty-truth rule leaves an image out). Per class: images, RMSE over its pixels
+    (every image has the same pixel count, so the root of the mean per-image MSE), mean per-image
+    Dice/IoU at the fixed and the tuned threshold (NaN if no image is scored), images with empty
+    truth and, of those, images with any pixel predicted at the tuned threshold.
+    """
+    out = {}
+    for name, rows in per.groupby("class", sort=True):
+        empty = rows["true_fraction"] == 0
+        out[str(name)] = {
+            "n_images": int(len(rows)),
+            "rmse": float(np.sqrt(np.mean(rows["rmse"].to_numpy(np.float64) ** 2))),
+            **{f"{m}{suffix}": float(rows[f"{m}_{col}"].mean()) if rows[f"{m}_{col}"].notna().any() else float("nan")
+               for m in ("dice", "iou") for col, suffix in (("fixed", ""), ("tuned", "_at_tuned_threshold"))},
+            "empty_truth_images": int(empty.sum()),
+            "empty_truth_false_positive_images": int((empty & (rows["pred_fraction"] > 0)).sum()),
+        }
+    return out
 
 
 def _train_prevalence(prepared_dir: str | Path) -> float:

@@ -2,8 +2,9 @@
 
 One readable loop: data held in memory as uint8 tensors (no decoding in the loop),
 optional augmentation, fp32 or bf16 autocast with channels_last, optional weight
-averaging (validated and kept instead of the raw weights), a per-epoch resume state (``resume_dir/state.pt``), early stopping on val Dice, and after training a
-threshold and a temperature tuned on val. Under ``torchrun`` it runs DDP and only
+averaging (validated and kept instead of the raw weights), a per-epoch resume state
+(``resume_dir/state.pt``), early stopping on val Dice, and after training a threshold
+and a temperature tuned on val. Under ``torchrun`` it runs DDP and only
 rank 0 writes.
 """
 
