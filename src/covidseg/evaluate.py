@@ -195,8 +195,10 @@ def class_breakdown(per: pd.DataFrame) -> dict:
         out[str(name)] = {
             "n_images": int(len(rows)),
             "rmse": float(np.sqrt(np.mean(rows["rmse"].to_numpy(np.float64) ** 2))),
-            **{f"{m}{suffix}": float(rows[f"{m}_{col}"].mean()) if rows[f"{m}_{col}"].notna().any() else float("nan")
-               for m in ("dice", "iou") for col, suffix in (("fixed", ""), ("tuned", "_at_tuned_threshold"))},
+            "dice": float(rows["dice_fixed"].mean()),  # pandas skips NaN; all NaN gives NaN
+            "dice_at_tuned_threshold": float(rows["dice_tuned"].mean()),
+            "iou": float(rows["iou_fixed"].mean()),
+            "iou_at_tuned_threshold": float(rows["iou_tuned"].mean()),
             "empty_truth_images": int(empty.sum()),
             "empty_truth_false_positive_images": int((empty & (rows["pred_fraction"] > 0)).sum()),
         }

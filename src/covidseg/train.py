@@ -161,9 +161,7 @@ class Trainer:
         self.net = self.model
         if ctx.enabled:
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        # Validation, best-epoch selection and saving use the weight average when there is one.
         self.ema = WeightAverage(self.model, params.ema_decay) if params.ema_decay > 0 else None
-        self.eval_model = self.ema.model if self.ema else self.model
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         self.loss_fn = make_loss(params.loss, params.pos_weight, params.focal_gamma)
         self.rows: list[dict] = []
@@ -171,6 +169,11 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         self.start_epoch = 1
         self._maybe_resume()
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What validation, best-epoch selection and saving use: the weight average when there is one."""
+        return self.ema.model if self.ema else self.model
 
     # ----- resume -------------------------------------------------------------------------
     def _state(self) -> dict:
