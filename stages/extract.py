@@ -1,4 +1,4 @@
-"""DVC stage extract: the raw source named by data.source -> data/extracted + metrics/data.json."""
+"""DVC stage extract: the raw source named by data.source -> data/extracted, metrics/data.json (+ _details)."""
 
 import typer
 
@@ -9,10 +9,11 @@ from covidseg.sources import SourceError
 MAX_MESSAGES = 50
 
 
-def main(out: str = "data/extracted", metrics: str = "metrics/data.json", params: str = "params.yaml") -> None:
+def main(out: str = "data/extracted", metrics: str = "metrics/data.json", details: str = "",
+         params: str = "params.yaml") -> None:
     p = load_section(DataParams, "data", params)
     try:
-        report = extract(p.source, out, metrics, p)
+        report = extract(p.source, out, metrics, p, details_path=details or None)  # default: <metrics stem>_details.json beside it
     except (SourceError, ExtractError) as exc:
         typer.echo(f"extract failed, previous outputs kept: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -9,8 +9,8 @@ from covidseg.report import write_report
 
 def main(prepared: str = "data/prepared", predictions: str = "data/predictions/test.npz",
          curves: str = "plots/train/curves.tsv", eval_dir: str = "plots/eval", per_image: str = "plots/eval/per_image.csv",
-         test_metrics: str = "metrics/test.json", train_metrics: str = "metrics/train.json",
-         data_metrics: str = "metrics/data.json", out: str = "plots/figures", report: str = "plots/report.html",
+         test_metrics: str = "metrics/test_details.json", train_metrics: str = "metrics/train.json",
+         data_metrics: str = "metrics/data_details.json", out: str = "plots/figures", report: str = "plots/report.html",
          params: str = "params.yaml") -> None:
     written = make_figures(prepared, predictions, curves, eval_dir, per_image, out, load_section(PlotsParams, "plots", params),
                            metrics_json=test_metrics)

@@ -65,6 +65,7 @@ def run_evaluate(root: Path, **prepared_kw) -> dict:
     prepared = make_prepared(root / "prepared", **prepared_kw)
     model = make_model(root / "model.pt")
     paths = {"model": model, "prepared": prepared, "metrics": root / "metrics" / "test.json",
+             "details": root / "metrics" / "test_details.json",
              "per_image": root / "eval" / "per_image.csv", "eval": root / "eval",
              "predictions": root / "predictions" / "test.npz"}
     summary = evaluate(paths["model"], paths["prepared"], paths["metrics"], paths["per_image"], paths["eval"],
@@ -92,7 +93,7 @@ def _reference_probs(tiny: dict) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_metrics_json_keys_and_standard_json(tiny):
-    data = _strict_json(tiny["metrics"])
+    data = _strict_json(tiny["details"])
     for key in ("n_images", "rmse", "dice", "iou", "brier", "ece", "ece_bins", "at_fixed_threshold",
                 "at_tuned_threshold", "baselines", "temperature", "flip_tta", "empty_truth_rule"):
         assert key in data, key
@@ -108,6 +109,22 @@ def test_metrics_json_keys_and_standard_json(tiny):
         assert block["empty_truth_images"] == 1
     assert set(data["baselines"]) == {"all_background", "constant_prior", "lung_mask"}
     assert "NaN" in data["empty_truth_rule"] and "false positive" in data["empty_truth_rule"]
+
+
+def test_headline_metrics_are_few_flat_numbers_taken_from_the_details(tiny):
+    """metrics/test.json (what DVC compares) holds only flat numbers, each equal to its detailed source."""
+    head, details = _strict_json(tiny["metrics"]), _strict_json(tiny["details"])
+    # numbers, or null where undefined (NaN is written as null)
+    assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in head.values()), head
+    assert len(head) <= 20
+    for key in ("n_images", "rmse", "dice", "iou", "brier", "ece"):
+        assert head[key] == details[key], key
+    tuned, fixed = details["at_tuned_threshold"], details["at_fixed_threshold"]
+    assert head["threshold"] == tuned["threshold"] == TUNED
+    assert head["dice_at_threshold"] == tuned["dice_mean"] and head["iou_at_threshold"] == tuned["iou_mean"]
+    assert head["dice_global"] == fixed["dice_global"] and head["hd95_median"] == fixed["hd95_median"]
+    assert head["covid19_dice"] == details["by_class"]["COVID-19"]["dice"]
+    assert head["covid19_rmse"] == details["by_class"]["COVID-19"]["rmse"]
 
 
 def test_metrics_match_an_independent_computation(tiny):
@@ -131,7 +148,7 @@ def test_metrics_match_an_independent_computation(tiny):
 def test_by_class_matches_an_independent_computation(tiny):
     prob, truth = _reference_probs(tiny)
     by_class = tiny["summary"]["by_class"]
-    assert _strict_json(tiny["metrics"])["by_class"].keys() == by_class.keys() == {"COVID-19", "Non-COVID"}
+    assert _strict_json(tiny["details"])["by_class"].keys() == by_class.keys() == {"COVID-19", "Non-COVID"}
     covid, negative = slice(0, 3), slice(3, 4)  # make_prepared: 3 COVID-19 test images, then 1 Non-COVID
     assert by_class["COVID-19"]["n_images"] == 3 and by_class["Non-COVID"]["n_images"] == 1
     assert by_class["COVID-19"]["rmse"] == pytest.approx(math.sqrt(np.mean((prob[covid].astype(np.float64) - truth[covid]) ** 2)), rel=1e-5)

@@ -80,7 +80,7 @@ def run_extract(src: Path, work: Path, **params) -> extract_mod.Report:
 
 
 def read_metrics(work: Path) -> dict:
-    return json.loads((work / "metrics" / "data.json").read_text())
+    return json.loads((work / "metrics" / "data_details.json").read_text())
 
 
 def read_csv(path: Path) -> list[dict]:

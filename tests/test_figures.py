@@ -32,7 +32,7 @@ def run_figures(root: Path) -> dict:
     curves = write_curves(root / "train" / "curves.tsv")
     out = root / "figures"
     written = make_figures(ev["prepared"], ev["predictions"], curves, ev["eval"], ev["per_image"], out,
-                           PlotsParams(gallery_size=2, dpi=50), metrics_json=ev["metrics"])
+                           PlotsParams(gallery_size=2, dpi=50), metrics_json=ev["details"])
     return {**ev, "curves": curves, "figures": out, "written": written}
 
 

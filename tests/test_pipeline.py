@@ -15,9 +15,12 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     test = json.loads((tiny_repo / "metrics" / "test.json").read_text())
     for key in ("rmse", "dice", "iou"):
         assert 0 <= test[key] <= 1
-    assert test["rmse"] < 1.0 and test["baselines"]["all_background"]["dice_mean"] == 0.0
+    details = json.loads((tiny_repo / "metrics" / "test_details.json").read_text())
+    assert test["rmse"] == details["rmse"] and details["baselines"]["all_background"]["dice_mean"] == 0.0
     data = json.loads((tiny_repo / "metrics" / "data.json").read_text())
-    assert [data[s]["count"] for s in ("train", "val", "test")] == [6, 3, 3]
+    assert [data[f"{s}_images"] for s in ("train", "val", "test")] == [6, 3, 3]
+    data_details = json.loads((tiny_repo / "metrics" / "data_details.json").read_text())
+    assert [data_details[s]["count"] for s in ("train", "val", "test")] == [6, 3, 3]
     figures = sorted(p.name for p in (tiny_repo / "plots" / "figures").glob("*.png"))
     for name in ("sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png"):
         assert name in figures

@@ -50,7 +50,7 @@ def report(tmp_path_factory) -> Path:
     (root / "train.json").write_text(json.dumps({"epochs_run": 3, "best_epoch": 2, "threshold": 0.45, "temperature": 1.0}))
     (root / "data.json").write_text(json.dumps({"train": {"count": 4}, "val": {"count": 2}, "test": {"count": 4},
                                                 "skipped_total": 0}))
-    return write_report(run["metrics"], root / "train.json", root / "data.json", run["written"], root / "report.html",
+    return write_report(run["details"], root / "train.json", root / "data.json", run["written"], root / "report.html",
                         source="tiny/test & <data>")
 
 

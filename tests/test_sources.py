@@ -48,7 +48,7 @@ def write_zip(path: Path, files: dict[str, Path], prefix: str, extra: dict[str, 
 
 def extract_to(src: Path, work: Path, classes=("COVID-19",)) -> dict:
     extract(src, work / "extracted", work / "data.json", DataParams(source=str(src), classes=classes))
-    return json.loads((work / "data.json").read_text())
+    return json.loads((work / "data_details.json").read_text())
 
 
 def test_find_roots_by_structure_at_any_depth() -> None:

@@ -75,6 +75,16 @@ def write_text(target: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def details_path_for(metrics_path: str | os.PathLike) -> Path:
+    """The file beside a headline metrics file that holds every number: ``metrics/test.json`` -> ``metrics/test_details.json``.
+
+    Only the headline file is declared as DVC metrics (so ``dvc exp show`` stays readable); the
+    report reads the details file.
+    """
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(f"{metrics_path.stem}_details{metrics_path.suffix}")
+
+
 def write_json(target: str | os.PathLike, data: Any) -> None:
     """Atomically write ``data`` as indented JSON (NaN is written as ``null``)."""
     write_text(target, json.dumps(_finite(data), indent=2, sort_keys=False) + "\n")

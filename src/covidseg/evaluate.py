@@ -1,7 +1,8 @@
 """Score the trained model on the test split: every metric of :mod:`covidseg.metrics`, twice
 (at the fixed threshold and at the one tuned on val), trivial baselines beside them.
 
-Writes ``metrics_path`` (JSON), ``per_image_csv`` (one row per test image), ``curves_dir``
+Writes ``metrics_path`` (the headline numbers DVC compares, see :func:`headline`), ``details_path``
+(every number, read by the report), ``per_image_csv`` (one row per test image), ``curves_dir``
 (``pr.csv``, ``calibration.csv``) and ``predictions_path`` (``.npz``: ids, uint8 probabilities
 ``round(255 p)`` of shape (N, S, S), the tuned ``threshold``) for the figures.
 What each number means is written in ``docs/metrics.md``.
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from covidseg import metrics
-from covidseg.atomic import atomic_path, write_json, write_text
+from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
 from covidseg.device import choose_device, choose_precision
 from covidseg.inference import Calibration, calibrated_probabilities
 from covidseg.modelio import load_model
@@ -128,9 +129,34 @@ def baselines(truth: np.ndarray, lungs: np.ndarray | None, prior: float) -> dict
     return out
 
 
+def headline(summary: dict) -> dict:
+    """The few test numbers declared as DVC metrics (what ``dvc exp show`` and ``dvc metrics diff`` list).
+
+    ``rmse``, ``dice`` and ``iou`` keep the report's protocol (calibrated probabilities; per-image
+    mean at threshold 0.5); ``*_at_threshold`` use the val-tuned threshold; ``covid19_*`` are the
+    same over the COVID-19 images alone (equal to the headline when only COVID-19 is in the split).
+    Everything else is in the details file.
+    """
+    fixed, tuned = summary["at_fixed_threshold"], summary["at_tuned_threshold"]
+    covid = (summary.get("by_class") or {}).get("COVID-19") or {}
+    return {
+        "n_images": summary["n_images"],
+        "rmse": summary["rmse"], "dice": summary["dice"], "iou": summary["iou"],
+        "brier": summary["brier"], "ece": summary["ece"],
+        "threshold": tuned["threshold"], "dice_at_threshold": tuned["dice_mean"], "iou_at_threshold": tuned["iou_mean"],
+        "dice_global": fixed["dice_global"], "precision": fixed["precision_mean"], "recall": fixed["recall_mean"],
+        "hd95_median": fixed["hd95_median"],
+        "covid19_rmse": covid.get("rmse", float("nan")), "covid19_dice": covid.get("dice", float("nan")),
+    }
+
+
 def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str | Path, per_image_csv: str | Path,
-             curves_dir: str | Path, predictions_path: str | Path, params: EvaluateParams) -> dict:
-    """Evaluate on ``prepared_dir/test.npz``; returns the JSON summary."""
+             curves_dir: str | Path, predictions_path: str | Path, params: EvaluateParams,
+             details_path: str | Path | None = None) -> dict:
+    """Evaluate on ``prepared_dir/test.npz``; returns the full summary (the details file's content).
+
+    ``details_path`` defaults to :func:`details_path_for` ``(metrics_path)``.
+    """
     device = choose_device("auto")
     model, meta = load_model(model_path, device)
     test = load_split(prepared_dir, "test")
@@ -175,7 +201,8 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
     with atomic_path(predictions_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, ids=test["ids"], probs=np.round(prob * 255).astype(np.uint8), threshold=tuned_threshold)
-    write_json(metrics_path, summary)
+    write_json(details_path or details_path_for(metrics_path), summary)
+    write_json(metrics_path, headline(summary))
     return summary
 
 

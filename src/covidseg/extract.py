@@ -6,7 +6,8 @@ Output, all or nothing (a failed run leaves the previous outputs as they were):
     ``out_dir/manifest.csv`` one row per triplet taken: split, class, id, source paths, SHA-256 of
                              the source files, height, width (pixels), infected and lung fractions, fixes
     ``out_dir/skipped.csv``  one row per triplet skipped: split, class, name, reason, message
-    ``metrics_path`` (JSON)  per split: the count taken, counts per class, skips by reason, fixes
+    ``metrics_path`` (JSON)  images taken per split and triplets skipped (the DVC metrics)
+    ``details_path`` (JSON)  per split: the count taken, counts per class, skips by reason, fixes
                              by kind and infected-fraction stats of the COVID-19 pairs
 
 Checks (see docs/data.md): unreadable or truncated files, an image without masks or a mask
@@ -36,7 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-from covidseg.atomic import atomic_dir, atomic_path, write_json
+from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
 from covidseg.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
 from covidseg.params import DataParams
 from covidseg.pngcheck import BadImageError, binarise, decode, encode_png
@@ -106,8 +107,12 @@ class Report:
     def skipped_total(self) -> int:
         return int(sum(sum(c.values()) for c in self.skips.values()))
 
+    def headline(self) -> dict:
+        """The ``metrics/data.json`` document (declared as DVC metrics): images per split and pairs skipped."""
+        return {**{f"{split}_images": int(self.counts[split]) for split in SPLIT_DIRS}, "skipped_total": self.skipped_total}
+
     def to_json(self) -> dict:
-        """The ``metrics/data.json`` document; fractions are shares of the image area, in [0, 1]."""
+        """The ``metrics/data_details.json`` document; fractions are shares of the image area, in [0, 1]."""
         out: dict = {}
         for split in SPLIT_DIRS:
             fr = np.asarray(self.fractions[split], dtype=np.float64)
@@ -255,13 +260,15 @@ def _checked(source: Source, tasks: list[PairTask], workers: int) -> Iterator[It
 
 
 def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Path, params: DataParams,
-            workers: int | None = None) -> Report:
+            workers: int | None = None, details_path: str | Path | None = None) -> Report:
     """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
 
     ``workers``: processes that decode and check (default :func:`default_workers`); the
     outputs do not depend on it. Raises SourceError when the source or its layout is not
     found, ExtractError on the first bad triplet under ``on_error: fail`` or when a split
-    ends up without COVID-19 pairs; then nothing is written and earlier outputs are kept.
+    ends up without COVID-19 pairs; then nothing is written. ``metrics_path`` gets
+    :meth:`Report.headline`, ``details_path`` (default: ``atomic.details_path_for(metrics_path)``)
+    :meth:`Report.to_json`.
     """
     workers = default_workers() if workers is None else workers
     report = Report()
@@ -269,7 +276,8 @@ def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Pa
         root = locate_root(source)
         plan = _plan(source, root, params.classes)
         tasks = [p for p in plan if isinstance(p, PairTask)]
-        with atomic_path(metrics_path) as metrics_tmp, atomic_dir(out_dir) as tmp:
+        details_path = details_path or details_path_for(metrics_path)
+        with atomic_path(metrics_path) as metrics_tmp, atomic_path(details_path) as details_tmp, atomic_dir(out_dir) as tmp:
             rows = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
             missing = [s for s in SPLIT_DIRS if report.class_counts[s]["COVID-19"] == 0]
             if missing:
@@ -282,7 +290,8 @@ def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Pa
             _write_csv(tmp / "skipped.csv", SKIPPED_FIELDS, report.skipped_rows)
             # Written to a temporary file now and renamed onto metrics_path only after the
             # new out_dir is in place, so a failure never pairs new metrics with old outputs.
-            write_json(metrics_tmp, report.to_json())
+            write_json(metrics_tmp, report.headline())
+            write_json(details_tmp, report.to_json())
     return report
 
 

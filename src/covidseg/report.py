@@ -157,8 +157,7 @@ def run_table(train: dict, data: dict, source: str | None) -> str:
     if "skipped_total" in data:
         rows.append(["pairs skipped at extraction", _fmt(data["skipped_total"])])
     for key, label in (("epochs_run", "epochs run"), ("best_epoch", "best epoch (restored)"), ("threshold", "tuned threshold"),
-                       ("temperature", "temperature"), ("train_seconds", "training seconds"),
-                       ("train_images_per_second", "training images/s"), ("device", "device"), ("precision", "precision")):
+                       ("temperature", "temperature"), ("device", "device"), ("precision", "precision")):
         if key in train:
             rows.append([label, _fmt(train[key], 3)])
     return _table(["run", "value"], rows, "run") if rows else ""
@@ -184,7 +183,7 @@ def render_report(test: dict, train: dict, data: dict, figures: list[Path], sour
         figs.append(f'<figure id="{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
                     f'src="{_png_data_uri(path)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
     defs = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in DEFINITIONS)
-    rule = html.escape(test.get("empty_truth_rule", "not stated in metrics/test.json"))
+    rule = html.escape(test.get("empty_truth_rule", "not stated in metrics/test_details.json"))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>covidseg report</title><style>{CSS}</style></head>
