@@ -189,3 +189,18 @@ def test_severity_table_refuses_mismatched_batches():
         severity_table(np.zeros((2, 4, 4), bool), np.zeros((3, 4, 4), bool))
     with pytest.raises(ValueError, match="3-D"):
         severity_table(np.zeros((4, 4), bool), np.zeros((4, 4), bool))
+
+
+def test_split_lungs_on_real_lung_masks(dev_data):
+    """Real COVID-QU-Ex lung masks hold two lungs: both sides found, the patient's right on the image's left."""
+    from PIL import Image
+
+    folder = dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19" / "lung masks"
+    files = sorted(folder.glob("*.png"))[:40]
+    assert files, f"no lung masks in {folder}"
+    for f in files:
+        lungs = np.array(Image.open(f).convert("L")) > 127
+        right, left = split_lungs(lungs)
+        assert_partition(lungs, right, left)
+        assert min(right.sum(), left.sum()) >= 0.4 * max(right.sum(), left.sum()), f.name
+        assert np.nonzero(right)[1].mean() < np.nonzero(left)[1].mean(), f.name
