@@ -1,0 +1,202 @@
+"""Infection severity per lung from masks: lung split, infected shares, extent score.
+
+Shapes: masks are boolean arrays (H, W), or batches (N, H, W) where stated. Shares are
+percentages in [0, 100] of pixels (no physical units: the masks carry no pixel spacing).
+
+Side convention: radiological (PA/AP) view, the patient faces the viewer, so the lung on
+the IMAGE'S LEFT (small column indices) is the PATIENT'S RIGHT lung. ``right``/``left``
+always name the patient's side.
+
+Extent score: the geographic-extent score of Wong HYF et al., "Frequency and distribution
+of chest radiographic findings in COVID-19 positive patients", Radiology 2020;296:E72-E78,
+adapted from the RALE score of Warren MA et al., "Severity scoring of lung oedema on the
+chest radiograph is associated with clinical outcomes in ARDS", Thorax 2018;73:840-846.
+Each lung scores 0 (no involvement), 1 (< 25 %), 2 (25-50 %), 3 (50-75 %) or 4 (>= 75 %)
+of its area involved; the image score is the sum of both lungs, 0-8. Here the involved
+share is measured on masks rather than read by a radiologist.
+
+This module depends only on numpy, scipy and pandas.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+# 8-connectivity: lung pixels touching diagonally belong to one component.
+_EIGHT = np.ones((3, 3), dtype=bool)
+EXTENT_EDGES = (25.0, 50.0, 75.0)  # share (%) at which the per-lung score steps up to 2, 3, 4
+
+
+def _as_mask(a: np.ndarray, name: str, ndim: int) -> np.ndarray:
+    """``a`` as a bool array of ``ndim`` dimensions; 0/1 numbers are accepted, other values refused."""
+    a = np.asarray(a)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be a {ndim}-D mask, got shape {a.shape}")
+    if a.dtype != bool:
+        if not np.isin(a, (0, 1)).all():
+            raise ValueError(f"{name} must be a boolean mask (or hold only 0 and 1), got values other than 0/1")
+        a = a.astype(bool)
+    return a
+
+
+def split_lungs(lungs: np.ndarray, min_fraction: float = 0.1, valley: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """Split a lung mask (H, W) into the patient's ``right`` and ``left`` lung, bool (H, W) each.
+
+    ``right`` is the lung on the IMAGE'S LEFT (radiological view). Every lung pixel goes to
+    exactly one side: ``right | left == lungs`` and ``right & left`` is empty.
+
+    Method:
+    1. Connected components (8-connectivity). A component is *substantial* when it holds at
+       least ``min_fraction`` of the largest component's pixels; smaller ones are blobs.
+    2. Two substantial largest components whose column ranges overlap by less than half the
+       narrower one are the two lungs, told apart by centroid column. Any other component
+       goes, whole, to the side of the midpoint between the two lung centroids.
+    3. Otherwise (touching lungs, one lung only) the column profile (lung pixels per column)
+       of the substantial components is searched for a valley in the middle third of their
+       horizontal extent: a column whose count is at most ``valley`` times the smaller of the
+       peaks on its two sides. If found, the lungs are cut at that column (columns before it
+       are ``right``), and blobs go by their centroid column. If not, the mask is one lung,
+       on the side of the image's centre column (W - 1) / 2 where its centroid lies (below
+       it: the image's left, i.e. ``right``; on or above it: ``left``), and all pixels,
+       blobs included, go to that lung so a stray blob never poses as the other lung.
+    An empty mask gives two empty masks.
+    """
+    lungs = _as_mask(lungs, "lungs", 2)
+    right, left = np.zeros_like(lungs), np.zeros_like(lungs)
+    if not lungs.any():
+        return right, left
+    labels, n = ndimage.label(lungs, structure=_EIGHT)
+    ids = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(lungs, labels, ids)
+    cols = np.array([c for _, c in ndimage.center_of_mass(lungs, labels, ids)]).reshape(-1)
+    order = np.argsort(-sizes, kind="stable")
+    substantial = sizes >= min_fraction * sizes[order[0]]
+
+    if n >= 2 and substantial[order[1]] and not _same_columns(labels, ids[order[0]], ids[order[1]]):
+        split = (cols[order[0]] + cols[order[1]]) / 2  # the lung with the smaller centroid column is < split
+        for i in range(n):
+            (right if cols[i] < split else left)[labels == ids[i]] = True
+        return right, left
+
+    core = np.isin(labels, ids[substantial])
+    cut = _valley_column(core.sum(axis=0), valley)
+    if cut is None:
+        centroid = np.nonzero(core)[1].mean()
+        (right if centroid < (lungs.shape[1] - 1) / 2 else left)[lungs] = True
+        return right, left
+    columns = np.arange(lungs.shape[1])
+    right[core & (columns < cut)] = True
+    left[core & (columns >= cut)] = True
+    for i in np.flatnonzero(~substantial):
+        (right if cols[i] < cut else left)[labels == ids[i]] = True
+    return right, left
+
+
+def _same_columns(labels: np.ndarray, a: int, b: int) -> bool:
+    """Whether components ``a`` and ``b`` share at least half the narrower one's columns (one lung in pieces)."""
+    ca, cb = np.flatnonzero((labels == a).any(axis=0)), np.flatnonzero((labels == b).any(axis=0))
+    overlap = min(ca[-1], cb[-1]) - max(ca[0], cb[0]) + 1
+    return overlap >= 0.5 * min(len(ca), len(cb))
+
+
+def _valley_column(profile: np.ndarray, valley: float) -> int | None:
+    """Column of the deepest valley in the middle third of the profile's extent, or None if not deep enough.
+
+    Among equally deep columns the one nearest the extent's centre wins (a gap of zeros is
+    cut in its middle).
+    """
+    occupied = np.flatnonzero(profile)
+    c0, c1 = occupied[0], occupied[-1]
+    width = c1 - c0 + 1
+    lo, hi = c0 + width // 3, c0 + (2 * width) // 3
+    if hi <= lo:
+        return None
+    middle = profile[lo:hi + 1]
+    candidates = lo + np.flatnonzero(middle == middle.min())
+    m = int(candidates[np.argmin(np.abs(candidates - (c0 + c1) / 2))])
+    before, after = profile[c0:m], profile[m + 1:c1 + 1]
+    if before.size == 0 or after.size == 0:
+        return None
+    return m if profile[m] <= valley * min(before.max(), after.max()) else None
+
+
+def lung_shares(infection: np.ndarray, right: np.ndarray, left: np.ndarray) -> dict[str, float]:
+    """Infected share of each lung, in percent, from bool masks (H, W).
+
+    Returns ``right_pct``, ``left_pct``, ``lungs_pct``: infected pixels inside that lung
+    (both lungs for ``lungs_pct``) / that lung's pixels * 100, NaN when the lung is empty;
+    and ``infected_outside_lungs_pct``: infected pixels outside ``right | left`` / all
+    infected pixels * 100, 0 when nothing is infected. Infection outside the lungs is
+    reported there, never dropped silently.
+    """
+    infection = _as_mask(infection, "infection", 2)
+    right, left = _as_mask(right, "right", 2), _as_mask(left, "left", 2)
+    if not infection.shape == right.shape == left.shape:
+        raise ValueError(f"infection {infection.shape}, right {right.shape} and left {left.shape} must have one shape")
+    if (right & left).any():
+        raise ValueError(f"right and left lung masks overlap on {int((right & left).sum())} pixels")
+    lungs = right | left
+    infected = int(infection.sum())
+    outside = int((infection & ~lungs).sum())
+    return {
+        "right_pct": _pct(infection, right),
+        "left_pct": _pct(infection, left),
+        "lungs_pct": _pct(infection, lungs),
+        "infected_outside_lungs_pct": 100.0 * outside / infected if infected else 0.0,
+    }
+
+
+def _pct(infection: np.ndarray, region: np.ndarray) -> float:
+    """Infected pixels in ``region`` / region pixels * 100; NaN for an empty region."""
+    n = int(region.sum())
+    return 100.0 * int((infection & region).sum()) / n if n else float("nan")
+
+
+def extent_score(share_pct):
+    """Per-lung extent score 0-4 of an infected share in percent (scalar or array, vectorised).
+
+    0 when the share is exactly 0, 1 for 0 < s < 25, 2 for 25 <= s < 50, 3 for 50 <= s < 75,
+    4 for s >= 75. A NaN share (no lung pixel found) scores 0: there is no lung area to
+    involve; the NaN share itself stays in the table so a missing lung remains visible.
+    Returns int64 of the input's shape (a Python int for a scalar). Shares outside
+    [0, 100] raise ValueError.
+    """
+    s = np.asarray(share_pct, dtype=float)
+    bad = ~np.isnan(s) & ((s < 0) | (s > 100))
+    if bad.any():
+        raise ValueError(f"share_pct must lie in [0, 100] (percent), got {s[bad].reshape(-1)[0]!r}")
+    score = np.where(np.isnan(s) | (s == 0), 0, 1 + np.searchsorted(EXTENT_EDGES, np.nan_to_num(s), side="right"))
+    score = score.astype(np.int64)
+    return int(score) if score.ndim == 0 else score
+
+
+def severity_table(infection_masks: np.ndarray, lung_masks: np.ndarray, ids=None) -> pd.DataFrame:
+    """One row per image of bool batches (N, H, W): shares (%), per-lung and image extent scores.
+
+    Columns: ``right_pct``, ``left_pct``, ``lungs_pct`` (see :func:`lung_shares`),
+    ``right_extent``, ``left_extent`` (0-4, :func:`extent_score`), ``extent_score``
+    (their sum, 0-8) and ``infected_outside_lungs_pct``. With ``ids`` (N names) a first
+    column ``image`` holds them. Lungs are split by :func:`split_lungs`.
+    """
+    infection_masks = _as_mask(infection_masks, "infection_masks", 3)
+    lung_masks = _as_mask(lung_masks, "lung_masks", 3)
+    if infection_masks.shape != lung_masks.shape:
+        raise ValueError(f"infection_masks {infection_masks.shape} and lung_masks {lung_masks.shape} must have one shape")
+    if ids is not None and len(ids) != len(lung_masks):
+        raise ValueError(f"ids has {len(ids)} names for {len(lung_masks)} images")
+    rows = []
+    for infection, lungs in zip(infection_masks, lung_masks):
+        shares = lung_shares(infection, *split_lungs(lungs))
+        right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
+        rows.append({"right_pct": shares["right_pct"], "left_pct": shares["left_pct"], "lungs_pct": shares["lungs_pct"],
+                     "right_extent": right, "left_extent": left, "extent_score": right + left,
+                     "infected_outside_lungs_pct": shares["infected_outside_lungs_pct"]})
+    columns = ["right_pct", "left_pct", "lungs_pct", "right_extent", "left_extent", "extent_score",
+               "infected_outside_lungs_pct"]
+    table = pd.DataFrame(rows, columns=columns)
+    table[["right_extent", "left_extent", "extent_score"]] = table[["right_extent", "left_extent", "extent_score"]].astype(np.int64)
+    if ids is not None:
+        table.insert(0, "image", list(ids))
+    return table
