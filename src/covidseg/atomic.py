@@ -26,7 +26,7 @@ os.umask(_UMASK)
 
 
 # ".<name>.<pid>.<8 mkstemp characters><suffix>" and ".<name>.<pid>.old" (atomic_dir's previous output)
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?:[a-z0-9_]{8}.*|old)\Z", re.DOTALL)
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?:[a-z0-9_]{8}(?:\..*)?|old)\Z", re.DOTALL)
 
 
 def _temp_prefix(target: Path) -> str:
@@ -96,9 +96,12 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None, sweep: boo
     ``suffix`` defaults to the target's own suffix so that libraries which pick a format
     from the extension (matplotlib, PIL, numpy) still see the right one. ``sweep`` first
     deletes stale temporaries of ``target`` (one folder listing: callers writing many files
-    into one folder pass False and call :func:`sweep_stale_temps` once instead).
+    into one folder pass False and call :func:`sweep_stale_temps` once instead). A given
+    ``suffix`` must be empty or start with "." (so stale temporaries can be recognised).
     """
     target = Path(target)
+    if suffix and not suffix.startswith("."):
+        raise ValueError(f"atomic_path suffix must start with '.', got {suffix!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
     if sweep:
         sweep_stale_temps(target.parent, target.name)
