@@ -98,7 +98,7 @@ def test_sweep_keeps_temporaries_of_live_processes(tmp_path):
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
         names = {f".x.png.{os.getpid()}.abcdefgh.png": True, f".x.png.{live.pid}.a1b2c3d4.png": True,
-                 f".x.png.{dead.pid}.zzzzzzzz.png": False, f".d.{dead.pid}.old": False, "x.png": True,
+                 f".x.png.{dead.pid}.zzzzzzzz.png": False, ".d.old": True, "x.png": True,
                  ".hidden": True, f".y.{dead.pid}.notarandompart": True}
         for name in names:
             (tmp_path / name).write_text("x")

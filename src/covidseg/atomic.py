@@ -25,8 +25,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-# ".<name>.<pid>.<8 mkstemp characters><suffix>" and ".<name>.<pid>.old" (atomic_dir's previous output)
-_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.(?:[a-z0-9_]{8}(?:\..*)?|old)\Z", re.DOTALL)
+# ".<name>.<pid>.<8 mkstemp characters><suffix>"; atomic_dir's ".<name>.old" is cleared by atomic_dir itself
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}(?:\..*)?\Z", re.DOTALL)
 
 
 def _temp_prefix(target: Path) -> str:
@@ -131,7 +131,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if target.exists():
-            old = target.with_name(f"{_temp_prefix(target)}old")
+            old = target.with_name(f".{target.name}.old")  # a stale one from a killed run is cleared here
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         try:
