@@ -52,3 +52,70 @@ def test_directory_swap_failure_restores_the_previous_directory(tmp_path, monkey
         with atomic_dir(target) as tmp:
             (tmp / "y").write_text("2")
     assert sorted(p.name for p in target.iterdir()) == ["x"]
+
+
+def _killed_writer(target, tmp_path):
+    """Start a process that opens an atomic write of ``target`` and hangs; SIGKILL it; return its temp file."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys, time\nfrom covidseg.atomic import atomic_path\n"
+            "with atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_text('half')\n    print(tmp, flush=True)\n    time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = proc.stdout.readline().strip()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert tmp, "writer printed no temporary path"
+    return tmp
+
+
+def test_temporary_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    from pathlib import Path
+
+    target = tmp_path / "out.json"
+    left = Path(_killed_writer(target, tmp_path))
+    assert left.exists() and left.name.startswith(".out.json.") and left.suffix == ".json"
+    other = tmp_path / ".other.json.1.abcdefgh.json"  # another target's: not touched by this write
+    other.write_text("x")
+    write_json(target, {"a": 1})
+    assert not left.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "out.json"]
+
+
+def test_sweep_keeps_temporaries_of_live_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from covidseg.atomic import sweep_stale_temps
+
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        names = {f".x.png.{os.getpid()}.abcdefgh.png": True, f".x.png.{live.pid}.a1b2c3d4.png": True,
+                 f".x.png.{dead.pid}.zzzzzzzz.png": False, ".d.old": True, "x.png": True,
+                 ".hidden": True, f".y.{dead.pid}.notarandompart": True}
+        for name in names:
+            (tmp_path / name).write_text("x")
+        (tmp_path / f".d.{dead.pid}.q1w2e3r4").mkdir()  # atomic_dir's temporary folder
+        removed = sweep_stale_temps(tmp_path)
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in removed) == sorted([f".d.{dead.pid}.q1w2e3r4", *(n for n, keep in names.items() if not keep)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, keep in names.items() if keep)
+
+
+def test_check_writable_names_the_problem(tmp_path):
+    from covidseg.atomic import check_writable
+
+    check_writable(tmp_path / "new" / "folder")
+    assert (tmp_path / "new" / "folder").is_dir() and not list((tmp_path / "new" / "folder").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError):
+        check_writable(tmp_path / "file" / "out")

@@ -383,3 +383,142 @@ def test_real_dev_images(tmp_path, dev_data, model):
         size = Image.open(src).size
         assert Image.open(out / "masks" / f"{src.stem}.png").size == size
         assert np.load(out / "probs" / f"{src.stem}.npy").shape == size[::-1]
+
+
+# ----------------------------------------------------------------------------- output folder failures
+
+def _fail_replace(monkeypatch, should_fail, err: int):
+    """Make covidseg.atomic's os.replace raise OSError(err) for destinations ``should_fail`` picks."""
+    import os
+
+    import covidseg.atomic as atomic
+
+    real = os.replace
+
+    def replace(src, dst):
+        if should_fail(Path(dst)):
+            raise OSError(err, os.strerror(err), str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+
+def three_inputs(tmp_path: Path) -> list[Path]:
+    return [save_image(tmp_path / "in" / f"{n}.png", "grey", 30, 20, seed=i) for i, n in enumerate(("a", "b", "c"))]
+
+
+def test_output_folder_inside_a_file_stops_with_exit_2(tmp_path, model):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file")
+    out = blocker / "out"
+    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert f"error: output folder {out}: cannot write there (Not a directory" in result.stderr
+    assert "Traceback" not in result.output
+    assert blocker.read_text() == "a regular file"
+
+
+def test_read_only_output_folder_stops_with_exit_2(tmp_path, model, monkeypatch):
+    """Tests run as root, where chmod does not stop writes: a read-only file system is simulated."""
+    import errno
+    import os
+
+    import covidseg.atomic as atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def mkstemp(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out))
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
+    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 2, result.output
+    assert f"error: output folder {out}: cannot write there (Read-only file system: {out})" in result.stderr
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+                    reason="root ignores folder permissions")
+def test_read_only_folder_by_permissions(tmp_path, model):
+    out = tmp_path / "out"
+    out.mkdir(mode=0o555)
+    try:
+        result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    finally:
+        out.chmod(0o755)
+    assert result.exit_code == 2 and f"output folder {out}: cannot write there" in result.stderr
+
+
+def test_disk_full_mid_run_stops_and_the_csv_lists_exactly_what_was_written(tmp_path, model, monkeypatch):
+    import errno
+
+    inputs = three_inputs(tmp_path)
+    out = tmp_path / "out"
+    _fail_replace(monkeypatch, lambda dst: dst == out / "overlays" / "b.png", errno.ENOSPC)  # b's mask is written first
+    result = invoke(*inputs, "--model", model, "--out", out, "--batch-size", "1", *FAST)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert f"error: output folder {out}: writing stopped (No space left on device" in result.stderr
+    assert "lists the 1 of 3 inputs whose outputs were written" in result.stderr
+    rows = rows_by_stem(out)
+    assert [rows[s]["status"] for s in "abc"] == ["ok", "error", "not_run"]
+    assert "No space left on device" in rows["b"]["error"] and rows["b"]["infected_fraction"] == ""
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "masks/a.png", "overlays/a.png", "predictions.csv"]  # b's mask, written before the failure, is removed
+    assert no_temp_files(out)
+
+
+def test_one_image_failing_to_write_removes_its_partial_outputs(tmp_path, model, monkeypatch):
+    import errno
+
+    inputs = three_inputs(tmp_path)
+    out = tmp_path / "out"
+    _fail_replace(monkeypatch, lambda dst: dst == out / "probs" / "b.npy", errno.EFBIG)  # this file only
+    result = invoke(*inputs, "--model", model, "--out", out, "--save-probs", *FAST)
+    assert result.exit_code == 1, result.output
+    assert f"error: {inputs[1]}: cannot write outputs (File too large" in result.stderr
+    rows = rows_by_stem(out)
+    assert [rows[s]["status"] for s in "abc"] == ["ok", "error", "ok"]
+    for folder, ext in (("masks", "png"), ("overlays", "png"), ("probs", "npy")):
+        assert (out / folder / f"a.{ext}").exists() and (out / folder / f"c.{ext}").exists()
+        assert not (out / folder / f"b.{ext}").exists()
+    assert no_temp_files(out)
+
+
+def test_unwritable_csv_stops_with_exit_2(tmp_path, model, monkeypatch):
+    import errno
+
+    out = tmp_path / "out"
+    _fail_replace(monkeypatch, lambda dst: dst.name == "predictions.csv", errno.ENOSPC)
+    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 2, result.output
+    assert f"error: {out / 'predictions.csv'}: cannot write the results table (No space left on device" in result.stderr
+    assert not (out / "predictions.csv").exists() and no_temp_files(out)
+
+
+def test_rerun_leaves_no_stale_outputs_of_failed_images(tmp_path, model):
+    src = save_image(tmp_path / "in" / "x.png", "grey", 30, 20)
+    out = tmp_path / "out"
+    assert invoke(src, "--model", model, "--out", out, "--save-probs", *FAST).exit_code == 0
+    assert invoke(src, "--model", model, "--out", out, *FAST).exit_code == 0
+    assert (out / "masks" / "x.png").exists() and not (out / "probs" / "x.npy").exists()  # not from this run
+    src.write_bytes(b"now broken")
+    assert invoke(src, "--model", model, "--out", out, *FAST).exit_code == 1
+    assert rows_by_stem(out)["x"]["status"] == "error"
+    assert not (out / "masks" / "x.png").exists() and not (out / "overlays" / "x.png").exists()
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path, model):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    left = [out / f".predictions.csv.{dead.pid}.k1ll3d00.csv", out / "masks" / f".a.png.{dead.pid}.abcdefgh.png",
+            out / "overlays" / f".a.png.{dead.pid}.ijklmnop.png", out / "probs" / f".z.npy.{dead.pid}.qrstuvwx.npy"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    assert result.exit_code == 0, result.output
+    assert not any(p.exists() for p in left) and no_temp_files(out)

@@ -3,6 +3,11 @@
 Every writer goes through :func:`atomic_path`: it yields a temporary path beside the
 target, and only when the block finishes without error is the temporary renamed over
 the target (``os.replace`` is atomic on POSIX within one file system).
+
+Temporary names are ``.<target name>.<pid>.<random><suffix>``. A run killed outright
+(SIGKILL, power loss) cannot delete its own; the next write to the same target (or
+:func:`sweep_stale_temps` over a folder) removes those whose process no longer runs.
+Temporaries of a live process are never touched, so concurrent writers stay safe.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,17 +25,88 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+# ".<name>.<pid>.<8 mkstemp characters><suffix>"; atomic_dir's ".<name>.old" is cleared by atomic_dir itself
+_TEMP = re.compile(r"\.(?P<name>.+)\.(?P<pid>[0-9]+)\.[a-z0-9_]{8}(?:\..*)?\Z", re.DOTALL)
+
+
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Delete temporaries left in ``folder`` by killed processes (of target ``name`` only, if given).
+
+    A temporary is stale when the process id in its name no longer runs. Returns the
+    paths removed. A missing folder is fine (nothing to do).
+    """
+    folder = Path(folder)
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMP.match(entry.name)
+        if m is None or (name is not None and m["name"] != name) or _pid_alive(int(m["pid"])):
+            continue
+        path = Path(entry.path)
+        try:
+            _remove(path)
+        except OSError:
+            continue  # cannot remove now (read-only folder): the next run tries again
+        removed.append(path)
+    return removed
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and prove a file can be created and removed there.
+
+    Raises OSError (read-only or full file system, no permission, a parent that is a file).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=_temp_prefix(folder / ".probe"), dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, suffix: str | None = None, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary file path; rename it onto ``target`` on success, delete it on error.
 
     ``suffix`` defaults to the target's own suffix so that libraries which pick a format
-    from the extension (matplotlib, PIL, numpy) still see the right one.
+    from the extension (matplotlib, PIL, numpy) still see the right one. ``sweep`` first
+    deletes stale temporaries of ``target`` (one folder listing: callers writing many files
+    into one folder pass False and call :func:`sweep_stale_temps` once instead). A given
+    ``suffix`` must be empty or start with "." (so stale temporaries can be recognised).
     """
     target = Path(target)
+    if suffix and not suffix.startswith("."):
+        raise ValueError(f"atomic_path suffix must start with '.', got {suffix!r}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        sweep_stale_temps(target.parent, target.name)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{target.name}.", suffix=suffix if suffix is not None else target.suffix, dir=target.parent
+        prefix=_temp_prefix(target), suffix=suffix if suffix is not None else target.suffix, dir=target.parent
     )
     os.close(fd)
     tmp_path = Path(tmp)
@@ -47,13 +124,14 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory; swap it in for ``target`` on success, delete it on error."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    sweep_stale_temps(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), dir=target.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_UMASK)
         old = None
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
+            old = target.with_name(f".{target.name}.old")  # a stale one from a killed run is cleared here
             shutil.rmtree(old, ignore_errors=True)
             os.replace(target, old)
         try:

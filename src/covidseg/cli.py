@@ -20,7 +20,7 @@ app = typer.Typer(
 )
 
 EXIT_FAILED_INPUTS = 1  # some inputs could not be processed (their rows say why)
-EXIT_USAGE = 2          # nothing was run: bad INPUT, model file or option
+EXIT_USAGE = 2          # nothing was run (bad INPUT, model file or option), or the output folder failed
 
 
 class Device(str, Enum):
@@ -83,9 +83,12 @@ def predict(
     Exit status: 0 when every input was processed; 1 when one or more inputs failed (an
     unreadable, truncated or non-image file: the message names it, its CSV row has status
     "error", and the other inputs are still processed); 2 when nothing ran (an INPUT that
-    matches nothing, an unreadable model file, or a bad option).
+    matches nothing, an unreadable model file, or a bad option) or when the output folder or
+    `predictions.csv` cannot be written (read-only, full, not a folder): the message says why,
+    and the CSV, if it could be written, lists exactly the images whose outputs exist.
     """
-    from covidseg.predict import InputError, PredictOptions, collect_inputs, predict_files, prepare_model
+    from covidseg.predict import (InputError, OutputError, PredictOptions, collect_inputs, predict_files,
+                                  prepare_model)
 
     console = _stderr_console()
     options = PredictOptions(threshold=threshold, save_probs=save_probs, batch_size=batch_size, device=device.value,
@@ -109,9 +112,15 @@ def predict(
         def on_row(row) -> None:
             if row.status != "ok":
                 console.print(f"error: {row.error}", markup=False, soft_wrap=True)
+            if row.warning:
+                console.print(f"warning: {row.warning}", markup=False, soft_wrap=True)
             progress.advance(task)
 
-        rows = predict_files(paths, out, prepared, options, on_row=on_row)
+        try:
+            rows = predict_files(paths, out, prepared, options, on_row=on_row)
+        except OutputError as exc:
+            progress.stop()
+            _die(console, str(exc))
 
     failed = sum(r.status != "ok" for r in rows)
     if not quiet:

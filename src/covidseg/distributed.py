@@ -2,11 +2,35 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+def exit_with_parent() -> bool:
+    """Ask Linux to SIGTERM this process when its parent dies; returns whether that is set up.
+
+    torchrun starts the ranks as plain child processes: if torchrun itself is killed
+    outright (SIGKILL, OOM killer) they would keep training, or hang in a collective, as
+    orphans. PR_SET_PDEATHSIG fires when the parent goes; elsewhere this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # 1 = PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
 
 
 @dataclass(frozen=True)
@@ -34,6 +58,7 @@ class DistContext:
     def init(self, device: torch.device) -> None:
         """Join the process group: nccl on CUDA (one GPU per process), gloo on the CPU."""
         if self.enabled and not dist.is_initialized():
+            exit_with_parent()
             if device.type == "cuda":
                 # nccl collectives and barrier() use the current device: make it this rank's GPU,
                 # or every rank lands on cuda:0.

@@ -28,7 +28,9 @@ import csv
 import hashlib
 import io
 import multiprocessing
+import multiprocessing.connection
 import os
+import threading
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -235,8 +237,27 @@ def check_pair(source: Source, task: PairTask) -> Checked:
 _WORKER_SOURCE: Source | None = None
 
 
+def _exit_with_parent() -> None:
+    """In a pool worker: exit as soon as the parent process dies.
+
+    A pool worker waits on its task queue forever, so a parent killed outright (SIGKILL,
+    OOM killer) would otherwise leave it behind; the parent's sentinel becomes ready when
+    the parent goes.
+    """
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _init_worker(location: str) -> None:
     global _WORKER_SOURCE
+    _exit_with_parent()
     _WORKER_SOURCE = open_source(location)
 
 

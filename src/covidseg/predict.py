@@ -13,11 +13,18 @@ decoded to 8-bit grey by :func:`covidseg.pngcheck.decode_grey`, resized to the m
 inside :func:`covidseg.inference.predict_logits`, and the probabilities
 ``sigmoid(logit / temperature)`` are resized back to (H, W) bilinearly before thresholding
 (``probability >= threshold`` is infected, as in evaluation).
+
+After a run, each row of ``predictions.csv`` describes exactly the files of its stem: an
+``ok`` row has its mask and overlay (and probs with ``save_probs``), an ``error`` row has
+none (partial or older files of that stem are removed). When the output folder itself
+fails (read-only, full, gone) the run stops with :class:`OutputError`; the CSV is still
+written when possible, with the inputs not reached marked ``not_run``.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 from dataclasses import dataclass, replace
@@ -28,21 +35,30 @@ import numpy as np
 import torch
 from PIL import Image
 
-from covidseg.atomic import atomic_path
+from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.device import choose_device, choose_precision
 from covidseg.inference import Calibration, calibrated_probabilities
 from covidseg.modelio import load_model
 from covidseg.overlay import tint
-from covidseg.pngcheck import BadImageError, decode_grey
+from covidseg.pngcheck import BadImageError, decode_grey, low_range_warning
 from covidseg.preprocess import resize_image
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
-CSV_COLUMNS = ("input", "stem", "width", "height", "infected_fraction", "mean_probability", "status", "error")
+CSV_COLUMNS = ("input", "stem", "width", "height", "infected_fraction", "mean_probability", "status", "error",
+               "warning")
+OUTPUT_FOLDERS = ("masks", "overlays", "probs")
+# Write errors that concern the whole output folder, not one image: the run stops on them.
+_FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                            errno.ENOENT})
 
 
 class InputError(ValueError):
     """An INPUT argument that names no file and matches nothing (reported before any work is done)."""
+
+
+class OutputError(OSError):
+    """The output folder or ``predictions.csv`` cannot be written (read-only, full, not a folder)."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +85,9 @@ class Row:
     height: int | None = None
     infected_fraction: float | None = None
     mean_probability: float | None = None
-    status: str = "ok"
+    status: str = "ok"  # "ok", "error" or "not_run" (the run stopped before this input)
     error: str = ""
+    warning: str = ""  # e.g. almost no contrast after decoding; the row is still "ok"
 
     def as_csv(self) -> list[str]:
         def fmt(v):
@@ -198,27 +215,73 @@ def resize_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
 def _save_png(path: Path, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG", compress_level=3)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sweep=False) as tmp:
         tmp.write_bytes(buf.getvalue())
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path, sweep=False) as tmp, open(tmp, "wb") as f:
         np.save(f, arr)
+
+
+def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """The per-image output files of ``stem``, keyed by folder (see the module doc)."""
+    return {"masks": out_dir / "masks" / f"{stem}.png", "overlays": out_dir / "overlays" / f"{stem}.png",
+            "probs": out_dir / "probs" / f"{stem}.npy"}
+
+
+def remove_outputs(out_dir: Path, stem: str, keep: Iterable[str] = ()) -> None:
+    """Delete the output files of ``stem`` except the folders in ``keep`` (best effort: a
+    file that cannot be deleted on a read-only folder stays)."""
+    for folder, path in output_paths(out_dir, stem).items():
+        if folder not in keep:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def write_outputs(out_dir: Path, stem: str, grey: np.ndarray, prob: np.ndarray, threshold: float,
                   save_probs: bool) -> tuple[float, float]:
     """Write mask, overlay (and probs) for one image; grey uint8 (H, W), prob float32 (H, W).
 
-    Returns (infected fraction, mean probability) over the image's H * W pixels.
+    Returns (infected fraction, mean probability) over the image's H * W pixels. All or
+    nothing: on an error every file of ``stem`` (also older ones) is removed before it is
+    raised; without ``save_probs`` an older ``probs/<stem>.npy`` is removed.
     """
+    paths = output_paths(out_dir, stem)
     mask = prob >= threshold
-    _save_png(out_dir / "masks" / f"{stem}.png", np.where(mask, 255, 0).astype(np.uint8))
-    _save_png(out_dir / "overlays" / f"{stem}.png", tint(grey, mask))
-    if save_probs:
-        _save_npy(out_dir / "probs" / f"{stem}.npy", prob)
+    try:
+        _save_png(paths["masks"], np.where(mask, 255, 0).astype(np.uint8))
+        _save_png(paths["overlays"], tint(grey, mask))
+        if save_probs:
+            _save_npy(paths["probs"], prob)
+    except BaseException:
+        remove_outputs(out_dir, stem)
+        raise
+    if not save_probs:
+        remove_outputs(out_dir, stem, keep=("masks", "overlays"))
     return float(mask.mean()), float(prob.mean(dtype=np.float64))
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir``, check that files can be written there, delete temporaries of killed runs.
+
+    Raises OutputError naming the folder and the reason (read-only, not a folder, no space).
+    """
+    out_dir = Path(out_dir)
+    try:
+        check_writable(out_dir)
+    except OSError as exc:
+        raise OutputError(f"output folder {out_dir}: cannot write there ({_reason(exc)})") from None
+    for folder in (out_dir, *(out_dir / name for name in OUTPUT_FOLDERS)):
+        sweep_stale_temps(folder)
+    return out_dir
+
+
+def _reason(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror}{where}" if exc.strerror else str(exc)
 
 
 # ----------------------------------------------------------------------------- model
@@ -255,8 +318,12 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
     full-size images) and run through the model as one batch. A file that fails gets a
     row with status ``error`` and its message; the others still run. ``on_row`` is called
     with each finished row (for progress and error reporting). Returns the rows in input order.
+
+    Raises OutputError when the output folder cannot be written (checked first) or fails
+    during the run (full, read-only, removed): then the rows not reached are ``not_run`` and
+    ``predictions.csv`` is still written if it can be. Also raised when the CSV cannot be written.
     """
-    out_dir = Path(out_dir)
+    out_dir = prepare_out_dir(out_dir)
     stems = unique_stems(paths)
     rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
     step = max(1, options.batch_size)
@@ -267,7 +334,9 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
             try:
                 greys[i] = load_grey(paths[i])
                 rows[i].height, rows[i].width = greys[i].shape
+                rows[i].warning = low_range_warning(greys[i], str(paths[i])) or ""
             except BadImageError as exc:
+                remove_outputs(out_dir, stems[i])
                 _fail(rows[i], str(exc), on_row)
         if not greys:
             continue
@@ -281,24 +350,51 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
                 prob = resize_probs(probs[k], grey.shape[1], grey.shape[0])
                 frac, mean = write_outputs(out_dir, stems[i], grey, prob, prepared.threshold, options.save_probs)
             except OSError as exc:
-                _fail(rows[i], f"{paths[i]}: cannot write outputs ({exc})", on_row)
+                message = f"{paths[i]}: cannot write outputs ({_reason(exc)})"
+                if exc.errno in _FOLDER_ERRNOS:
+                    _fail(rows[i], message, None)
+                    _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(exc)})")
+                _fail(rows[i], message, on_row)
                 continue
             rows[i].infected_fraction, rows[i].mean_probability = frac, mean
             if on_row:
                 on_row(rows[i])
-    write_csv(out_dir / "predictions.csv", rows)
+    _write_csv_or_stop(out_dir / "predictions.csv", rows)
     return rows
+
+
+def _stop(out_dir: Path, rows: list[Row], message: str) -> None:
+    """Mark the rows not reached as not_run, write the CSV if possible, raise OutputError(message)."""
+    for row in rows:
+        if row.status == "ok" and row.infected_fraction is None:
+            row.status, row.error = "not_run", "not run: the output folder failed first"
+    csv_path = out_dir / "predictions.csv"
+    try:
+        write_csv(csv_path, rows)
+    except OSError as exc:
+        raise OutputError(f"{message}; {csv_path} could not be written either ({_reason(exc)})") from None
+    done = sum(r.status == "ok" for r in rows)
+    raise OutputError(f"{message}; {csv_path} lists the {done} of {len(rows)} inputs whose outputs were written")
+
+
+def _write_csv_or_stop(path: Path, rows: list[Row]) -> None:
+    try:
+        write_csv(path, rows)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write the results table ({_reason(exc)}); "
+                          "the per-image files were written") from None
 
 
 def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
     row.status, row.error = "error", message
+    row.infected_fraction = row.mean_probability = None
     if on_row:
         on_row(row)
 
 
 def write_csv(path: str | Path, rows: Iterable[Row]) -> None:
     """Atomically write rows as CSV with header :data:`CSV_COLUMNS` (empty cells where unknown)."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, sweep=False) as tmp:  # prepare_out_dir swept the folder
         with open(tmp, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(CSV_COLUMNS)
