@@ -65,7 +65,7 @@ def predict(
     ),
     save_probs: bool = typer.Option(False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."),
     device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
-    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where it is faster."),
+    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where the hardware has it natively."),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
     flip_tta: Optional[bool] = typer.Option(
         None, "--flip-tta/--no-flip-tta", show_default=False,
