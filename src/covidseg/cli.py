@@ -85,7 +85,8 @@ def predict(
     "error", and the other inputs are still processed); 2 when nothing ran (an INPUT that
     matches nothing, an unreadable model file, or a bad option).
     """
-    from covidseg.predict import InputError, PredictOptions, collect_inputs, predict_files, prepare_model
+    from covidseg.predict import (InputError, PredictOptions, collect_inputs, model_warnings, mostly_infected_warning,
+                                  predict_files, prepare_model, provenance_lines)
 
     console = _stderr_console()
     options = PredictOptions(threshold=threshold, save_probs=save_probs, batch_size=batch_size, device=device.value,
@@ -98,6 +99,8 @@ def predict(
         prepared = prepare_model(model, options)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _die(console, str(exc))
+    for line in ([] if quiet else provenance_lines(prepared)) + model_warnings(prepared):
+        console.print(line, markup=False, soft_wrap=True)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -113,6 +116,9 @@ def predict(
 
         rows = predict_files(paths, out, prepared, options, on_row=on_row)
 
+    warning = mostly_infected_warning(rows)
+    if warning:
+        console.print(warning, markup=False, soft_wrap=True)
     failed = sum(r.status != "ok" for r in rows)
     if not quiet:
         typer.echo(f"predict: {len(rows) - failed} of {len(rows)} images done, {failed} failed; "
