@@ -1,4 +1,4 @@
-"""DVC stage train: data/prepared -> models/model.pt, plots/train/curves.tsv, metrics/train.json.
+"""DVC stage train: data/prepared -> models/model.pt, models/train_log.json, plots/train/curves.tsv, metrics/train.json.
 
 Runs alone (`python stages/train.py`) or under `torchrun --nproc-per-node=N stages/train.py`.
 """
@@ -10,10 +10,13 @@ from covidseg.train import train
 
 
 def main(prepared: str = "data/prepared", model: str = "models/model.pt", resume: str = "models/resume",
-         curves: str = "plots/train/curves.tsv", metrics: str = "metrics/train.json", params: str = "params.yaml") -> None:
-    summary = train(prepared, model, resume, curves, metrics, load_section(TrainParams, "train", params), load_seed(params))
-    typer.echo(f"train: best epoch {summary['best_epoch']}, val Dice {summary['val_dice_at_threshold']:.4f} "
-               f"at threshold {summary['threshold']}, {summary['train_images_per_second']:.1f} img/s ({summary['precision']})")
+         curves: str = "plots/train/curves.tsv", metrics: str = "metrics/train.json", params: str = "params.yaml",
+         train_log: str = "models/train_log.json") -> None:
+    summary = train(prepared, model, resume, curves, metrics, load_section(TrainParams, "train", params), load_seed(params),
+                    log_path=train_log)
+    typer.echo(f"train: best epoch {summary['best_epoch']} (by val_dice@0.5 {summary['val_dice_at_0.5']:.4f}), "
+               f"val Dice {summary['val_dice_at_threshold']:.4f} at the tuned threshold {summary['threshold']}, "
+               f"{summary['train_images']} training images, {summary['train_images_per_second']:.1f} img/s ({summary['precision']})")
 
 
 if __name__ == "__main__":

@@ -32,8 +32,8 @@ def main(prepared: str, out_dir: str, params_json: str) -> None:
     finals: dict = {}
     original_finish = train_mod.Trainer.finish
 
-    def finish(self, model_path, metrics_path):
-        summary = original_finish(self, model_path, metrics_path)
+    def finish(self, *args):
+        summary = original_finish(self, *args)
         finals["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         finals["rows"] = list(self.rows)
         return summary

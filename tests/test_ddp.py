@@ -91,7 +91,8 @@ def test_ddp_writes_what_one_process_writes(runs):
     m_single = json.loads((single / "metrics" / "train.json").read_text())
     m_ddp = json.loads((ddp / "metrics" / "train.json").read_text())
     assert m_single.keys() == m_ddp.keys()
-    assert (m_single["world_size"], m_ddp["world_size"]) == (1, NPROC)
+    log_single, log_ddp = (json.loads((d / "models" / "train_log.json").read_text()) for d in (single, ddp))
+    assert (log_single["world_size"], log_ddp["world_size"]) == (1, NPROC)
     cols_single, rows_single = _curves(single / "plots" / "curves.tsv")
     cols_ddp, rows_ddp = _curves(ddp / "plots" / "curves.tsv")
     assert cols_single == cols_ddp

@@ -65,7 +65,7 @@ def predict(
     ),
     save_probs: bool = typer.Option(False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."),
     device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
-    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where it is faster."),
+    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where the hardware has it natively."),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
     flip_tta: Optional[bool] = typer.Option(
         None, "--flip-tta/--no-flip-tta", show_default=False,
@@ -87,8 +87,8 @@ def predict(
     `predictions.csv` cannot be written (read-only, full, not a folder): the message says why,
     and the CSV, if it could be written, lists exactly the images whose outputs exist.
     """
-    from covidseg.predict import (InputError, OutputError, PredictOptions, collect_inputs, predict_files,
-                                  prepare_model)
+    from covidseg.predict import (InputError, OutputError, PredictOptions, collect_inputs, model_warnings,
+                                  mostly_infected_warning, predict_files, prepare_model, provenance_lines)
 
     console = _stderr_console()
     options = PredictOptions(threshold=threshold, save_probs=save_probs, batch_size=batch_size, device=device.value,
@@ -101,6 +101,8 @@ def predict(
         prepared = prepare_model(model, options)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _die(console, str(exc))
+    for line in ([] if quiet else provenance_lines(prepared)) + model_warnings(prepared):
+        console.print(line, markup=False, soft_wrap=True)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -122,6 +124,9 @@ def predict(
             progress.stop()
             _die(console, str(exc))
 
+    warning = mostly_infected_warning(rows)
+    if warning:
+        console.print(warning, markup=False, soft_wrap=True)
     failed = sum(r.status != "ok" for r in rows)
     if not quiet:
         typer.echo(f"predict: {len(rows) - failed} of {len(rows)} images done, {failed} failed; "

@@ -1,17 +1,20 @@
-"""Pick the device and the numeric precision that run fastest without losing accuracy.
+"""Pick the device and the numeric precision from what the hardware supports, never from a timing.
 
 bf16 autocast is only a win on CPUs with native bf16 (AVX512-BF16 / AMX); elsewhere it is
 emulated and several times slower than fp32 (measured: 7x slower on an AVX2-only EPYC).
-So ``auto`` times one small convolution both ways and keeps bf16 only if it is faster.
+``auto`` therefore reads the CPU's feature flags (or asks CUDA) so that the same machine always
+makes the same choice, however busy it is: the precision changes the results.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
+from pathlib import Path
 
 import torch
+
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -24,31 +27,34 @@ def choose_device(name: str = "auto") -> torch.device:
     return device
 
 
+def _cpuinfo_flags() -> frozenset[str]:
+    """The CPU feature flags of Linux's /proc/cpuinfo (empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
 @functools.lru_cache(maxsize=None)
-def _cpu_bf16_is_faster() -> bool:
-    x = torch.randn(8, 16, 128, 128).to(memory_format=torch.channels_last)
-    conv = torch.nn.Conv2d(16, 16, 3, padding=1).to(memory_format=torch.channels_last)
-
-    def timed(bf16: bool) -> float:
-        best = float("inf")
-        with torch.no_grad():
-            for _ in range(3):
-                start = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    conv(x)
-                best = min(best, time.perf_counter() - start)
-        return best
-
-    return timed(True) < 0.8 * timed(False)
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from torch's probe or /proc/cpuinfo."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is not None and probe():
+        return True
+    return bool(NATIVE_BF16_FLAGS & _cpuinfo_flags())
 
 
 def choose_precision(device: torch.device, name: str = "auto") -> str:
-    """``fp32`` or ``bf16``; ``auto`` picks bf16 on CUDA with bf16 support and on CPUs where it is measurably faster."""
+    """``fp32`` or ``bf16``; ``auto`` picks bf16 on CUDA with bf16 support and on CPUs with native bf16."""
     if name != "auto":
         return name
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if _cpu_bf16_is_faster() else "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -6,6 +6,7 @@ Output, all or nothing (a failed run leaves the previous outputs as they were):
     ``out_dir/manifest.csv`` one row per triplet taken: split, class, id, source paths, SHA-256 of
                              the source files, height, width (pixels), infected and lung fractions, fixes
     ``out_dir/skipped.csv``  one row per triplet skipped: split, class, name, reason, message
+    ``out_dir/source.json``  ``{"name": the source folder's or archive's base name}``
     ``metrics_path`` (JSON)  images taken per split and triplets skipped (the DVC metrics)
     ``details_path`` (JSON)  per split: the count taken, counts per class, skips by reason, fixes
                              by kind and infected-fraction stats of the COVID-19 pairs
@@ -309,6 +310,8 @@ def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Pa
                 )
             _write_csv(tmp / "manifest.csv", MANIFEST_FIELDS, rows)
             _write_csv(tmp / "skipped.csv", SKIPPED_FIELDS, report.skipped_rows)
+            # The source's base name only (never an absolute path): training records it in the model file.
+            write_json(tmp / "source.json", {"name": Path(source_path).resolve().name})
             # Written to a temporary file now and renamed onto metrics_path only after the
             # new out_dir is in place, so a failure never pairs new metrics with old outputs.
             write_json(metrics_tmp, report.headline())

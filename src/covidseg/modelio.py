@@ -1,7 +1,22 @@
-"""Save and load the trained model: weights plus everything needed to rebuild and use it."""
+"""Save and load the trained model: weights plus everything needed to rebuild and use it.
+
+A model file is a ``torch.save`` zip archive of one dict::
+
+    format          "covidseg-model"
+    format_version  FORMAT_VERSION
+    config          the UNetConfig as a dict
+    state_dict      CPU tensors
+    ...             e.g. threshold, temperature, size, provenance (see covidseg.train)
+
+Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
+``torch.save`` to a path would store the temporary file's name) and then written atomically.
+Nothing in it may hold a timestamp, an absolute path or git state.
+"""
 
 from __future__ import annotations
 
+import io
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,28 +25,68 @@ import torch
 from covidseg.atomic import atomic_path
 from covidseg.model import UNet, UNetConfig
 
+FORMAT = "covidseg-model"
+FORMAT_VERSION = 2
+_RETRAIN = "retrain it with `dvc repro train` using this covidseg version"
+
 
 def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) -> None:
-    """Atomically write ``{"config", "state_dict", **extra}``; ``extra`` holds e.g. threshold, temperature, size."""
+    """Atomically write ``{"format", "format_version", "config", "state_dict", **extra}``.
+
+    ``extra`` holds e.g. threshold, temperature, size, provenance; plain values only.
+    The same weights and ``extra`` give the same bytes, whatever ``path`` is.
+    """
     net = getattr(model, "module", model)
-    payload = {"config": net.config.to_dict(), "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **extra}
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": net.config.to_dict(),
+               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **extra}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        tmp.write_bytes(buf.getvalue())
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Rebuild the U-Net from a file written by :func:`save_model`; returns (model in eval mode, metadata)."""
-    path = Path(path)
+def _read(path: Path) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: model file not found (run `dvc repro train` first)") from None
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise ValueError(f"{path}: not a covidseg model file ({exc})") from None
+    except pickle.UnpicklingError:  # weights_only refused an object: not a file save_model wrote
+        raise ValueError(f"{path}: not a covidseg model file (it holds Python objects, not plain values and "
+                         f"tensors); give the models/model.pt written by `dvc repro train`") from None
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path}: not a covidseg model file ({reason}); "
+                         f"give the models/model.pt written by `dvc repro train`") from None
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path}: not a covidseg model file (missing config or state_dict)")
-    model = UNet(UNetConfig(**payload["config"]))
-    model.load_state_dict(payload["state_dict"])
+        raise ValueError(f"{path}: not a covidseg model file (missing config or state_dict); "
+                         f"give the models/model.pt written by `dvc repro train`")
+    if payload.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"{path}: not a covidseg model file (format {payload.get('format')!r})")
+    version = payload.get("format_version", 1)  # version 1 files had no format keys
+    if version != FORMAT_VERSION:
+        raise ValueError(f"{path}: model file format version {version}, this covidseg reads version "
+                         f"{FORMAT_VERSION}; {_RETRAIN}")
+    return payload
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
+    """Rebuild the U-Net from a file written by :func:`save_model`; returns (model in eval mode, metadata).
+
+    Raises FileNotFoundError, or ValueError naming the file and what to do for anything that is
+    not a model file of this format version (including unknown config keys or mismatched weights).
+    """
+    path = Path(path)
+    payload = _read(path)
+    config = payload["config"]
+    unknown = sorted(set(config) - set(UNetConfig.__dataclass_fields__)) if isinstance(config, dict) else ["<not a dict>"]
+    if unknown:
+        raise ValueError(f"{path}: unknown model config key(s) {', '.join(map(str, unknown))}; {_RETRAIN}")
+    try:
+        model = UNet(UNetConfig(**config))
+        model.load_state_dict(payload["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path}: model config and weights do not fit ({reason}); {_RETRAIN}") from None
     model.to(device).to(memory_format=torch.channels_last).eval()
-    meta = {k: v for k, v in payload.items() if k not in ("config", "state_dict")}
+    meta = {k: v for k, v in payload.items() if k not in ("format", "format_version", "config", "state_dict")}
     return model, meta

@@ -27,7 +27,7 @@ import csv
 import errno
 import glob
 import io
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -51,6 +51,7 @@ OUTPUT_FOLDERS = ("masks", "overlays", "probs")
 # Write errors that concern the whole output folder, not one image: the run stops on them.
 _FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                             errno.ENOENT})
+MOSTLY_INFECTED = 0.9  # an image with more of its pixels marked infected than this gets a warning
 
 
 class InputError(ValueError):
@@ -105,6 +106,7 @@ class Prepared:
     size: int
     calibration: Calibration  # the model file's, with the options applied (threshold always set)
     threshold_source: str  # "option", "model" or "default"
+    provenance: dict = field(default_factory=dict)  # the model file's, as written by training ({} for none)
 
     @property
     def threshold(self) -> float:
@@ -303,9 +305,41 @@ def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
     else:
         threshold, source = 0.5, "default"
     flip_tta = saved.flip_tta if options.flip_tta is None else options.flip_tta
+    provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
     return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
                     size=int(meta["size"]), calibration=replace(saved, threshold=threshold, flip_tta=flip_tta),
-                    threshold_source=source)
+                    threshold_source=source, provenance=provenance)
+
+
+def provenance_lines(prepared: Prepared) -> list[str]:
+    """What the model was trained on, for the user: one line, or a note that the file does not say."""
+    p = prepared.provenance
+    if not p:
+        return ["model: the file records no provenance (data source, val Dice)"]
+    counts = ", ".join(f"{k} {v}" for k, v in p.get("split_counts", {}).items())
+    val = p.get("val_dice")
+    return [f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'}; "
+            f"{p.get('train_images', '?')} training images), val Dice {val:.3f}" if isinstance(val, float) else
+            f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'})",
+            f"model: covidseg {p.get('package_version', '?')}, training code {str(p.get('code_hash', '?'))[:12]}"]
+
+
+def model_warnings(prepared: Prepared) -> list[str]:
+    """Loud warnings about the model itself (printed even with --quiet)."""
+    if prepared.provenance.get("synthetic"):
+        return ["WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
+                "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."]
+    return []
+
+
+def mostly_infected_warning(rows: Iterable[Row]) -> str | None:
+    """A warning when some images have more than MOSTLY_INFECTED of their pixels marked infected, else None."""
+    flagged = [r.stem for r in rows if r.infected_fraction is not None and r.infected_fraction > MOSTLY_INFECTED]
+    if not flagged:
+        return None
+    shown = ", ".join(flagged[:5]) + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
+    return (f"WARNING: {len(flagged)} image(s) have more than {MOSTLY_INFECTED:.0%} of their pixels marked infected "
+            f"({shown}); the model or the threshold does not suit these images")
 
 
 # ----------------------------------------------------------------------------- run

@@ -6,19 +6,23 @@
     lungs      uint8 (N, 1, S, S)  lung fields, {0, 1}
     ids        str   (N,)          file stems, e.g. ``covid_12``
     classes    str   (N,)          ``COVID-19``, ``Non-COVID`` or ``Normal``
+
+and ``out_dir/source.json`` says where they came from (recorded by training in the model file):
+``{"data_source": base name of data.source, "synthetic": bool, "split_counts": {split: N}}``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import zipfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from covidseg.atomic import atomic_dir
+from covidseg.atomic import atomic_dir, write_json
 from covidseg.layout import IMAGES, INFECTION, LUNG, SPLITS
 from covidseg.params import PreprocessParams
 
@@ -81,7 +85,26 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                 classes=np.array([r["class"] for r in split_rows], dtype=str),
             )
             counts[split] = n
+        write_json(tmp / "source.json", _source_record(extracted_dir, counts))
     return counts
+
+
+SYNTHETIC_NAME = "synthetic"  # the base name of the built-in synthetic set's folder (data/raw/synthetic)
+
+
+def _source_record(extracted_dir: Path, counts: dict[str, int]) -> dict:
+    """Provenance of the prepared arrays; the source name is "unknown" for an extract without source.json."""
+    path = extracted_dir / "source.json"
+    name = json.loads(path.read_text(encoding="utf-8")).get("name", "unknown") if path.is_file() else "unknown"
+    return {"data_source": name, "synthetic": name == SYNTHETIC_NAME, "split_counts": dict(counts)}
+
+
+def load_source(prepared_dir: str | Path) -> dict:
+    """The ``source.json`` written by :func:`preprocess`, or an "unknown" record when there is none."""
+    path = Path(prepared_dir) / "source.json"
+    if not path.is_file():
+        return {"data_source": "unknown", "synthetic": False, "split_counts": {}}
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:

@@ -3,13 +3,20 @@
 One readable loop: data held in memory as uint8 tensors (no decoding in the loop),
 optional augmentation, fp32 or bf16 autocast with channels_last, optional weight
 averaging (validated and kept instead of the raw weights), a per-epoch resume state
-(``resume_dir/state.pt``), early stopping on val Dice, and after training a threshold
-and a temperature tuned on val. Under ``torchrun`` it runs DDP and only
-rank 0 writes.
+(``resume_dir/state.pt``), early stopping on val Dice at threshold 0.5 (``val_dice@0.5``),
+and after training a threshold and a temperature tuned on val. Under ``torchrun`` it runs
+DDP and only rank 0 writes.
+
+Outputs: the model file (weights, calibration, provenance), the per-epoch curves (TSV,
+deterministic columns only), the metrics JSON (deterministic headline numbers only, so a
+rerun does not dirty git) and a run log JSON (timings, device, precision, world size).
+A resume state is used only when params, data, the training code (every covidseg module
+train imports) and the world size all match; otherwise training starts afresh and says why.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import hashlib
@@ -18,32 +25,47 @@ import json
 import math
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg import metrics
+from covidseg import __version__, metrics
 from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.augment import augment_batch
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.distributed import DistContext
 from covidseg.ema import WeightAverage
+from covidseg.importgraph import module_files
 from covidseg.inference import Calibration, predict_logits
 from covidseg.losses import make_loss
 from covidseg.model import UNet, UNetConfig
 from covidseg.modelio import save_model
 from covidseg.params import TrainParams
-from covidseg.preprocess import load_split
+from covidseg.preprocess import load_source, load_split
 
-CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr", "seconds"]
+# val_dice/val_iou at threshold 0.5; val_rmse of the uncalibrated probabilities (temperature 1).
+CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr"]
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.025), 3)
 TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.1), np.log(10.0), 81)), 4)  # ratio 1.059 per step; includes 1
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+@lru_cache(maxsize=None)
+def code_hash() -> str:
+    """SHA-256 of the source of covidseg.train and of every covidseg module it imports (names relative to src/)."""
+    here = Path(__file__).resolve()
+    src_root = here.parents[1]
+    h = hashlib.sha256()
+    for path in sorted(module_files(here, src_root) | {here}):
+        h.update(path.relative_to(src_root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def _fingerprint(params: TrainParams, seed: int, arrays: dict[str, np.ndarray]) -> str:
@@ -123,11 +145,20 @@ def tune_threshold(logits: torch.Tensor, masks: np.ndarray, temperature: float) 
 
 
 def tune_temperature(logits: torch.Tensor, masks: np.ndarray) -> float:
-    """Temperature T on TEMPERATURES minimising val BCE of sigmoid(logit / T) (Guo et al. 2017)."""
+    """Temperature T on TEMPERATURES minimising val BCE of sigmoid(logit / T) (Guo et al. 2017).
+
+    A result at either end of the grid (0.1 or 10) means the optimum may lie beyond it: see
+    :func:`at_grid_edge`.
+    """
     sub = logits[:, ::3, ::3].reshape(-1).double()
     truth = torch.from_numpy(masks[:, 0, ::3, ::3].reshape(-1).astype(np.float64))
     losses = [F.binary_cross_entropy_with_logits(sub / t, truth).item() for t in TEMPERATURES]
     return float(TEMPERATURES[int(np.argmin(losses))])
+
+
+def at_grid_edge(temperature: float) -> bool:
+    """Whether a tuned temperature is the first or last grid value (the true optimum may lie outside)."""
+    return temperature in (float(TEMPERATURES[0]), float(TEMPERATURES[-1]))
 
 
 class Trainer:
@@ -145,9 +176,12 @@ class Trainer:
         self.precision = choose_precision(device, params.precision)
         ctx.init(device)
         train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-        if params.max_train_images and params.max_train_images < len(train["images"]):
-            keep = np.sort(np.random.default_rng(seed).permutation(len(train["images"]))[: params.max_train_images])
+        self.source = load_source(prepared_dir)
+        total = len(train["images"])
+        if params.max_train_images and params.max_train_images < total:
+            keep = np.sort(np.random.default_rng(seed).permutation(total)[: params.max_train_images])
             train = {k: v[keep] for k, v in train.items()}
+            log(f"train: using {params.max_train_images} of {total} training images (train.max_train_images)")
         if len(train["images"]) == 0 or len(val["images"]) == 0:
             raise ValueError(f"{prepared_dir}: train and val splits must not be empty")
         self.fingerprint = _fingerprint(params, seed, {f"train_{k}": train[k] for k in ("images", "masks")} | {"val": val["images"]})
@@ -165,6 +199,7 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         self.loss_fn = make_loss(params.loss, params.pos_weight, params.focal_gamma)
         self.rows: list[dict] = []
+        self.epoch_seconds: list[float] = []
         self.best_score, self.best_state, self.best_epoch, self.since_best = -1.0, None, 0, 0
         self.train_seconds, self.train_images = 0.0, 0
         self.start_epoch = 1
@@ -178,7 +213,8 @@ class Trainer:
     # ----- resume -------------------------------------------------------------------------
     def _state(self) -> dict:
         return {
-            "fingerprint": self.fingerprint, "epoch": len(self.rows), "rows": self.rows,
+            "fingerprint": self.fingerprint, "code_hash": code_hash(), "world_size": self.ctx.world_size,
+            "epoch": len(self.rows), "rows": self.rows, "epoch_seconds": self.epoch_seconds,
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
             "best_score": self.best_score, "best_state": self.best_state, "best_epoch": self.best_epoch,
@@ -190,26 +226,50 @@ class Trainer:
             with atomic_path(self.resume_path) as tmp:
                 torch.save(self._state(), tmp)
 
+    def _mismatch(self, state: dict) -> str | None:
+        """Why a resume state cannot continue this run, or None when it can."""
+        if state.get("code_hash") != code_hash():
+            return "the training code changed (covidseg.train or a module it imports)"
+        if state.get("world_size") != self.ctx.world_size:
+            return f"it was written with {state.get('world_size')} process(es), this run has {self.ctx.world_size}"
+        if state.get("fingerprint") != self.fingerprint:
+            return "it is from other params or data"
+        return None
+
     def _maybe_resume(self) -> None:
         if not self.resume_path.exists():
             return
         try:
             state = torch.load(self.resume_path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a resume file from another version is not fatal
-            self.log(f"resume: ignoring unreadable {self.resume_path} ({exc})")
+            if not isinstance(state, dict):
+                raise ValueError(f"holds a {type(state).__name__}, not a resume state")
+        except Exception as exc:  # a damaged or foreign resume file is not fatal
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            self.log(f"resume: {self.resume_path} is unreadable ({reason}); starting afresh")
             return
-        if state.get("fingerprint") != self.fingerprint:
-            self.log(f"resume: {self.resume_path} is from other params or data; starting afresh")
+        why = self._mismatch(state)
+        if why:
+            self.log(f"resume: not resuming from {self.resume_path}: {why}; starting afresh")
             return
+        fresh = copy.deepcopy(self._state())  # to undo a partial load (state_dict() shares the live tensors)
+        try:
+            self._load_state(state)
+        except Exception as exc:
+            self._load_state(fresh)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            self.log(f"resume: {self.resume_path} does not fit this model ({reason}); starting afresh")
+            return
+        self.log(f"resume: continuing after epoch {state['epoch']} from {self.resume_path}")
+
+    def _load_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.ema:
             self.ema.load_state_dict(state["ema"])
-        self.rows = state["rows"]
+        self.rows, self.epoch_seconds = list(state["rows"]), list(state["epoch_seconds"])
         self.best_score, self.best_state, self.best_epoch = state["best_score"], state["best_state"], state["best_epoch"]
         self.since_best, self.train_seconds, self.train_images = state["since_best"], state["train_seconds"], state["train_images"]
         self.start_epoch = state["epoch"] + 1
-        self.log(f"resume: continuing after epoch {state['epoch']} from {self.resume_path}")
 
     # ----- one epoch ----------------------------------------------------------------------
     def _train_epoch(self, epoch: int) -> tuple[float, float]:
@@ -288,22 +348,23 @@ class Trainer:
             seconds = time.perf_counter() - start
             row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"], "train_rmse": train_rmse,
                    "val_rmse": val["val_rmse"], "val_dice": val["val_dice"], "val_iou": val["val_iou"],
-                   "lr": self.opt.param_groups[0]["lr"], "seconds": seconds}
+                   "lr": self.opt.param_groups[0]["lr"]}
             self.rows.append(row)
+            self.epoch_seconds.append(seconds)
             if val["val_dice"] > self.best_score:
                 self.best_score, self.best_epoch, self.since_best = val["val_dice"], epoch, 0
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
             else:
                 self.since_best += 1
-            mean_epoch = sum(r["seconds"] for r in self.rows[-3:]) / len(self.rows[-3:])
+            mean_epoch = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:])
             if self.ctx.is_main:
                 self.log(f"epoch {epoch}/{p.epochs} train_loss {train_loss:.4f} val_loss {val['val_loss']:.4f} "
-                         f"val_rmse {val['val_rmse']:.4f} val_dice {val['val_dice']:.4f} "
+                         f"val_rmse {val['val_rmse']:.4f} val_dice@0.5 {val['val_dice']:.4f} "
                          f"({seconds:.0f}s, about {_format_time(mean_epoch * (p.epochs - epoch))} left)")
                 write_curves(curves_path, self.rows)
             self._save_resume()
             if p.patience and self.since_best >= p.patience:
-                self.log(f"early stop: val Dice has not improved for {p.patience} epochs (best {self.best_score:.4f} at epoch {self.best_epoch})")
+                self.log(f"early stop: val_dice@0.5 has not improved for {p.patience} epochs (best {self.best_score:.4f} at epoch {self.best_epoch})")
                 break
 
     def _calibrate(self) -> tuple[Calibration, dict]:
@@ -317,6 +378,10 @@ class Trainer:
             logits = predict_logits(self.model, self.val["images"], self.device, self.precision,
                                     batch_size=max(self.params.batch_size, 8), flip_tta=self.params.flip_tta, lung_gate=gate)
             temperature = tune_temperature(logits, self.val["masks"]) if self.params.temperature_scaling else 1.0
+            if self.params.temperature_scaling and at_grid_edge(temperature):
+                self.log(f"warning: the tuned temperature {temperature:g} is at the edge of its grid "
+                         f"[{TEMPERATURES[0]:g}, {TEMPERATURES[-1]:g}]; the best value may lie outside, so val "
+                         "probabilities stay miscalibrated (recorded as temperature_at_grid_edge in the metrics)")
             threshold = tune_threshold(logits, self.val["masks"], temperature)
             scores = val_scores(logits, self.val["masks"], threshold, temperature)
             dice = scores["dice_sum"] / max(scores["scored"], 1)
@@ -324,31 +389,55 @@ class Trainer:
                 best = (dice, Calibration(threshold, temperature, gate, self.params.flip_tta), scores)
         return best[1], best[2]
 
-    def finish(self, model_path: Path, metrics_path: Path) -> dict:
-        """Restore the best epoch, choose lung gating, temperature and threshold on val, save model and metrics (rank 0)."""
+    def finish(self, model_path: Path, metrics_path: Path, log_path: Path) -> dict:
+        """Restore the best epoch, choose lung gating, temperature and threshold on val, save (rank 0).
+
+        Writes the model file, ``metrics_path`` (deterministic headline numbers) and ``log_path``
+        (timings and run facts). Returns both merged (metrics first).
+        """
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
+        self.log(f"model: epoch {self.best_epoch} kept (best val_dice@0.5 {self.best_score:.4f}); "
+                 "lung gating, temperature and threshold are then tuned on val")
         calibration, tuned = self._calibrate()
         chosen = dataclasses.asdict(calibration)
+        val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
         summary = {
-            "epochs_run": len(self.rows), "best_epoch": self.best_epoch,
-            "val_dice_at_0.5": self.best_score, "val_dice_at_threshold": tuned["dice_sum"] / max(tuned["scored"], 1),
+            "epochs_run": len(self.rows), "best_epoch": self.best_epoch, "train_images": int(len(self.train_x)),
+            "val_dice_at_0.5": self.best_score, "val_dice_at_threshold": val_dice,
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
-            **chosen,
+            **chosen, "temperature_at_grid_edge": at_grid_edge(calibration.temperature),
+        }
+        run_log = {
+            "train_seconds": self.train_seconds,
             "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
-            "train_seconds": self.train_seconds, "device": self.device.type, "precision": self.precision,
-            "world_size": self.ctx.world_size,
+            "epoch_seconds": list(self.epoch_seconds),
+            "device": self.device.type, "precision": self.precision, "world_size": self.ctx.world_size,
         }
         if self.ctx.is_main:
             save_model(model_path, self.model, {
                 **chosen, "size": int(self.train_x.shape[-1]), "best_epoch": self.best_epoch,
                 "train_params": dataclasses.asdict(self.params), "seed": self.seed,
+                "provenance": self._provenance(val_dice),
             })
             write_json(metrics_path, summary)
+            write_json(log_path, run_log)
             self.resume_path.unlink(missing_ok=True)
             write_text(self.resume_path.with_name("STATUS"), f"complete: {len(self.rows)} epochs; no resume state kept\n")
         self.ctx.barrier()
-        return summary
+        return summary | run_log
+
+    def _provenance(self, val_dice: float) -> dict:
+        """What the model was trained on and by which code: plain values, no paths, times or git state."""
+        return {
+            "data_source": str(self.source.get("data_source", "unknown")),
+            "synthetic": bool(self.source.get("synthetic", False)),
+            "split_counts": {k: int(v) for k, v in self.source.get("split_counts", {}).items()},
+            "train_images": int(len(self.train_x)),
+            "val_dice": float(val_dice),
+            "package_version": __version__,
+            "code_hash": code_hash(),
+        }
 
 
 def write_curves(path: str | Path, rows: list[dict]) -> None:
@@ -362,13 +451,17 @@ def write_curves(path: str | Path, rows: list[dict]) -> None:
 
 
 def train(prepared_dir: str | Path, model_path: str | Path, resume_dir: str | Path, curves_path: str | Path,
-          metrics_path: str | Path, params: TrainParams, seed: int, log=print) -> dict:
-    """Train end to end; returns the summary written to ``metrics_path``."""
+          metrics_path: str | Path, params: TrainParams, seed: int, log=print, log_path: str | Path | None = None) -> dict:
+    """Train end to end; returns the metrics written to ``metrics_path`` merged with the run log.
+
+    ``log_path`` (timings, device, precision, world size) defaults to ``train_log.json`` beside the model.
+    """
+    log_path = Path(model_path).with_name("train_log.json") if log_path is None else Path(log_path)
     ctx = DistContext.from_env()
     prepared_dir = Path(prepared_dir)
     trainer = Trainer(prepared_dir, Path(resume_dir), params, seed, ctx, log=log if ctx.is_main else (lambda *a: None))
     try:
         trainer.run(Path(curves_path))
-        return trainer.finish(Path(model_path), Path(metrics_path))
+        return trainer.finish(Path(model_path), Path(metrics_path), log_path)
     finally:
         ctx.close()

@@ -1,0 +1,59 @@
+"""`covidseg predict` states what the model was trained on and warns about models it should not trust."""
+
+import pytest
+import torch
+
+from covidseg.model import UNet, UNetConfig
+from covidseg.modelio import save_model
+from test_predict import FAST, invoke, make_model, save_image
+
+PROVENANCE = {"data_source": "covidqu.zip", "synthetic": False, "split_counts": {"train": 10, "val": 4, "test": 4},
+              "train_images": 10, "val_dice": 0.771, "package_version": "0.1.0", "code_hash": "ab" * 32}
+
+
+def _model(path, **provenance):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=4, depth=2)).eval()
+    save_model(path, net, {"threshold": 0.5, "size": 32, "provenance": PROVENANCE | provenance})
+    return path
+
+
+def test_provenance_is_printed_and_a_real_model_gets_no_warning(tmp_path):
+    src = save_image(tmp_path / "x.png", "grey", 40, 30)
+    result = invoke(src, "--model", _model(tmp_path / "m.pt"), "--out", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "model: trained on covidqu.zip (train 10, val 4, test 4; 10 training images), val Dice 0.771" in result.stderr
+    assert "training code abababababab" in result.stderr and "WARNING" not in result.stderr
+    quiet = invoke(src, "--model", tmp_path / "m.pt", "--out", tmp_path / "out", "--quiet", *FAST)
+    assert "model: trained on" not in quiet.stderr
+
+
+def test_a_synthetic_model_is_warned_about_even_when_quiet(tmp_path):
+    src = save_image(tmp_path / "x.png", "grey", 40, 30)
+    model = _model(tmp_path / "m.pt", data_source="synthetic", synthetic=True)
+    result = invoke(src, "--model", model, "--out", tmp_path / "out", "--quiet", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "WARNING: this model was trained on the built-in SYNTHETIC data set" in result.stderr
+
+
+@pytest.mark.parametrize("bias, warned", [(20.0, True), (-20.0, False)])
+def test_an_image_marked_almost_all_infected_is_warned_about(tmp_path, bias, warned):
+    src = save_image(tmp_path / "x.png", "grey", 40, 30)
+    result = invoke(src, "--model", make_model(tmp_path / "m.pt", bias=bias), "--out", tmp_path / "out", *FAST)
+    assert result.exit_code == 0, result.output
+    assert ("WARNING: 1 image(s) have more than 90% of their pixels marked infected (x)" in result.stderr) is warned
+
+
+def test_a_model_file_of_another_version_exits_2_with_a_short_message(tmp_path):
+    src = save_image(tmp_path / "x.png", "grey", 20, 20)
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=4, depth=2))
+    old = tmp_path / "old.pt"  # the version-1 layout: no format keys
+    torch.save({"config": net.config.to_dict(), "state_dict": net.state_dict(), "size": 32}, old)
+    objects = tmp_path / "objects.pt"
+    torch.save({"config": net.config, "state_dict": {}}, objects)
+    for path, words in ((old, "model file format version 1, this covidseg reads version 2; retrain"),
+                        (objects, "not a covidseg model file")):
+        result = invoke(src, "--model", path, "--out", tmp_path / "out", *FAST)
+        assert result.exit_code == 2
+        assert str(path) in result.stderr and words in result.stderr and "weights_only" not in result.stderr
