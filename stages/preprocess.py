@@ -1,4 +1,4 @@
-"""DVC stage preprocess: data/extracted -> data/prepared/{train,val,test}.npz at preprocess.size."""
+"""DVC stage preprocess: data/extracted -> data/prepared/{train,val,test}.npz at preprocess.image_size."""
 
 import typer
 

@@ -7,9 +7,9 @@ from conftest import REPO
 
 def test_repo_params_file_loads_every_section():
     path = REPO / "params.yaml"
-    assert load_section(SynthParams, "synth", path).size == 256
+    assert load_section(SynthParams, "synth", path).image_size == 256
     assert load_section(DataParams, "data", path).classes == ("COVID-19",)
-    assert load_section(PreprocessParams, "preprocess", path).size == 256
+    assert load_section(PreprocessParams, "preprocess", path).image_size == 256
     train = load_section(TrainParams, "train", path)
     # The defaults reproduce the report's setup.
     assert (train.loss, train.lr, train.batch_size, train.weight_decay, train.schedule) == ("bce", 1e-4, 8, 0.0, "constant")

@@ -37,13 +37,13 @@ class SynthParams:
     val: int = 24
     test: int = 24
     negatives: int = 4
-    size: int = 256
+    image_size: int = 256
 
     def validate(self) -> None:
         for name in ("train", "val", "test"):
             _check(getattr(self, name) >= 1, "synth", f"{name} must be >= 1")
         _check(self.negatives >= 0, "synth", "negatives must be >= 0")
-        _check(32 <= self.size <= 2048, "synth", "size must be in [32, 2048]")
+        _check(32 <= self.image_size <= 2048, "synth", "image_size must be in [32, 2048]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +67,11 @@ class DataParams:
 class PreprocessParams:
     """Side length (pixels) of the square tensors the model sees."""
 
-    size: int = 256
+    image_size: int = 256
 
     def validate(self) -> None:
-        _check(32 <= self.size <= 1024 and self.size % 16 == 0, "preprocess", "size must be a multiple of 16 in [32, 1024]")
+        _check(32 <= self.image_size <= 1024 and self.image_size % 16 == 0, "preprocess",
+               "image_size must be a multiple of 16 in [32, 1024]")
 
 
 @dataclasses.dataclass(frozen=True)
