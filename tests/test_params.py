@@ -24,7 +24,7 @@ def test_unknown_key_is_named():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"lr": "fast"}, "train.lr': expected a number"),
+    ({"lr": "fast"}, "train.lr': expected a finite number"),
     ({"epochs": 2.5}, "train.epochs': expected an integer"),
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"loss": "hinge"}, "loss must be one of"),
