@@ -91,7 +91,7 @@ def zip_folder(folder: Path, archive: Path) -> Path:
 
 def run_pair(src: Path, work: Path, workers: int | None) -> dict:
     report, t_ext = timed(extract, src, work / "extracted", work / "data.json", DataParams(source=str(src)), workers=workers)
-    counts, t_pre = timed(preprocess, work / "extracted", work / "prepared", PreprocessParams(size=256))
+    counts, t_pre = timed(preprocess, work / "extracted", work / "prepared", PreprocessParams(image_size=256))
     shutil.rmtree(work)
     return {
         "counts": report.counts, "skipped": report.skipped_total, "workers": workers,

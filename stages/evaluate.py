@@ -1,10 +1,15 @@
 """DVC stage evaluate: models/model.pt + data/prepared/test.npz -> metrics/test.json (headline),
 metrics/test_details.json (everything), plots/eval/*, predictions."""
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.evaluate import evaluate
-from covidseg.params import EvaluateParams, load_section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.evaluate import evaluate  # noqa: E402
+from covidseg.params import EvaluateParams, load_section  # noqa: E402
 
 
 def main(model: str = "models/model.pt", prepared: str = "data/prepared", metrics: str = "metrics/test.json",

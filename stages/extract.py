@@ -1,10 +1,15 @@
 """DVC stage extract: the raw source named by data.source -> data/extracted, metrics/data.json (+ _details)."""
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.extract import ExtractError, extract
-from covidseg.params import DataParams, load_section
-from covidseg.sources import SourceError
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.extract import ExtractError, extract  # noqa: E402
+from covidseg.params import DataParams, load_section  # noqa: E402
+from covidseg.sources import SourceError  # noqa: E402
 
 MAX_MESSAGES = 50
 
@@ -15,7 +20,10 @@ def main(out: str = "data/extracted", metrics: str = "metrics/data.json", detail
     try:
         report = extract(p.source, out, metrics, p, details_path=details or None)  # default: <metrics stem>_details.json beside it
     except (SourceError, ExtractError) as exc:
-        typer.echo(f"extract failed, previous outputs kept: {exc}", err=True)
+        typer.echo(f"extract failed: {exc}", err=True)
+        typer.echo(f"Nothing was half-written, but under `dvc repro` DVC removed {out} and {metrics} before this stage "
+                   f"ran; get the last good ones back with `git checkout -- {metrics} && dvc checkout extract` "
+                   "(docs/recovery.md)", err=True)
         raise typer.Exit(1) from None
     for line in report.messages[:MAX_MESSAGES]:
         typer.echo(line, err=True)

@@ -1,10 +1,15 @@
 """DVC stage plots: predictions, curves and evaluation tables -> plots/figures/*.png and plots/report.html."""
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.figures import make_figures
-from covidseg.params import DataParams, PlotsParams, load_section
-from covidseg.report import write_report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.figures import make_figures  # noqa: E402
+from covidseg.params import DataParams, PlotsParams, load_section  # noqa: E402
+from covidseg.report import write_report  # noqa: E402
 
 
 def main(prepared: str = "data/prepared", predictions: str = "data/predictions/test.npz",

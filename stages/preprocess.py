@@ -1,9 +1,14 @@
-"""DVC stage preprocess: data/extracted -> data/prepared/{train,val,test}.npz at preprocess.size."""
+"""DVC stage preprocess: data/extracted -> data/prepared/{train,val,test}.npz at preprocess.image_size."""
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.params import PreprocessParams, load_section
-from covidseg.preprocess import preprocess
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.params import PreprocessParams, load_section  # noqa: E402
+from covidseg.preprocess import preprocess  # noqa: E402
 
 
 def main(extracted: str = "data/extracted", out: str = "data/prepared", params: str = "params.yaml") -> None:

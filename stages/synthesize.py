@@ -1,9 +1,14 @@
 """DVC stage synthesize: params synth.* and seed -> data/raw/synthetic (Kaggle layout)."""
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.params import SynthParams, load_section, load_seed
-from covidseg.synth import synthesize
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.params import SynthParams, load_section, load_seed  # noqa: E402
+from covidseg.synth import synthesize  # noqa: E402
 
 
 def main(out: str = "data/raw/synthetic", params: str = "params.yaml") -> None:

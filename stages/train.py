@@ -3,10 +3,15 @@
 Runs alone (`python stages/train.py`) or under `torchrun --nproc-per-node=N stages/train.py`.
 """
 
-import typer
+import sys
+from pathlib import Path
 
-from covidseg.params import TrainParams, load_section, load_seed
-from covidseg.train import train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.params import TrainParams, load_section, load_seed  # noqa: E402
+from covidseg.train import train  # noqa: E402
 
 
 def main(prepared: str = "data/prepared", model: str = "models/model.pt", resume: str = "models/resume",

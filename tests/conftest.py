@@ -17,8 +17,8 @@ VENV_BIN = Path(sys.executable).parent
 
 # Small enough that a whole `dvc repro` takes well under a minute on 2 cores.
 TINY_PARAMS = {
-    "synth": {"train": 6, "val": 3, "test": 3, "negatives": 1, "size": 64},
-    "preprocess": {"size": 64},
+    "synth": {"train": 6, "val": 3, "test": 3, "negatives": 1, "image_size": 64},
+    "preprocess": {"image_size": 64},
     "train": {"epochs": 2, "base_channels": 4, "depth": 3, "downsample": 1, "batch_size": 4},
     "plots": {"gallery_size": 2, "dpi": 50},
 }
@@ -97,7 +97,7 @@ def tiny_prepared(tmp_path_factory) -> Path:
     from covidseg.synth import synthesize
 
     root = tmp_path_factory.mktemp("tiny")
-    synthesize(root / "raw", SynthParams(train=8, val=4, test=4, negatives=1, size=64), seed=7)
+    synthesize(root / "raw", SynthParams(train=8, val=4, test=4, negatives=1, image_size=64), seed=7)
     extract(root / "raw", root / "extracted", root / "data.json", DataParams(source=str(root / "raw"), classes=("COVID-19", "Normal")))
-    preprocess(root / "extracted", root / "prepared", PreprocessParams(size=64))
+    preprocess(root / "extracted", root / "prepared", PreprocessParams(image_size=64))
     return root / "prepared"

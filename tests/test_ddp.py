@@ -33,9 +33,9 @@ NPROC = 2
 def runs(request, tmp_path_factory) -> dict[str, Path]:
     """Prepared data, then one single-process run and one 2-process torchrun on it (without and with train.ema_decay)."""
     root = tmp_path_factory.mktemp("ddp")
-    synthesize(root / "raw", SynthParams(train=5, val=1, test=1, negatives=0, size=64), seed=3)
+    synthesize(root / "raw", SynthParams(train=5, val=1, test=1, negatives=0, image_size=64), seed=3)
     extract(root / "raw", root / "extracted", root / "data.json", DataParams(source=str(root / "raw")))
-    preprocess(root / "extracted", root / "prepared", PreprocessParams(size=64))
+    preprocess(root / "extracted", root / "prepared", PreprocessParams(image_size=64))
     params = json.dumps(dict(TRAIN, ema_decay=request.param))
     env = {"OMP_NUM_THREADS": "1"}
     run([sys.executable, str(WORKER), str(root / "prepared"), str(root / "single"), params], cwd=root, timeout=300, env=env)

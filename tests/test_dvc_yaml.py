@@ -46,3 +46,20 @@ def test_metrics_and_plots_are_declared_at_top_level():
 def test_editing_a_plot_module_does_not_touch_training():
     train_deps = set(DVC["stages"]["train"]["deps"])
     assert "src/covidseg/figures.py" not in train_deps and "src/covidseg/model.py" in train_deps
+
+
+def test_check_stage_guards_every_other_stage_without_a_cycle():
+    check = DVC["stages"]["check"]
+    check_deps = {d if isinstance(d, str) else next(iter(d)) for d in check["deps"]}
+    assert "params.yaml" in check_deps  # any edit, a misspelt section included, reruns the check
+    assert not any("${" in d for d in check_deps)  # the default source is synthesize's output: no cycle
+    assert check["outs"] == ["data/checked.txt"]
+    for name, stage in DVC["stages"].items():
+        if name != "check":
+            assert "data/checked.txt" in stage["deps"], f"stage {name} can run (and lose its outputs) before the check"
+
+
+def test_every_params_section_has_a_validating_class():
+    from covidseg.params import TOP_LEVEL
+
+    assert set(PARAMS) == set(TOP_LEVEL)

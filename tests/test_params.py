@@ -1,15 +1,15 @@
 import pytest
 
-from covidseg.params import (DataParams, EvaluateParams, ParamsError, PlotsParams, PreprocessParams, SynthParams,
-                             TrainParams, from_dict, load_section, load_seed)
+from covidseg.params import (SECTIONS, DataParams, EvaluateParams, ParamsError, PlotsParams, PreprocessParams,
+                             SynthParams, TrainParams, from_dict, load_section, load_seed, validate_all)
 from conftest import REPO
 
 
 def test_repo_params_file_loads_every_section():
     path = REPO / "params.yaml"
-    assert load_section(SynthParams, "synth", path).size == 256
+    assert load_section(SynthParams, "synth", path).image_size == 256
     assert load_section(DataParams, "data", path).classes == ("COVID-19",)
-    assert load_section(PreprocessParams, "preprocess", path).size == 256
+    assert load_section(PreprocessParams, "preprocess", path).image_size == 256
     train = load_section(TrainParams, "train", path)
     # The defaults reproduce the report's setup.
     assert (train.loss, train.lr, train.batch_size, train.weight_decay, train.schedule) == ("bce", 1e-4, 8, 0.0, "constant")
@@ -24,7 +24,7 @@ def test_unknown_key_is_named():
 
 
 @pytest.mark.parametrize("raw, message", [
-    ({"lr": "fast"}, "train.lr': expected a number"),
+    ({"lr": "fast"}, "train.lr': expected a finite number"),
     ({"epochs": 2.5}, "train.epochs': expected an integer"),
     ({"epochs": 0}, "epochs must be >= 1"),
     ({"loss": "hinge"}, "loss must be one of"),
@@ -56,3 +56,40 @@ def test_missing_and_malformed_files_are_named(tmp_path):
     neg.write_text("seed: -1\n")
     with pytest.raises(ParamsError, match="'seed' must be a non-negative integer"):
         load_seed(neg)
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("0.002", 0.002), (" 2e-4 ", 2e-4), ("+1.5e-2", 0.015)])
+def test_numeric_strings_are_accepted_for_float_params(text, value):
+    # `lr: 1e-3` typed by hand: YAML 1.1 (PyYAML) reads it as the string '1e-3'.
+    assert from_dict(TrainParams, "train", {"lr": text}).lr == value
+
+
+@pytest.mark.parametrize("junk", ["1e-3x", "nan", "inf", "1,5", "", "e-3", "0x10"])
+def test_non_numeric_strings_are_still_refused_for_float_params(junk):
+    with pytest.raises(ParamsError, match="train.lr': expected a finite number"):
+        from_dict(TrainParams, "train", {"lr": junk})
+
+
+def test_hand_written_scientific_lr_loads_from_a_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  lr: 1e-3\n")
+    assert load_section(TrainParams, "train", path).lr == 1e-3
+
+
+def test_a_misspelt_top_level_section_is_refused_by_every_loader(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1\ntrain:\n  lr: 0.001\ntrian:\n  lr: 0.01\n")
+    expected = rf"{path}: unknown top-level section\(s\) \['trian'\].*known ones are \['seed', 'launch', 'synth'"
+    for name, cls in SECTIONS.items():
+        with pytest.raises(ParamsError, match=expected):
+            load_section(cls, name, path)
+    with pytest.raises(ParamsError, match=expected):
+        load_seed(path)
+
+
+def test_validate_all_checks_every_section_and_the_launch_command(tmp_path):
+    assert set(validate_all(REPO / "params.yaml")) == {"seed", *SECTIONS}
+    path = tmp_path / "params.yaml"
+    path.write_text("launch:\n  train: ''\n")
+    with pytest.raises(ParamsError, match="params 'launch': train must be a command"):
+        validate_all(path)

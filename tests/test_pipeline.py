@@ -11,7 +11,7 @@ def _ran(output: str) -> set[str]:
 
 def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     first = dvc(tiny_repo, "repro").stdout
-    assert _ran(first) == {"synthesize", "extract", "preprocess", "train", "evaluate", "plots"}
+    assert _ran(first) == {"check", "synthesize", "extract", "preprocess", "train", "evaluate", "plots"}
     test = json.loads((tiny_repo / "metrics" / "test.json").read_text())
     for key in ("rmse", "dice", "iou"):
         assert 0 <= test[key] <= 1
@@ -34,4 +34,4 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
 
     set_params(tiny_repo, {"train": {"lr": 0.0005}})
     third = dvc(tiny_repo, "repro").stdout
-    assert _ran(third) == {"train", "evaluate", "plots"}, third
+    assert _ran(third) == {"check", "train", "evaluate", "plots"}, third  # check: constant stamp, nothing else reruns

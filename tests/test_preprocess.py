@@ -27,7 +27,7 @@ def extracted(tmp_path: Path, src: Path, classes=("COVID-19",)) -> Path:
 def test_arrays_match_sources_at_native_size(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "src", per_split=2, negatives=1)
     ext = extracted(tmp_path, tmp_path / "src", classes=("COVID-19", "Normal"))
-    counts = preprocess(ext, tmp_path / "prepared", PreprocessParams(size=32))
+    counts = preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     assert counts == {"train": 3, "val": 3, "test": 3}
     rows = read_csv(ext / "manifest.csv")
     for split in SPLITS:
@@ -49,7 +49,7 @@ def test_arrays_match_sources_at_native_size(tmp_path: Path) -> None:
 def test_resized_masks_stay_binary(tmp_path: Path) -> None:
     make_dataset(tmp_path / "src", per_split=1)
     ext = extracted(tmp_path, tmp_path / "src")
-    preprocess(ext, tmp_path / "prepared", PreprocessParams(size=64))
+    preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=64))
     d = load_split(tmp_path / "prepared", "train")
     assert d["images"].shape == (1, 1, 64, 64)
     assert set(np.unique(d["masks"])) == {0, 1} and set(np.unique(d["lungs"])) == {0, 1}
@@ -68,7 +68,7 @@ def test_resize_mask_thresholds_at_half() -> None:
 def test_failure_keeps_previous_prepared(tmp_path: Path) -> None:
     make_dataset(tmp_path / "src", per_split=1)
     ext = extracted(tmp_path, tmp_path / "src")
-    preprocess(ext, tmp_path / "prepared", PreprocessParams(size=32))
+    preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     before = snapshot(tmp_path / "prepared")
     # Drop one member from subset.zip: the manifest now names a file that is not there.
     with zipfile.ZipFile(ext / "subset.zip") as z:
@@ -78,7 +78,7 @@ def test_failure_keeps_previous_prepared(tmp_path: Path) -> None:
             if n != "test/COVID-19/lung masks/covid_3.png":
                 z.writestr(n, data)
     with pytest.raises(ValueError, match=r"subset\.zip: test/COVID-19/\.\.\./covid_3\.png listed in manifest\.csv cannot be read"):
-        preprocess(ext, tmp_path / "prepared", PreprocessParams(size=32))
+        preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     assert snapshot(tmp_path / "prepared") == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -95,14 +95,14 @@ def test_partial_dev_set_round_trip(dev_data: Path, tmp_path: Path) -> None:
         (folder / DEV_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / DEV_NEST / rel).write_bytes(p.read_bytes())
     ext = extracted(tmp_path, folder)
-    assert preprocess(ext, tmp_path / "prepared", PreprocessParams(size=256)) == {"train": 3, "val": 3, "test": 3}
+    assert preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=256)) == {"train": 3, "val": 3, "test": 3}
     d = load_split(tmp_path / "prepared", "val")
     first = sorted(p.name for p in (dev_data / DEV_NEST / "Val/COVID-19/images").iterdir())[0]
     np.testing.assert_array_equal(d["images"][0, 0], np.asarray(Image.open(dev_data / DEV_NEST / "Val/COVID-19/images" / first)))
     fraction = d["masks"][0, 0].mean()
     row = next(r for r in read_csv(ext / "manifest.csv") if r["split"] == "val")
     assert fraction == pytest.approx(float(row["infected_fraction"]), abs=1e-6) and fraction > 0
-    preprocess(ext, tmp_path / "p128", PreprocessParams(size=128))
+    preprocess(ext, tmp_path / "p128", PreprocessParams(image_size=128))
     assert load_split(tmp_path / "p128", "val")["images"].shape == (3, 1, 128, 128)
 
 
@@ -111,6 +111,6 @@ def test_extract_rewrites_odd_files_so_preprocess_reads_grey(tmp_path: Path) -> 
     grey = np.asarray(Image.open(root / "Train/COVID-19/images/covid_1.png"))
     write_png(root / "Train/COVID-19/images/covid_1.png", np.stack([grey] * 3, axis=-1))
     ext = extracted(tmp_path, tmp_path / "src")
-    preprocess(ext, tmp_path / "prepared", PreprocessParams(size=32))
+    preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     np.testing.assert_array_equal(load_split(tmp_path / "prepared", "train")["images"][0, 0], grey)
     assert NEST in read_csv(ext / "manifest.csv")[0]["image_path"]

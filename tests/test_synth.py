@@ -7,7 +7,7 @@ from covidseg.synth import make_case, synthesize
 
 
 def test_layout_names_and_counts(tmp_path):
-    params = SynthParams(train=3, val=2, test=1, negatives=2, size=64)
+    params = SynthParams(train=3, val=2, test=1, negatives=2, image_size=64)
     counts = synthesize(tmp_path / "syn", params, seed=1)
     root = tmp_path / "syn" / ROOT_NAME / ROOT_NAME  # the Kaggle download nests the folder twice
     assert counts == {"train": 3 + 4, "val": 2 + 4, "test": 1 + 4}
@@ -23,7 +23,7 @@ def test_layout_names_and_counts(tmp_path):
 
 
 def test_files_are_grey_and_masks_binary_with_infection_inside_lungs(tmp_path):
-    synthesize(tmp_path, SynthParams(train=4, val=1, test=1, negatives=1, size=64), seed=3)
+    synthesize(tmp_path, SynthParams(train=4, val=1, test=1, negatives=1, image_size=64), seed=3)
     root = tmp_path / ROOT_NAME / ROOT_NAME / "Train"
     for class_dir in CLASS_DIRS:
         for image_path in (root / class_dir / IMAGES).iterdir():

@@ -1,6 +1,7 @@
 """Extract the COVID-19 subset (plus Non-COVID/Normal when asked), checking every file.
 
-Output, all or nothing (a failed run leaves the previous outputs as they were):
+Output, all or nothing: a failed call writes nothing and leaves the targets as it found them
+(under ``dvc repro`` DVC has already removed them before the stage ran: docs/recovery.md):
     ``out_dir/subset.zip``   8-bit grey PNGs at ``{split}/{class}/{images,infection masks,lung masks}/{name}``;
                              files that needed no fix are copied byte for byte, fixed ones re-encoded
     ``out_dir/manifest.csv`` one row per triplet taken: split, class, id, source paths, SHA-256 of
@@ -288,9 +289,9 @@ def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Pa
     ``workers``: processes that decode and check (default :func:`default_workers`); the
     outputs do not depend on it. Raises SourceError when the source or its layout is not
     found, ExtractError on the first bad triplet under ``on_error: fail`` or when a split
-    ends up without COVID-19 pairs; then nothing is written. ``metrics_path`` gets
-    :meth:`Report.headline`, ``details_path`` (default: ``atomic.details_path_for(metrics_path)``)
-    :meth:`Report.to_json`.
+    ends up without COVID-19 pairs; then nothing is written and the targets are left as they were.
+    ``metrics_path`` gets :meth:`Report.headline`, ``details_path`` (default:
+    ``atomic.details_path_for(metrics_path)``) :meth:`Report.to_json`.
     """
     workers = default_workers() if workers is None else workers
     report = Report()

@@ -7,6 +7,8 @@ place where a key's type, default and allowed range live.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,6 +32,16 @@ def _check(cond: bool, section: str, message: str) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LaunchParams:
+    """How DVC starts the train stage (read by dvc.yaml, checked here)."""
+
+    train: str = "python"
+
+    def validate(self) -> None:
+        _check(bool(self.train.split()), "launch", "train must be a command such as 'python' or 'torchrun --nproc-per-node=2'")
+
+
+@dataclasses.dataclass(frozen=True)
 class SynthParams:
     """Size of the built-in synthetic dataset (per split, COVID-19 images; negatives per class)."""
 
@@ -37,13 +49,13 @@ class SynthParams:
     val: int = 24
     test: int = 24
     negatives: int = 4
-    size: int = 256
+    image_size: int = 256
 
     def validate(self) -> None:
         for name in ("train", "val", "test"):
             _check(getattr(self, name) >= 1, "synth", f"{name} must be >= 1")
         _check(self.negatives >= 0, "synth", "negatives must be >= 0")
-        _check(32 <= self.size <= 2048, "synth", "size must be in [32, 2048]")
+        _check(32 <= self.image_size <= 2048, "synth", "image_size must be in [32, 2048]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,10 +79,11 @@ class DataParams:
 class PreprocessParams:
     """Side length (pixels) of the square tensors the model sees."""
 
-    size: int = 256
+    image_size: int = 256
 
     def validate(self) -> None:
-        _check(32 <= self.size <= 1024 and self.size % 16 == 0, "preprocess", "size must be a multiple of 16 in [32, 1024]")
+        _check(32 <= self.image_size <= 1024 and self.image_size % 16 == 0, "preprocess",
+               "image_size must be a multiple of 16 in [32, 1024]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +171,14 @@ class PlotsParams:
         _check(50 <= self.dpi <= 300, "plots", "dpi must be in [50, 300]")
 
 
+SECTIONS: dict[str, type] = {"launch": LaunchParams, "synth": SynthParams, "data": DataParams,
+                              "preprocess": PreprocessParams, "train": TrainParams, "evaluate": EvaluateParams,
+                              "plots": PlotsParams}
+TOP_LEVEL = ("seed", *SECTIONS)
+# A plain decimal or scientific number: what YAML 1.1 leaves as text when written like `1e-3`.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, naming the file in any error."""
     path = Path(path)
@@ -206,8 +227,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ParamsError(f"params '{where}': expected an integer, got {value!r}")
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"params '{where}': expected a number, got {value!r}")
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+            value = float(value)  # PyYAML reads `1e-3` (no dot) as text
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ParamsError(f"params '{where}': expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -216,14 +239,30 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """The params file as a mapping, refusing a top-level key that no stage reads (e.g. a misspelt ``trian:``)."""
+    data = read_yaml(path)
+    unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
+    if unknown:
+        raise ParamsError(f"{path}: unknown top-level section(s) {unknown} (misspelt?); known ones are {list(TOP_LEVEL)}")
+    return data
+
+
 def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -> T:
     """Load ``section`` of the params file into ``cls``."""
-    return from_dict(cls, section, read_yaml(path).get(section))
+    return from_dict(cls, section, read_params(path).get(section))
 
 
 def load_seed(path: str | Path = "params.yaml") -> int:
     """The shared integer seed at the top level of the params file."""
-    seed = read_yaml(path).get("seed", 0)
+    seed = read_params(path).get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ParamsError(f"{path}: 'seed' must be a non-negative integer, got {seed!r}")
     return seed
+
+
+def validate_all(path: str | Path = "params.yaml") -> dict[str, Any]:
+    """Load and validate the seed and every section; returns {section: dataclass, "seed": int}."""
+    loaded: dict[str, Any] = {name: load_section(cls, name, path) for name, cls in SECTIONS.items()}
+    loaded["seed"] = load_seed(path)
+    return loaded

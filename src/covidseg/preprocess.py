@@ -51,7 +51,7 @@ def _decode(data: bytes) -> np.ndarray:
 def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: PreprocessParams) -> dict[str, int]:
     """Write one ``.npz`` per split (see the module doc); returns the number of pairs per split.
 
-    Every PNG is decoded once and resized only when its size differs from ``params.size``.
+    Every PNG is decoded once and resized only when its size differs from ``params.image_size``.
     The output directory is replaced atomically: on any error the previous one is kept.
     """
     extracted_dir = Path(extracted_dir)
@@ -61,7 +61,7 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
     with open(extracted_dir / "manifest.csv", newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     counts = {}
-    s = params.size
+    s = params.image_size
     with zipfile.ZipFile(extracted_dir / "subset.zip") as subset, atomic_dir(out_dir) as tmp:
         for split in SPLITS:
             split_rows = [r for r in rows if r["split"] == split]

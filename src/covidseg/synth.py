@@ -91,7 +91,7 @@ def synthesize(out_dir: str | Path, params: SynthParams, seed: int) -> dict[str,
                     folder.mkdir(parents=True, exist_ok=True)
                 for i in range(n):
                     rng = np.random.default_rng([seed, split_i, class_i, i])
-                    image, infection, lung = make_case(rng, params.size, infected=class_dir == "COVID-19")
+                    image, infection, lung = make_case(rng, params.image_size, infected=class_dir == "COVID-19")
                     name = file_name(class_dir, split_i * 100000 + i + 1)
                     Image.fromarray(image, mode="L").save(folders[IMAGES] / name)
                     Image.fromarray(infection, mode="L").save(folders[INFECTION] / name)
