@@ -129,6 +129,13 @@ def test_compressed_syntax_without_handler_refused(tmp_path):
         decode(path)
 
 
+def test_truncated_pixel_data_refused_by_name(tmp_path):
+    path = write_dicom(tmp_path / "cut.dcm", np.zeros((8, 8), dtype=np.uint16), bits_stored=12)
+    data = path.read_bytes()[:-20]  # PixelData is the last element: its length no longer matches Rows x Columns
+    with pytest.raises(DicomError, match=r"cut\.dcm: (cannot decode pixel data|unreadable DICOM)"):
+        decode_dicom(data, str(path))
+
+
 def test_colour_refused(tmp_path):
     path = write_dicom(tmp_path / "rgb.dcm", np.zeros((4, 4), dtype=np.uint8), photometric="PALETTE COLOR")
     with pytest.raises(DicomError, match=r"rgb\.dcm: photometric interpretation 'PALETTE COLOR' not supported"):

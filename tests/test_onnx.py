@@ -115,10 +115,11 @@ def test_masks_use_the_tuned_threshold(exported):
 
 
 def test_export_is_byte_deterministic_and_opset_17_works(tmp_path):
-    model = tiny_unet(1, 1)
+    model = tiny_unet(1, 1).train()  # exported in eval mode all the same; the caller's model is left in train mode
     digests = [hashlib.sha256(export_onnx(model, tmp_path / f"m{i}.onnx", SIZE, {}).read_bytes()).hexdigest()
                for i in range(2)]
     assert digests[0] == digests[1]
+    assert model.training
     path = export_onnx(model, tmp_path / "o17.onnx", SIZE, {}, opset=17)
     assert {o.domain: o.version for o in onnx.load(path).opset_import}[""] == 17
 

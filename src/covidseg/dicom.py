@@ -19,6 +19,9 @@ from io import BytesIO
 from typing import Any
 
 import numpy as np
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 DICM_OFFSET = 128  # after the 128-byte preamble (PS3.10 7.1)
 
@@ -46,10 +49,6 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         DicomError: not DICOM, no pixel data, multi-frame, colour, or a compressed transfer
             syntax that pydicom cannot decode without extra handlers.
     """
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-
     if not is_dicom(data):
         raise DicomError(f"{name}: not a DICOM file (no 'DICM' marker at byte {DICM_OFFSET})")
     try:

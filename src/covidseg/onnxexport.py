@@ -9,6 +9,7 @@ go into metadata_props (see ``covidseg.onnxrun``, the torch-free runner).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Callable
@@ -67,7 +68,7 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
     path = Path(path)
     if opset < 17:
         raise ValueError(f"{path}: opset {opset} < 17 not supported")
-    net = getattr(model, "module", model).float().cpu().eval()
+    net = copy.deepcopy(getattr(model, "module", model)).float().cpu().eval()  # leave the caller's model as it is
     own = {FORMAT_KEY: FORMAT_VERSION, "covidseg.size": str(size), "covidseg.config": json.dumps(net.config.to_dict()),
            "covidseg.temperature": repr(float(calibration.temperature)),
            "covidseg.lung_gate": json.dumps(bool(calibration.lung_gate and net.config.out_channels > 1)),
