@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_metadata_round_trip_and_graph_signature(exported):
     assert runner.calibration == {"temperature": 0.7, "lung_gate": True, "flip_tta": True, "threshold": 0.6}
     assert runner.metadata["covidseg.source"] == "tests"
     assert runner.metadata["covidseg.format_version"] == "1"
-    assert UNetConfig(**__import__("json").loads(runner.metadata["covidseg.config"])) == model.config
+    assert UNetConfig(**json.loads(runner.metadata["covidseg.config"])) == model.config
     proto = onnx.load(path)
     assert [i.name for i in proto.graph.input] == ["image"]
     assert [o.name for o in proto.graph.output] == ["probability", "logits"]
