@@ -1,0 +1,105 @@
+"""Run an exported covidseg model (.onnx) with onnxruntime on CPU, without torch.
+
+The graph (written by ``covidseg.onnxexport``) has calibration baked in: input ``image`` float32
+(N, 1, S, S) in [0, 1]; outputs ``probability`` float32 (N, S, S), the calibrated infection
+probability (flip averaging, lung gating and temperature included), and ``logits`` float32
+(N, C, S, S), the (flip-averaged) raw model outputs. Its metadata_props record the calibration and
+the tuned threshold, so any ONNX consumer can reproduce ``covidseg predict``.
+
+This module must not import torch (tests check it): it is what ships with the model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_KEY = "covidseg.format_version"
+FORMAT_VERSION = "1"
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("probability", "logits")
+REQUIRED_KEYS = (FORMAT_KEY, "covidseg.size", "covidseg.temperature", "covidseg.lung_gate", "covidseg.flip_tta")
+
+
+class OnnxModelError(ValueError):
+    """An .onnx file that is not a usable covidseg model (the message names the file)."""
+
+
+class OnnxPredictor:
+    """Calibrated infection probabilities from a covidseg .onnx file.
+
+    Attributes:
+        path: the .onnx file.
+        metadata: its metadata_props (str -> str).
+        size: S, the square input side in pixels the graph expects.
+        threshold: the probability threshold tuned on val, or None when the file has none.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        """``threads``: onnxruntime intra-op threads (0: its default, one per core)."""
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: ONNX model file not found")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3  # errors only
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for a bad file
+            raise OnnxModelError(f"{self.path}: not a loadable ONNX model ({exc})") from None
+        self.metadata: dict[str, str] = dict(self.session.get_modelmeta().custom_metadata_map)
+        missing = [k for k in REQUIRED_KEYS if k not in self.metadata]
+        if missing:
+            raise OnnxModelError(f"{self.path}: not a covidseg ONNX model (metadata lacks {', '.join(missing)})")
+        if self.metadata[FORMAT_KEY] != FORMAT_VERSION:
+            raise OnnxModelError(f"{self.path}: covidseg ONNX format version {self.metadata[FORMAT_KEY]!r}, "
+                                 f"this code reads {FORMAT_VERSION!r}")
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if inputs != [INPUT_NAME] or OUTPUT_NAMES[0] not in outputs:
+            raise OnnxModelError(f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAMES[0]!r}, "
+                                 f"got inputs {inputs} and outputs {outputs}")
+        self.size = int(self.metadata["covidseg.size"])
+        threshold = self.metadata.get("covidseg.threshold", "")
+        self.threshold: float | None = float(threshold) if threshold else None
+
+    @property
+    def calibration(self) -> dict[str, Any]:
+        """The calibration baked into the graph: temperature, lung_gate, flip_tta, threshold."""
+        return {"temperature": float(self.metadata["covidseg.temperature"]),
+                "lung_gate": json.loads(self.metadata["covidseg.lung_gate"]),
+                "flip_tta": json.loads(self.metadata["covidseg.flip_tta"]),
+                "threshold": self.threshold}
+
+    def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """float32 (N, S, S) calibrated probabilities for uint8 (N, 1, S, S) grey levels 0..255."""
+        return self.run(images, batch_size)[0]
+
+    def run(self, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(probability float32 (N, S, S), logits float32 (N, C, S, S)) for uint8 (N, 1, S, S) images."""
+        images = np.asarray(images)
+        s = self.size
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, s, s):
+            raise ValueError(f"{self.path}: expects uint8 images (N, 1, {s}, {s}), got {images.dtype} {images.shape}")
+        probs, logits = [], []
+        for start in range(0, images.shape[0], batch_size):
+            # Same float32 division as covidseg.inference, so both see bit-identical inputs.
+            x = images[start:start + batch_size].astype(np.float32) / np.float32(255.0)
+            p, lg = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+            probs.append(p)
+            logits.append(lg)
+        if not probs:
+            n_out = self.session.get_outputs()[1].shape[1]
+            return np.zeros((0, s, s), np.float32), np.zeros((0, n_out, s, s), np.float32)
+        return np.concatenate(probs).astype(np.float32, copy=False), np.concatenate(logits).astype(np.float32, copy=False)
+
+    def masks(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        """bool (N, S, S): probability >= the file's threshold (an error when the file has none)."""
+        if self.threshold is None:
+            raise ValueError(f"{self.path}: the model has no tuned threshold (metadata covidseg.threshold)")
+        return self.predict(images, batch_size) >= self.threshold
