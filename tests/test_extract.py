@@ -346,7 +346,8 @@ def test_stage_script_reports_failure_and_keeps_outputs(tmp_path: Path) -> None:
     _size(root)
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
-    assert "previous outputs kept" in bad.stderr and "covid_905.png" in bad.stderr and "Traceback" not in bad.stderr
+    assert "extract failed" in bad.stderr and "covid_905.png" in bad.stderr and "Traceback" not in bad.stderr
+    assert "dvc checkout extract" in bad.stderr and "data_details.json" in bad.stderr  # how to restore under DVC
     assert snapshot(tmp_path / "w") == before
 
 

@@ -11,16 +11,16 @@ from pathlib import Path
 from conftest import dvc, make_repo_copy, run
 from test_experiments import _experiments, _wait_for_queue
 
-LINE = "write_json(metrics_tmp, report.to_json())"
+LINE = "write_json(metrics_tmp, report.headline())"
 
 
 def _mark(repo: Path, marker: str) -> None:
     """Make extract put ``marker`` into metrics/data.json."""
     path = repo / "src/covidseg/extract.py"
     text = path.read_text()
-    old = LINE if LINE in text else f'write_json(metrics_tmp, {{**report.to_json(), "marker": "committed"}})'
+    old = LINE if LINE in text else f'write_json(metrics_tmp, {{**report.headline(), "marker": "committed"}})'
     assert old in text, "extract no longer writes its metrics as this test expects"
-    path.write_text(text.replace(old, f'write_json(metrics_tmp, {{**report.to_json(), "marker": "{marker}"}})'))
+    path.write_text(text.replace(old, f'write_json(metrics_tmp, {{**report.headline(), "marker": "{marker}"}})'))
 
 
 def test_queued_experiment_runs_its_own_committed_code(tmp_path, monkeypatch):

@@ -78,5 +78,5 @@ def test_changing_each_stage_section_reruns_that_stage_and_changes_its_output(ti
         out = dvc(tiny_repo, "repro", "--single-item", stage).stdout
         assert _ran(out) == {stage}, (change, out)
         assert _digest(tiny_repo / output) != before, f"{change}: {output} did not change"
-    data = json.loads((tiny_repo / "metrics/data.json").read_text())
+    data = json.loads((tiny_repo / "metrics/data_details.json").read_text())
     assert "Normal" in json.dumps(data)
