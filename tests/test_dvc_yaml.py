@@ -63,3 +63,22 @@ def test_every_params_section_has_a_validating_class():
     from covidseg.params import TOP_LEVEL
 
     assert set(PARAMS) == set(TOP_LEVEL)
+
+
+def _numeric_leaves(node) -> int:
+    if isinstance(node, dict):
+        return sum(_numeric_leaves(v) for v in node.values())
+    return int(node is None or (isinstance(node, (int, float)) and not isinstance(node, bool)))
+
+
+def test_declared_metrics_stay_a_short_headline():
+    """`dvc exp show` lists every number of every declared metrics file: keep them to at most 40, flat."""
+    import json
+
+    declared = [REPO / m for m in DVC["metrics"]]
+    counts = {m.name: _numeric_leaves(json.loads(m.read_text())) for m in declared}
+    assert sum(counts.values()) <= 40, counts
+    test = json.loads((REPO / "metrics/test.json").read_text())
+    assert {"rmse", "dice", "iou"} <= set(test)
+    assert all(not isinstance(v, (dict, list)) for m in declared for v in json.loads(m.read_text()).values())
+    assert not any("_details" in m.name for m in declared)
