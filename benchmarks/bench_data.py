@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO / "tests"))
 from conftest import DEV_DATA, make_repo_copy  # noqa: E402
 
 from covidseg.atomic import write_json, write_text  # noqa: E402
-from covidseg.extract import extract  # noqa: E402
+from covidseg.data.extract import extract  # noqa: E402
 from covidseg.params import DataParams, PreprocessParams  # noqa: E402
-from covidseg.preprocess import preprocess  # noqa: E402
+from covidseg.data.preprocess import preprocess  # noqa: E402
 
 NEST = "Infection Segmentation Data/Infection Segmentation Data"
 KINDS = ("images", "infection masks", "lung masks")

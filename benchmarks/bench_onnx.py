@@ -1,4 +1,4 @@
-"""CPU inference throughput: torch (covidseg.inference) against onnxruntime (covidseg.onnxrun).
+"""CPU inference throughput: torch (covidseg.inference.forward) against onnxruntime (covidseg.inference.onnx_runtime).
 
 The model is the default-size U-Net (base 16, depth 4, downsample 2, one output) on 256 px
 images, channels_last as a loaded model is, with random weights (throughput does not depend on them) and the default calibration
@@ -25,10 +25,10 @@ import onnxruntime
 import torch
 
 from covidseg.atomic import write_json, write_text
-from covidseg.inference import Calibration, calibrated_probabilities
-from covidseg.model import UNet, UNetConfig
-from covidseg.onnxexport import export_onnx, parity
-from covidseg.onnxrun import OnnxPredictor
+from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.onnx_export import export_onnx, parity
+from covidseg.inference.onnx_runtime import OnnxPredictor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 256
@@ -55,7 +55,7 @@ def main() -> None:
     load_start = os.getloadavg()
     threads = torch.get_num_threads()
     torch.manual_seed(0)
-    # channels_last as covidseg.modelio.load_model leaves it (predict_logits feeds channels_last input).
+    # channels_last as covidseg.model.checkpoint.load_model leaves it (predict_logits feeds channels_last input).
     model = UNet(CONFIG).to(memory_format=torch.channels_last).eval()
     cal = Calibration(threshold=0.5, temperature=1.3)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from covidseg.device import autocast, choose_device, choose_precision
-from covidseg.distributed import DistContext
-from covidseg.losses import make_loss
-from covidseg.model import UNet, UNetConfig
+from covidseg.training.distributed import DistContext
+from covidseg.model.losses import make_loss
+from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
-from covidseg.synth import make_case
-from covidseg.train import Trainer, _loss
+from covidseg.data.synth import make_case
+from covidseg.training.loop import Trainer, _loss
 
 CONFIGS = {
     "report_default (base 16, depth 4, full res, bce)": TrainParams(base_channels=16, depth=4, downsample=1),

@@ -14,7 +14,7 @@ import yaml  # noqa: E402
 
 from covidseg.check import check  # noqa: E402
 from covidseg.params import ParamsError  # noqa: E402
-from covidseg.sources import SourceError  # noqa: E402
+from covidseg.data.sources import SourceError  # noqa: E402
 
 
 def _outs(dvc_yaml: str) -> list[str]:

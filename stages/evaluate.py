@@ -8,7 +8,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
-from covidseg.evaluate import evaluate  # noqa: E402
+from covidseg.evaluation.evaluate import evaluate  # noqa: E402
 from covidseg.params import EvaluateParams, load_section  # noqa: E402
 
 

@@ -8,9 +8,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 import typer  # noqa: E402
 
 from covidseg.atomic import details_path_for  # noqa: E402
-from covidseg.extract import ExtractError, extract  # noqa: E402
+from covidseg.data.extract import ExtractError, extract  # noqa: E402
 from covidseg.params import DataParams, load_section  # noqa: E402
-from covidseg.sources import SourceError  # noqa: E402
+from covidseg.data.sources import SourceError  # noqa: E402
 
 MAX_MESSAGES = 50
 

@@ -7,9 +7,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
-from covidseg.figures import make_figures  # noqa: E402
+from covidseg.evaluation.figures import make_figures  # noqa: E402
 from covidseg.params import DataParams, PlotsParams, load_section  # noqa: E402
-from covidseg.report import write_report  # noqa: E402
+from covidseg.evaluation.report import write_report  # noqa: E402
 
 
 def main(prepared: str = "data/prepared", predictions: str = "data/predictions/test.npz",

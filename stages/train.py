@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 import typer  # noqa: E402
 
 from covidseg.params import TrainParams, load_section, load_seed  # noqa: E402
-from covidseg.train import train  # noqa: E402
+from covidseg.training.loop import train  # noqa: E402
 
 
 def main(prepared: str = "data/prepared", model: str = "models/model.pt", resume: str = "models/resume",

@@ -91,10 +91,10 @@ def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> sub
 @pytest.fixture(scope="session")
 def tiny_prepared(tmp_path_factory) -> Path:
     """Prepared arrays (train/val/test .npz at 64 px) made by the real synthesize/extract/preprocess functions."""
-    from covidseg.extract import extract
+    from covidseg.data.extract import extract
     from covidseg.params import DataParams, PreprocessParams, SynthParams
-    from covidseg.preprocess import preprocess
-    from covidseg.synth import synthesize
+    from covidseg.data.preprocess import preprocess
+    from covidseg.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("tiny")
     synthesize(root / "raw", SynthParams(train=8, val=4, test=4, negatives=1, image_size=64), seed=7)

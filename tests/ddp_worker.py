@@ -1,4 +1,4 @@
-"""Test helper: run covidseg.train.train (alone or under torchrun) and keep each rank's final weights.
+"""Test helper: run covidseg.training.loop.train (alone or under torchrun) and keep each rank's final weights.
 
     python tests/ddp_worker.py PREPARED OUT_DIR PARAMS_JSON
     torchrun --standalone --nproc-per-node=2 tests/ddp_worker.py PREPARED OUT_DIR PARAMS_JSON
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-import covidseg.train as train_mod
+import covidseg.training.loop as train_mod
 from covidseg.params import TrainParams, from_dict
 
 

@@ -1,4 +1,4 @@
-"""Hand-checked tests of covidseg.agreement; every expected number is worked out in the comment beside it."""
+"""Hand-checked tests of covidseg.evaluation.agreement; every expected number is worked out in the comment beside it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from covidseg.agreement import (bland_altman, bootstrap_ci, confusion_matrix, extent_agreement, paired_bootstrap_diff,
+from covidseg.evaluation.agreement import (bland_altman, bootstrap_ci, confusion_matrix, extent_agreement, paired_bootstrap_diff,
                                 pearson, quadratic_weighted_kappa, share_mae, spearman)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covidseg.augment import augment_batch, intensity_luts, sampling_grid
+from covidseg.training.augment import augment_batch, intensity_luts, sampling_grid
 from covidseg.params import TrainParams
 
 

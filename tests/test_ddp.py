@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from conftest import TINY_PARAMS, VENV_BIN, run
-from covidseg.distributed import DistContext
-from covidseg.extract import extract
-from covidseg.modelio import load_model
+from covidseg.training.distributed import DistContext
+from covidseg.data.extract import extract
+from covidseg.model.checkpoint import load_model
 from covidseg.params import DataParams, PreprocessParams, SynthParams
-from covidseg.preprocess import preprocess
-from covidseg.synth import synthesize
+from covidseg.data.preprocess import preprocess
+from covidseg.data.synth import synthesize
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TRAIN = dict(TINY_PARAMS["train"], epochs=2)

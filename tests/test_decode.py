@@ -12,8 +12,8 @@ from PIL import Image, PngImagePlugin
 from typer.testing import CliRunner
 
 from covidseg.cli import app
-from covidseg.pngcheck import BadImageError, decode, low_range_warning, png_significant_bits, scale_to_uint8
-from covidseg.predict import read_csv
+from covidseg.data.decode import BadImageError, decode, low_range_warning, png_significant_bits, scale_to_uint8
+from covidseg.inference.predict import read_csv
 
 LEVELS = np.array([[0, 1, 2048, 4095], [100, 1000, 3000, 4000]], dtype=np.uint16)
 # round(v * 255 / 4095) by hand: 1 -> 0.06, 2048 -> 127.53, 100 -> 6.23, 1000 -> 62.27, 3000 -> 186.81, 4000 -> 249.08

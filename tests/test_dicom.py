@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage
 
-from covidseg.dicom import DicomError, decode_dicom, is_dicom
+from covidseg.data.dicom import DicomError, decode_dicom, is_dicom
 
 UID = "1.2.826.0.1.3680043.8.498.1"
 

@@ -4,7 +4,7 @@ import re
 
 import yaml
 
-from covidseg.importgraph import module_files
+from covidseg.training.codehash import module_files
 from conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -45,7 +45,7 @@ def test_metrics_and_plots_are_declared_at_top_level():
 
 def test_editing_a_plot_module_does_not_touch_training():
     train_deps = set(DVC["stages"]["train"]["deps"])
-    assert "src/covidseg/figures.py" not in train_deps and "src/covidseg/model.py" in train_deps
+    assert "src/covidseg/evaluation/figures.py" not in train_deps and "src/covidseg/model/unet.py" in train_deps
 
 
 def test_check_stage_guards_every_other_stage_without_a_cycle():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from covidseg.ema import WeightAverage
+from covidseg.training.averaging import WeightAverage
 
 
 def _net():

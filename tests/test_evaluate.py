@@ -1,4 +1,4 @@
-"""covidseg.evaluate on a tiny generated prepared dir and a tiny untrained model.
+"""covidseg.evaluation.evaluate on a tiny generated prepared dir and a tiny untrained model.
 
 The helpers ``make_prepared``, ``make_model`` and ``run_evaluate`` are reused by
 test_figures.py and test_report_browser.py.
@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-from covidseg.evaluate import PR_BINS, baselines, class_breakdown, evaluate
-from covidseg.inference import predict_logits, probabilities
-from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import load_model, save_model
+from covidseg.evaluation.evaluate import PR_BINS, baselines, class_breakdown, evaluate
+from covidseg.inference.forward import predict_logits, probabilities
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.checkpoint import load_model, save_model
 from covidseg.params import EvaluateParams
 
 SIZE = 32

@@ -19,8 +19,8 @@ import yaml
 from PIL import Image
 
 from covidseg import atomic
-from covidseg import extract as extract_mod
-from covidseg.extract import SKIP_REASONS, ExtractError, extract
+from covidseg.data import extract as extract_mod
+from covidseg.data.extract import SKIP_REASONS, ExtractError, extract
 from covidseg.params import DataParams
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""covidseg.figures on the outputs of a tiny evaluation: every figure is a real, non-blank PNG."""
+"""covidseg.evaluation.figures on the outputs of a tiny evaluation: every figure is a real, non-blank PNG."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidseg.figures import FIGURES, gallery_figure, make_figures
+from covidseg.evaluation.figures import FIGURES, gallery_figure, make_figures
 from covidseg.params import PlotsParams
 from test_evaluate import SIZE, run_evaluate
 

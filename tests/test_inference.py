@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from covidseg.inference import predict_logits, probabilities
+from covidseg.inference.forward import predict_logits, probabilities
 
 
 class Fixed(torch.nn.Module):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from covidseg.losses import bce_loss, focal_loss, make_loss, soft_dice_loss
+from covidseg.model.losses import bce_loss, focal_loss, make_loss, soft_dice_loss
 
 
 def test_bce_hand_checked():

@@ -1,4 +1,4 @@
-"""Hand-checked unit tests of covidseg.metrics and the PR curve of covidseg.evaluate.
+"""Hand-checked unit tests of covidseg.evaluation.metrics and the PR curve of covidseg.evaluation.evaluate.
 
 Every expected value is worked out by hand in the comment beside it, on arrays small enough
 to count pixels on your fingers.
@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from covidseg import metrics
-from covidseg.evaluate import calibration_table, pr_curve, threshold_metrics
+from covidseg.evaluation import metrics
+from covidseg.evaluation.evaluate import calibration_table, pr_curve, threshold_metrics
 
 
 def masks(*rows: str) -> np.ndarray:

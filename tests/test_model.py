@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import load_model, save_model
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.checkpoint import load_model, save_model
 
 
 @pytest.mark.parametrize("depth, downsample, out_channels", [(1, 1, 1), (3, 1, 2), (4, 2, 1), (3, 4, 2)])

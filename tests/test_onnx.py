@@ -14,11 +14,11 @@ import onnx
 import pytest
 import torch
 
-from covidseg import onnxexport
-from covidseg.inference import Calibration, calibrated_probabilities
-from covidseg.model import UNet, UNetConfig
-from covidseg.onnxexport import ParityError, check_parity, export_onnx, parity
-from covidseg.onnxrun import OnnxModelError, OnnxPredictor
+from covidseg.model import onnx_export as onnxexport
+from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.onnx_export import ParityError, check_parity, export_onnx, parity
+from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor
 from conftest import REPO
 
 SIZE = 32
@@ -162,7 +162,7 @@ def test_runner_works_without_torch(exported, tmp_path):
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
-        from covidseg.onnxrun import OnnxPredictor
+        from covidseg.inference.onnx_runtime import OnnxPredictor
         probs = OnnxPredictor({str(path)!r}).predict(np.load({str(tmp_path / 'x.npy')!r}))
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
         np.save({str(tmp_path / 'p.npy')!r}, probs)

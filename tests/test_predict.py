@@ -14,13 +14,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from covidseg.cli import app
-from covidseg.inference import predict_logits, probabilities
-from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import load_model, save_model
-from covidseg.pngcheck import decode_grey
-from covidseg.overlay import TINT, TINT_ALPHA
-from covidseg.predict import CSV_COLUMNS, read_csv, unique_stems
-from covidseg.preprocess import resize_image
+from covidseg.inference.forward import predict_logits, probabilities
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.checkpoint import load_model, save_model
+from covidseg.data.decode import decode_grey
+from covidseg.inference.overlay import TINT, TINT_ALPHA
+from covidseg.inference.predict import CSV_COLUMNS, read_csv, unique_stems
+from covidseg.data.arrays import resize_image
 
 SIZE = 32  # the tiny model's input size (divisible by 2 ** (depth - 1))
 FAST = ["--device", "cpu", "--precision", "fp32"]
@@ -218,7 +218,7 @@ def test_preprocessing_matches_training(tmp_path):
     result = invoke(d, "--model", model_path, "--out", out, "--save-probs", *FAST)
     assert result.exit_code == 0, result.output
 
-    from covidseg.modelio import load_model
+    from covidseg.model.checkpoint import load_model
 
     net, meta = load_model(model_path)
     cpu = torch.device("cpu")

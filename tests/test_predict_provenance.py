@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import save_model
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.checkpoint import save_model
 from test_predict import FAST, invoke, make_model, save_image
 
 PROVENANCE = {"data_source": "covidqu.zip", "synthetic": False, "split_counts": {"train": 10, "val": 4, "test": 4},

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidseg.extract import extract
+from covidseg.data.extract import extract
 from covidseg.params import DataParams, PreprocessParams
-from covidseg.preprocess import load_split, preprocess, resize_mask
+from covidseg.data.arrays import load_split, resize_mask
+from covidseg.data.preprocess import preprocess
 from test_extract import NEST, make_dataset, read_csv, snapshot, write_png
 from test_sources import DEV_NEST, dev_part
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from covidseg.figures import FIGURES
-from covidseg.report import write_report
+from covidseg.evaluation.figures import FIGURES
+from covidseg.evaluation.report import write_report
 from test_figures import run_figures
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from covidseg.extract import extract
-from covidseg.layout import find_roots
+from covidseg.data.extract import extract
+from covidseg.data.layout import find_roots
 from covidseg.params import DataParams
-from covidseg.sources import FolderSource, SourceError, ZipSource, locate_root, open_source
+from covidseg.data.sources import FolderSource, SourceError, ZipSource, locate_root, open_source
 from test_extract import NEST, make_dataset, read_csv, write_triplet
 
 DEV_NEST = "Infection Segmentation Data/Infection Segmentation Data"

@@ -1,9 +1,9 @@
 import numpy as np
 from PIL import Image
 
-from covidseg.layout import CLASS_DIRS, IMAGES, INFECTION, KIND_DIRS, LUNG, ROOT_NAME, SPLIT_DIRS
+from covidseg.data.layout import CLASS_DIRS, IMAGES, INFECTION, KIND_DIRS, LUNG, ROOT_NAME, SPLIT_DIRS
 from covidseg.params import SynthParams
-from covidseg.synth import make_case, synthesize
+from covidseg.data.synth import make_case, synthesize
 
 
 def test_layout_names_and_counts(tmp_path):

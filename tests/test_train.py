@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-import covidseg.train as train_mod
-from covidseg.modelio import load_model
+import covidseg.training.loop as train_mod
+from covidseg.model.checkpoint import load_model
 from covidseg.params import TrainParams
-from covidseg.inference import predict_logits
-from covidseg.train import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold, val_scores
+from covidseg.inference.forward import predict_logits
+from covidseg.training.loop import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold, val_scores
 from conftest import REPO, run
 
 TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")

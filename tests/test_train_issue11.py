@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-import covidseg.train as train_mod
-from covidseg.modelio import load_model
-from covidseg.train import CURVE_FIELDS, TEMPERATURES, train
+import covidseg.training.loop as train_mod
+from covidseg.model.checkpoint import load_model
+from covidseg.training.loop import CURVE_FIELDS, TEMPERATURES, train
 from test_train import TINY, _train
 
 TWO = dataclasses.replace(TINY, epochs=2)
@@ -43,8 +43,8 @@ def test_resume_state_from_other_training_code_starts_afresh(tiny_prepared, tmp_
 def test_code_hash_covers_the_modules_train_imports():
     before = train_mod.code_hash()
     assert len(before) == 64 and before == train_mod.code_hash()
-    files = train_mod.module_files(train_mod.__file__, train_mod.Path(train_mod.__file__).parents[1])
-    assert {p.name for p in files} >= {"losses.py", "model.py", "augment.py", "modelio.py", "device.py"}
+    files = train_mod.module_files(train_mod.__file__, train_mod.Path(train_mod.__file__).parents[2])
+    assert {p.name for p in files} >= {"losses.py", "unet.py", "augment.py", "checkpoint.py", "device.py"}
 
 
 def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from pathlib import Path
 PARENT = """
 import multiprocessing, sys, time
 from concurrent.futures import ProcessPoolExecutor
-from covidseg import extract
+from covidseg.data import extract
 pool = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
                            initializer=extract._init_worker, initargs=(sys.argv[1],))
 futures = [pool.submit(time.sleep, 120) for _ in range(4)]
@@ -62,7 +62,7 @@ def test_extract_pool_workers_exit_when_the_parent_is_killed(tmp_path):
 TORCHRUN_LIKE = """
 import subprocess, sys, time
 child = subprocess.Popen([sys.executable, "-c",
-    "import time\\nfrom covidseg.distributed import exit_with_parent\\n"
+    "import time\\nfrom covidseg.training.distributed import exit_with_parent\\n"
     "assert exit_with_parent()\\nprint('ready', flush=True)\\ntime.sleep(120)"], stdout=subprocess.PIPE, text=True)
 assert child.stdout.readline().strip() == "ready"
 print(child.pid, flush=True)

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from covidseg.atomic import write_text
 from covidseg.params import DataParams, validate_all
-from covidseg.sources import locate_root, open_source
+from covidseg.data.sources import locate_root, open_source
 
 STAMP_TEXT = "params.yaml and data.source passed the check stage\n"
 

@@ -87,7 +87,7 @@ def predict(
     `predictions.csv` cannot be written (read-only, full, not a folder): the message says why,
     and the CSV, if it could be written, lists exactly the images whose outputs exist.
     """
-    from covidseg.predict import (InputError, OutputError, PredictOptions, collect_inputs, model_warnings,
+    from covidseg.inference.predict import (InputError, OutputError, PredictOptions, collect_inputs, model_warnings,
                                   mostly_infected_warning, predict_files, prepare_model, provenance_lines)
 
     console = _stderr_console()

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir
-from covidseg.layout import CLASS_DIRS, IMAGES, INFECTION, LUNG, ROOT_NAME, SPLIT_DIRS, file_name
+from covidseg.data.layout import CLASS_DIRS, IMAGES, INFECTION, LUNG, ROOT_NAME, SPLIT_DIRS, file_name
 from covidseg.params import SynthParams
 
 

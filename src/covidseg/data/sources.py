@@ -11,7 +11,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from covidseg.layout import CLASS_DIRS, KIND_DIRS, ROOT_NAME, SPLIT_DIRS, find_roots, ignored_part
+from covidseg.data.layout import CLASS_DIRS, KIND_DIRS, ROOT_NAME, SPLIT_DIRS, find_roots, ignored_part
 
 
 class SourceError(ValueError):

@@ -1,6 +1,6 @@
 """Run an exported covidseg model (.onnx) with onnxruntime on CPU, without torch.
 
-The graph (written by ``covidseg.onnxexport``) has calibration baked in: input ``image`` float32
+The graph (written by ``covidseg.model.onnx_export``) has calibration baked in: input ``image`` float32
 (N, 1, S, S) in [0, 1]; outputs ``probability`` float32 (N, S, S), the calibrated infection
 probability (flip averaging, lung gating and temperature included), and ``logits`` float32
 (N, C, S, S), the (flip-averaged) raw model outputs. Its metadata_props record the calibration and
@@ -88,7 +88,7 @@ class OnnxPredictor:
             raise ValueError(f"{self.path}: expects uint8 images (N, 1, {s}, {s}), got {images.dtype} {images.shape}")
         probs, logits = [], []
         for start in range(0, images.shape[0], batch_size):
-            # Same float32 division as covidseg.inference, so both see bit-identical inputs.
+            # Same float32 division as covidseg.inference.forward, so both see bit-identical inputs.
             x = images[start:start + batch_size].astype(np.float32) / np.float32(255.0)
             p, lg = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
             probs.append(p)

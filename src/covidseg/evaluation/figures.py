@@ -19,9 +19,9 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
-from covidseg.overlay import TINT, tint  # noqa: E402
+from covidseg.inference.overlay import TINT, tint  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
-from covidseg.preprocess import load_split  # noqa: E402
+from covidseg.data.arrays import load_split  # noqa: E402
 
 FIGURES = (
     "sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png",

@@ -32,19 +32,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from covidseg import __version__, metrics
+from covidseg import __version__
+
+from covidseg.evaluation import metrics
 from covidseg.atomic import atomic_path, write_json, write_text
-from covidseg.augment import augment_batch
+from covidseg.training.augment import augment_batch
 from covidseg.device import autocast, choose_device, choose_precision
-from covidseg.distributed import DistContext
-from covidseg.ema import WeightAverage
-from covidseg.importgraph import module_files
-from covidseg.inference import Calibration, predict_logits
-from covidseg.losses import make_loss
-from covidseg.model import UNet, UNetConfig
-from covidseg.modelio import save_model
+from covidseg.training.distributed import DistContext
+from covidseg.training.averaging import WeightAverage
+from covidseg.training.codehash import module_files
+from covidseg.inference.forward import Calibration, predict_logits
+from covidseg.model.losses import make_loss
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.model.checkpoint import save_model
 from covidseg.params import TrainParams
-from covidseg.preprocess import load_source, load_split
+from covidseg.data.arrays import load_source, load_split
 
 # val_dice/val_iou at threshold 0.5; val_rmse of the uncalibrated probabilities (temperature 1).
 CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr"]
@@ -58,9 +60,9 @@ class TrainingDiverged(RuntimeError):
 
 @lru_cache(maxsize=None)
 def code_hash() -> str:
-    """SHA-256 of the source of covidseg.train and of every covidseg module it imports (names relative to src/)."""
+    """SHA-256 of the source of covidseg.training.loop and of every covidseg module it imports (names relative to src/)."""
     here = Path(__file__).resolve()
-    src_root = here.parents[1]
+    src_root = here.parents[2]  # src/ (this file is src/covidseg/training/loop.py)
     h = hashlib.sha256()
     for path in sorted(module_files(here, src_root) | {here}):
         h.update(path.relative_to(src_root).as_posix().encode() + b"\0")
@@ -122,7 +124,7 @@ def _overlap_sums(prob: np.ndarray, truth: np.ndarray, threshold: float) -> dict
 
 
 def val_scores(logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, temperature: float = 1.0) -> dict[str, float]:
-    """Per-image mean Dice/IoU (empty-truth rule of :mod:`covidseg.metrics`), and sums for RMSE.
+    """Per-image mean Dice/IoU (empty-truth rule of :mod:`covidseg.evaluation.metrics`), and sums for RMSE.
 
     logits: float (N, S, S); masks: uint8 (N, 1, S, S) in {0, 1}.
     """
@@ -229,7 +231,7 @@ class Trainer:
     def _mismatch(self, state: dict) -> str | None:
         """Why a resume state cannot continue this run, or None when it can."""
         if state.get("code_hash") != code_hash():
-            return "the training code changed (covidseg.train or a module it imports)"
+            return "the training code changed (covidseg.training.loop or a module it imports)"
         if state.get("world_size") != self.ctx.world_size:
             return f"it was written with {state.get('world_size')} process(es), this run has {self.ctx.world_size}"
         if state.get("fingerprint") != self.fingerprint:

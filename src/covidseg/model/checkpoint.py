@@ -6,7 +6,7 @@ A model file is a ``torch.save`` zip archive of one dict::
     format_version  FORMAT_VERSION
     config          the UNetConfig as a dict
     state_dict      CPU tensors
-    ...             e.g. threshold, temperature, size, provenance (see covidseg.train)
+    ...             e.g. threshold, temperature, size, provenance (see covidseg.training.loop)
 
 Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
 ``torch.save`` to a path would store the temporary file's name) and then written atomically.
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from covidseg.atomic import atomic_path
-from covidseg.model import UNet, UNetConfig
+from covidseg.model.unet import UNet, UNetConfig
 
 FORMAT = "covidseg-model"
 FORMAT_VERSION = 2

@@ -42,10 +42,10 @@ from typing import Iterator
 import numpy as np
 
 from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
-from covidseg.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
+from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
 from covidseg.params import DataParams
-from covidseg.pngcheck import BadImageError, binarise, decode, encode_png
-from covidseg.sources import Source, locate_root, open_source
+from covidseg.data.decode import BadImageError, binarise, decode, encode_png
+from covidseg.data.sources import Source, locate_root, open_source
 
 MANIFEST_FIELDS = [
     "split", "class", "id", "image_path", "infection_path", "lung_path",

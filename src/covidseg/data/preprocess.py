@@ -23,27 +23,13 @@ import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir, write_json
-from covidseg.layout import IMAGES, INFECTION, LUNG, SPLITS
+from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS
+from covidseg.data.arrays import resize_image, resize_mask
 from covidseg.params import PreprocessParams
 
 
-def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
-    """uint8 (H, W) -> uint8 (size, size), bilinear with antialiasing."""
-    if arr.shape == (size, size):
-        return arr
-    return np.asarray(Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
-
-
-def resize_mask(arr: np.ndarray, size: int) -> np.ndarray:
-    """{0, 255} or {0, 1} mask (H, W) -> {0, 1} uint8 (size, size): bilinear in [0, 1], then > 0.5."""
-    unit = (arr > 0).astype(np.float32)
-    if arr.shape != (size, size):
-        unit = np.asarray(Image.fromarray(unit, mode="F").resize((size, size), Image.BILINEAR))
-    return (unit > 0.5).astype(np.uint8)
-
-
 def _decode(data: bytes) -> np.ndarray:
-    """PNG bytes from the extracted subset (8-bit grey, see covidseg.extract) -> uint8 (H, W)."""
+    """PNG bytes from the extracted subset (8-bit grey, see covidseg.data.extract) -> uint8 (H, W)."""
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
 
@@ -97,18 +83,3 @@ def _source_record(extracted_dir: Path, counts: dict[str, int]) -> dict:
     path = extracted_dir / "source.json"
     name = json.loads(path.read_text(encoding="utf-8")).get("name", "unknown") if path.is_file() else "unknown"
     return {"data_source": name, "synthetic": name == SYNTHETIC_NAME, "split_counts": dict(counts)}
-
-
-def load_source(prepared_dir: str | Path) -> dict:
-    """The ``source.json`` written by :func:`preprocess`, or an "unknown" record when there is none."""
-    path = Path(prepared_dir) / "source.json"
-    if not path.is_file():
-        return {"data_source": "unknown", "synthetic": False, "split_counts": {}}
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
-    """Load one split written by :func:`preprocess` into memory (see the module doc for shapes)."""
-    path = Path(prepared_dir) / f"{split}.npz"
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}

@@ -8,9 +8,9 @@ For every input image the outputs in ``out_dir`` are
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
 where (H, W) is the input's own size. Preprocessing matches training exactly: the file is
-decoded to 8-bit grey by :func:`covidseg.pngcheck.decode_grey`, resized to the model's
-``size`` x ``size`` by :func:`covidseg.preprocess.resize_image` (PIL bilinear), divided by 255
-inside :func:`covidseg.inference.predict_logits`, and the probabilities
+decoded to 8-bit grey by :func:`covidseg.data.decode.decode_grey`, resized to the model's
+``size`` x ``size`` by :func:`covidseg.data.preprocess.resize_image` (PIL bilinear), divided by 255
+inside :func:`covidseg.inference.forward.predict_logits`, and the probabilities
 ``sigmoid(logit / temperature)`` are resized back to (H, W) bilinearly before thresholding
 (``probability >= threshold`` is infected, as in evaluation).
 
@@ -37,11 +37,11 @@ from PIL import Image
 
 from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference import Calibration, calibrated_probabilities
-from covidseg.modelio import load_model
-from covidseg.overlay import tint
-from covidseg.pngcheck import BadImageError, decode_grey, low_range_warning
-from covidseg.preprocess import resize_image
+from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.model.checkpoint import load_model
+from covidseg.inference.overlay import tint
+from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
+from covidseg.data.arrays import resize_image
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})

@@ -1,4 +1,4 @@
-"""Score the trained model on the test split: every metric of :mod:`covidseg.metrics`, twice
+"""Score the trained model on the test split: every metric of :mod:`covidseg.evaluation.metrics`, twice
 (at the fixed threshold and at the one tuned on val), trivial baselines beside them.
 
 Writes ``metrics_path`` (the headline numbers DVC compares, see :func:`headline`), ``details_path``
@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidseg import metrics
+from covidseg.evaluation import metrics
 from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference import Calibration, calibrated_probabilities
-from covidseg.modelio import load_model
+from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
-from covidseg.preprocess import load_split
+from covidseg.data.arrays import load_split
 
 EMPTY_TRUTH_RULE = (
     "Per-image Dice/IoU/precision/recall/HD95 are undefined (NaN) when the quantity's denominator is 0, "
@@ -92,7 +92,7 @@ def pr_curve(prob: np.ndarray, truth: np.ndarray, bins: int = PR_BINS) -> pd.Dat
 
 
 def calibration_table(count: np.ndarray, psum: np.ndarray, tsum: np.ndarray) -> pd.DataFrame:
-    """Reliability-diagram rows from :func:`covidseg.metrics.calibration_bins` totals (each (B,)).
+    """Reliability-diagram rows from :func:`covidseg.evaluation.metrics.calibration_bins` totals (each (B,)).
 
     One row per bin that holds at least one pixel (empty bins have no mean and are left out):
     bin_lo, bin_hi (edges), mean_probability, fraction_infected, pixels.

@@ -1,10 +1,10 @@
 """Export a trained covidseg U-Net to ONNX with its calibration baked in, and check parity with torch.
 
 The exported graph maps ``image`` float32 (N, 1, S, S) in [0, 1] (uint8 / 255) to
-``probability`` float32 (N, S, S), exactly what ``covidseg.inference.calibrated_probabilities``
+``probability`` float32 (N, S, S), exactly what ``covidseg.inference.forward.calibrated_probabilities``
 computes (flip averaging, lung gating, temperature), and ``logits`` float32 (N, C, S, S), the
 (flip-averaged) raw outputs. The batch axis is dynamic; S is fixed. The threshold and calibration
-go into metadata_props (see ``covidseg.onnxrun``, the torch-free runner).
+go into metadata_props (see ``covidseg.inference.onnx_runtime``, the torch-free runner).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from covidseg.atomic import atomic_path
-from covidseg.inference import Calibration
-from covidseg.onnxrun import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, OnnxPredictor
+from covidseg.inference.forward import Calibration
+from covidseg.inference.onnx_runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, OnnxPredictor
 
 PARITY_TOL = 1e-4  # fp32 max |p_torch - p_onnx|
 
@@ -32,7 +32,7 @@ class ParityError(ValueError):
 class CalibratedUNet(nn.Module):
     """image (N, 1, S, S) in [0, 1] -> (calibrated probability (N, S, S), logits (N, C, S, S)).
 
-    The same arithmetic as ``covidseg.inference.predict_logits`` + ``probabilities`` in fp32.
+    The same arithmetic as ``covidseg.inference.forward.predict_logits`` + ``probabilities`` in fp32.
     """
 
     def __init__(self, model: nn.Module, calibration: Calibration):
@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
 
 
 def _torch_probabilities(net: nn.Module, calibration: Calibration, images: np.ndarray) -> np.ndarray:
-    from covidseg.inference import calibrated_probabilities
+    from covidseg.inference.forward import calibrated_probabilities
 
     return calibrated_probabilities(net, images, torch.device("cpu"), "fp32", calibration)
 
