@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from covidseg.evaluation.evaluate import PR_BINS, baselines, class_breakdown, evaluate
+from covidseg.evaluation.evaluate import evaluate
+from covidseg.evaluation.metrics import PR_BINS, baselines, class_breakdown
 from covidseg.inference.forward import predict_logits, probabilities
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.model.checkpoint import load_model, save_model

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from covidseg.evaluation import metrics
-from covidseg.evaluation.evaluate import calibration_table, pr_curve, threshold_metrics
+from covidseg.evaluation.metrics import calibration_table, pr_curve, threshold_metrics
 
 
 def masks(*rows: str) -> np.ndarray:
