@@ -93,3 +93,19 @@ def test_validate_all_checks_every_section_and_the_launch_command(tmp_path):
     path.write_text("launch:\n  train: ''\n")
     with pytest.raises(ParamsError, match="params 'launch': train must be a command"):
         validate_all(path)
+
+
+def test_dataclass_defaults_equal_params_yaml_for_every_section():
+    """params.yaml (tracked by DVC) and the dataclasses name the same keys with the same default values."""
+    import dataclasses
+
+    import yaml
+
+    from conftest import REPO
+    from covidseg.params import SECTIONS
+
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    for name, cls in SECTIONS.items():
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+        assert committed[name] == defaults, f"params.yaml '{name}' differs from {cls.__name__}'s defaults"

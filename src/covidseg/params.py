@@ -1,7 +1,9 @@
 """Typed, validated views of ``params.yaml`` sections, one dataclass per pipeline stage.
 
 Each stage declares only the keys it reads in ``dvc.yaml``; these classes are the single
-place where a key's type, default and allowed range live.
+place where a key's type and allowed range live. ``params.yaml`` is what DVC tracks, so its values
+are the defaults: every dataclass default equals the file's value (tests/test_params.py holds them
+together), and a key missing from the file falls back to that same value.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class PreprocessParams:
 class TrainParams:
     """Model, loss, optimiser and augmentation settings; defaults are the report's setup."""
 
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -102,7 +104,7 @@ class TrainParams:
     lung_aux_weight: float = 0.0
     base_channels: int = 16
     depth: int = 4
-    downsample: int = 1
+    downsample: int = 2
     augment: bool = False
     flip: bool = True
     rotate_deg: float = 10.0
@@ -112,7 +114,7 @@ class TrainParams:
     gamma: float = 0.15
     patience: int = 0
     ema_decay: float = 0.0
-    temperature_scaling: bool = False
+    temperature_scaling: bool = True
     flip_tta: bool = False
     device: str = "auto"
     precision: str = "auto"
