@@ -19,15 +19,14 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-# The real-data preset (README, "Results on real data"): `make real DATA=/path/to/covidqu[.zip]`.
+# The real-data preset (docs/results.md): `make real DATA=/path/to/covidqu[.zip]`. The params live
+# in presets/real.yaml (one copy, checked by `covidseg preset` before the run starts).
 DATA ?= $(abspath ../shared/data/covidqu-dev)
-REAL_PARAMS := -S data.source=$(abspath $(DATA)) -S train.epochs=28 -S train.lr=0.001 -S train.weight_decay=0.0001 \
-	-S train.schedule=cosine -S train.warmup_epochs=1 -S train.loss=bce_dice -S train.lung_aux_weight=0.5 \
-	-S train.base_channels=16 -S train.depth=5 -S train.downsample=2 -S train.augment=true \
-	-S train.temperature_scaling=true -S train.flip_tta=true
+PRESET ?= presets/real.yaml
 
 real: $(STAMP)
-	$(BIN)/dvc exp run -n real-preset $(REAL_PARAMS)
+	flags="$$($(BIN)/covidseg preset $(PRESET))" && \
+	$(BIN)/dvc exp run -n real-preset -S data.source=$(abspath $(DATA)) $$flags
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

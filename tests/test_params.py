@@ -109,3 +109,50 @@ def test_dataclass_defaults_equal_params_yaml_for_every_section():
         defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
         assert committed[name] == defaults, f"params.yaml '{name}' differs from {cls.__name__}'s defaults"
+
+
+def test_image_size_must_fit_the_unet_levels(tmp_path):
+    """A 48 px image cannot be halved 4 times after a 2x downsample: refused by the check, naming both params."""
+    from covidseg.params import validate_all
+
+    path = tmp_path / "params.yaml"
+    path.write_text("preprocess: {image_size: 48}\ntrain: {depth: 5, downsample: 2}\n")
+    with pytest.raises(ParamsError, match=r"image_size 48 must be divisible by .* = 32"):
+        validate_all(path)
+    path.write_text("preprocess: {image_size: 64}\ntrain: {depth: 5, downsample: 2}\n")
+    assert validate_all(path)["train"].depth == 5
+
+
+def test_unet_config_and_train_params_share_the_architecture_ranges():
+    from covidseg.model.unet import UNetConfig
+
+    with pytest.raises(ValueError, match="depth must be in"):
+        UNetConfig(depth=7)
+    with pytest.raises(ParamsError, match="depth must be in"):
+        from_dict(TrainParams, "train", {"depth": 7})
+
+
+def test_real_preset_gives_valid_dvc_flags_and_is_the_one_make_real_runs():
+    from covidseg.params import preset_flags
+
+    flags = preset_flags(REPO / "presets/real.yaml", REPO / "params.yaml")
+    assert flags[0::2] == ["-S"] * (len(flags) // 2)
+    assert "train.epochs=28" in flags and "train.augment=true" in flags and "train.flip_tta=true" in flags
+    makefile = (REPO / "Makefile").read_text()
+    assert "covidseg preset $(PRESET)" in makefile and "PRESET ?= presets/real.yaml" in makefile
+    assert "-S train." not in makefile  # one copy of the preset: the file
+
+
+def test_a_preset_with_a_typo_or_bad_value_is_refused_by_name(tmp_path):
+    from covidseg.params import preset_flags
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml: .*unknown keys \['epoch'\]"):
+        preset_flags(bad, REPO / "params.yaml")
+    bad.write_text("train:\n  lr: 2\n")
+    with pytest.raises(ParamsError, match=r"bad.yaml: .*lr must be in"):
+        preset_flags(bad, REPO / "params.yaml")
+    bad.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ParamsError, match=r"unknown section 'trian'"):
+        preset_flags(bad, REPO / "params.yaml")

@@ -136,5 +136,23 @@ def predict(
         raise typer.Exit(EXIT_FAILED_INPUTS)
 
 
+@app.command()
+def preset(
+    path: Path = typer.Argument(..., help="A preset file of params overrides, e.g. presets/real.yaml."),
+    params: Path = typer.Option(Path("params.yaml"), help="The params file the preset is checked against."),
+) -> None:
+    """Print a preset as `dvc exp run -S` flags, one per line, after checking every key and value.
+
+    Use: `dvc exp run $(covidseg preset presets/real.yaml) -S data.source=/path/to/covidqu`.
+    """
+    from covidseg.params import ParamsError, preset_flags
+
+    try:
+        flags = preset_flags(path, params)
+    except ParamsError as exc:
+        _die(_stderr_console(), str(exc))
+    typer.echo("\n".join(flags))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -33,6 +33,22 @@ def _check(cond: bool, section: str, message: str) -> None:
         raise ParamsError(f"params '{section}': {message}")
 
 
+def architecture_problems(base_channels: int, depth: int, downsample: int) -> list[str]:
+    """What is wrong with a U-Net size (empty when nothing): the one place its ranges are checked.
+
+    Used for ``train.*`` params and by :class:`covidseg.model.unet.UNetConfig` (so a model file
+    with an impossible config is refused the same way).
+    """
+    problems = []
+    if base_channels < 4:
+        problems.append("base_channels must be >= 4")
+    if not 1 <= depth <= 6:
+        problems.append("depth must be in [1, 6]")
+    if downsample not in (1, 2, 4):
+        problems.append("downsample must be 1, 2 or 4")
+    return problems
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchParams:
     """How DVC starts the train stage (read by dvc.yaml, checked here)."""
@@ -133,9 +149,8 @@ class TrainParams:
         _check(self.focal_gamma >= 0, s, "focal_gamma must be >= 0")
         _check(self.pos_weight > 0, s, "pos_weight must be > 0")
         _check(self.lung_aux_weight >= 0, s, "lung_aux_weight must be >= 0")
-        _check(self.base_channels >= 4, s, "base_channels must be >= 4")
-        _check(1 <= self.depth <= 6, s, "depth must be in [1, 6]")
-        _check(self.downsample in (1, 2, 4), s, "downsample must be 1, 2 or 4")
+        for problem in architecture_problems(self.base_channels, self.depth, self.downsample):
+            _check(False, s, problem)
         _check(0 <= self.rotate_deg <= 45, s, "rotate_deg must be in [0, 45]")
         for name in ("scale", "brightness", "contrast", "gamma"):
             _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
@@ -267,4 +282,40 @@ def validate_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Load and validate the seed and every section; returns {section: dataclass, "seed": int}."""
     loaded: dict[str, Any] = {name: load_section(cls, name, path) for name, cls in SECTIONS.items()}
     loaded["seed"] = load_seed(path)
+    train, size = loaded["train"], loaded["preprocess"].image_size
+    step = train.downsample * 2 ** (train.depth - 1)
+    _check(size % step == 0, "train", f"preprocess.image_size {size} must be divisible by downsample * 2 ** (depth - 1) = {step} "
+           "(the U-Net halves the image depth - 1 times after downsampling)")
     return loaded
+
+
+def _flag_value(value: Any) -> str:
+    """A params value as DVC's ``-S key=value`` reads it (YAML): true/false, numbers, [a,b] lists."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_flag_value(v) for v in value) + "]"
+    return str(value)
+
+
+def preset_flags(preset_path: str | Path, params_path: str | Path = "params.yaml") -> list[str]:
+    """``dvc exp run`` flags (``["-S", "train.epochs=28", ...]``) for a preset file of params overrides.
+
+    The preset is a params-style mapping holding only what differs from ``params_path``; it is
+    merged over that file and validated like it (an unknown section or key, or a bad value,
+    raises ParamsError naming the preset), so a typo in a preset never reaches a long run.
+    """
+    preset = read_yaml(preset_path)
+    base = read_params(params_path)
+    flags: list[str] = []
+    for section, values in preset.items():
+        if section not in SECTIONS:
+            raise ParamsError(f"{preset_path}: unknown section {section!r}; known ones are {list(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ParamsError(f"{preset_path}: section {section!r} must be a mapping of keys to values")
+        try:
+            from_dict(SECTIONS[section], section, {**(base.get(section) or {}), **values})
+        except ParamsError as exc:
+            raise ParamsError(f"{preset_path}: {exc}") from None
+        flags += [item for key, value in values.items() for item in ("-S", f"{section}.{key}={_flag_value(value)}")]
+    return flags

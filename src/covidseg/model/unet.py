@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from covidseg.params import architecture_problems
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -30,12 +32,9 @@ class UNetConfig:
     def __post_init__(self) -> None:
         if self.in_channels < 1 or self.out_channels < 1:
             raise ValueError("in_channels and out_channels must be >= 1")
-        if self.base_channels < 4:
-            raise ValueError("base_channels must be >= 4")
-        if not 1 <= self.depth <= 6:
-            raise ValueError("depth must be in [1, 6]")
-        if self.downsample not in (1, 2, 4):
-            raise ValueError("downsample must be 1, 2 or 4")
+        problems = architecture_problems(self.base_channels, self.depth, self.downsample)
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def to_dict(self) -> dict:
         return asdict(self)
