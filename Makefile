@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro real test test-all bench clean-venv
+.PHONY: setup repro real lint test test-all bench clean-venv
 
 setup: $(STAMP)
 
@@ -28,7 +28,11 @@ real: $(STAMP)
 	flags="$$($(BIN)/covidseg preset $(PRESET))" && \
 	$(BIN)/dvc exp run -n real-preset -S data.source=$(abspath $(DATA)) $$flags
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/ruff format --check src stages tests benchmarks
+
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 test-all: $(STAMP)
