@@ -21,10 +21,10 @@ repro: $(STAMP)
 
 # The real-data preset (docs/results.md): `make real DATA=/path/to/covidqu[.zip]`. The params live
 # in presets/real.yaml (one copy, checked by `covidseg preset` before the run starts).
-DATA ?= $(abspath ../shared/data/covidqu-dev)
 PRESET ?= presets/real.yaml
 
 real: $(STAMP)
+	@test -n "$(DATA)" || { echo "make real needs DATA=/path/to/covidqu (the Kaggle folder or .zip)"; exit 2; }
 	flags="$$($(BIN)/covidseg preset $(PRESET))" && \
 	$(BIN)/dvc exp run -n real-preset -S data.source=$(abspath $(DATA)) $$flags
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, NoReturn, Optional
 
 import typer
+
+if TYPE_CHECKING:  # rich is imported lazily, so `covidseg --help` answers at once
+    from rich.console import Console
 
 app = typer.Typer(
     help="covidseg: COVID-19 infection segmentation on chest X-rays. Use a trained model on your own images.",
@@ -40,13 +43,13 @@ def main() -> None:
     """covidseg: COVID-19 infection segmentation on chest X-rays."""
 
 
-def _stderr_console():
+def _stderr_console() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, highlight=False)
 
 
-def _die(console, message: str) -> None:
+def _die(console: Console, message: str) -> NoReturn:
     console.print(f"error: {message}", markup=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 

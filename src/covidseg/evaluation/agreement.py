@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats
 
 
-def _vector(a, name: str) -> np.ndarray:
+def _vector(a: ArrayLike, name: str) -> np.ndarray:
     """``a`` as a float 1-D array, or a ValueError naming it."""
     a = np.asarray(a, dtype=float)
     if a.ndim != 1:
@@ -26,7 +27,7 @@ def _vector(a, name: str) -> np.ndarray:
     return a
 
 
-def _pairs(a, b, names=("pred", "true")) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(a: ArrayLike, b: ArrayLike, names=("pred", "true")) -> tuple[np.ndarray, np.ndarray]:
     """Two 1-D float arrays of equal length with every pair holding a NaN removed."""
     a, b = _vector(a, names[0]), _vector(b, names[1])
     if a.shape != b.shape:
@@ -37,7 +38,7 @@ def _pairs(a, b, names=("pred", "true")) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------- bootstrap
 
-def bootstrap_ci(values, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
+def bootstrap_ci(values: ArrayLike, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
                  seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap confidence interval (low, high) of ``statistic`` over images.
 
@@ -72,7 +73,7 @@ class PairedDiff(NamedTuple):
     n: int
 
 
-def paired_bootstrap_diff(a, b, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
+def paired_bootstrap_diff(a: ArrayLike, b: ArrayLike, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
                           seed: int = 0, level: float = 0.95) -> PairedDiff:
     """Difference between two runs' per-image values on the same images, ``a - b``, with a paired bootstrap CI.
 
@@ -90,13 +91,13 @@ def paired_bootstrap_diff(a, b, statistic: Callable[[np.ndarray], float] = np.me
 
 # ---------------------------------------------------------------- continuous agreement
 
-def share_mae(pred, true) -> float:
+def share_mae(pred: ArrayLike, true: ArrayLike) -> float:
     """Mean absolute error, in the inputs' units (percentage points for shares); NaN with no pair."""
     pred, true = _pairs(pred, true)
     return float(np.mean(np.abs(pred - true))) if pred.size else float("nan")
 
 
-def pearson(x, y) -> float:
+def pearson(x: ArrayLike, y: ArrayLike) -> float:
     """Pearson correlation; NaN with fewer than 2 pairs or when either side is constant."""
     x, y = _pairs(x, y, names=("x", "y"))
     if x.size < 2:
@@ -106,7 +107,7 @@ def pearson(x, y) -> float:
     return float(dx @ dy / denom) if denom > 0 else float("nan")
 
 
-def spearman(x, y) -> float:
+def spearman(x: ArrayLike, y: ArrayLike) -> float:
     """Spearman rank correlation: Pearson of the ranks, ties given their average rank; NaN when constant."""
     x, y = _pairs(x, y, names=("x", "y"))
     return pearson(stats.rankdata(x), stats.rankdata(y))
@@ -130,7 +131,7 @@ class BlandAltman:
     n: int
 
 
-def bland_altman(pred, true) -> BlandAltman:
+def bland_altman(pred: ArrayLike, true: ArrayLike) -> BlandAltman:
     """Bland & Altman (Lancet 1986) bias and 95 % limits of agreement; NaN pairs dropped, sd NaN below 2 pairs."""
     pred, true = _pairs(pred, true)
     diffs, means = pred - true, (pred + true) / 2
@@ -141,7 +142,7 @@ def bland_altman(pred, true) -> BlandAltman:
 
 # ---------------------------------------------------------------- ordinal (extent score) agreement
 
-def _categories(pred, true) -> tuple[np.ndarray, np.ndarray]:
+def _categories(pred: ArrayLike, true: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Integer category arrays (n,) from pred/true with NaN pairs dropped; non-integer or negative values refused."""
     pred, true = _pairs(pred, true)
     for name, a in (("pred", pred), ("true", true)):
@@ -151,7 +152,7 @@ def _categories(pred, true) -> tuple[np.ndarray, np.ndarray]:
     return pred.astype(np.int64), true.astype(np.int64)
 
 
-def confusion_matrix(pred, true, k: int) -> np.ndarray:
+def confusion_matrix(pred: ArrayLike, true: ArrayLike, k: int) -> np.ndarray:
     """Counts int64 (k + 1, k + 1) over categories 0..k: row = true category, column = predicted."""
     pred, true = _categories(pred, true)
     for name, a in (("pred", pred), ("true", true)):
@@ -162,7 +163,7 @@ def confusion_matrix(pred, true, k: int) -> np.ndarray:
     return matrix
 
 
-def quadratic_weighted_kappa(pred, true) -> float:
+def quadratic_weighted_kappa(pred: ArrayLike, true: ArrayLike) -> float:
     """Cohen's kappa with quadratic weights over the integer categories 0..K (K = largest value seen).
 
     kappa = 1 - sum(w * O) / sum(w * E) with w_ij = (i - j)^2, O the confusion matrix and
@@ -185,7 +186,7 @@ def quadratic_weighted_kappa(pred, true) -> float:
     return 1 - float((weights * observed).sum()) / chance if chance > 0 else float("nan")
 
 
-def extent_agreement(pred_scores, true_scores) -> dict[str, float]:
+def extent_agreement(pred_scores: ArrayLike, true_scores: ArrayLike) -> dict[str, float]:
     """Agreement of extent scores (n,): ``exact`` share of equal scores, ``within_1`` share off by at most 1,
     ``kappa`` (quadratic weighted), and ``n`` pairs used (NaN pairs dropped). Shares in [0, 1]."""
     pred, true = _categories(pred_scores, true_scores)

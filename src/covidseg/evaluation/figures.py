@@ -27,11 +27,12 @@ FIGURES = (
     "sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png",
     "pr_curve.png", "reliability.png", "dice_histogram.png", "gallery.png",
 )
-REPORT_RMSE = 0.2288  # the report's test RMSE on COVID-QU-Ex (see DESIGN.md, Anchors)
+REPORT_RMSE = 0.2288  # the student report's test RMSE on the COVID-QU-Ex COVID-19 test split (U-Net, BCE)
 TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color=(1.0, 0.15, 0.1), alpha: float = 0.45) -> np.ndarray:
+def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float] = (1.0, 0.15, 0.1),
+            alpha: float = 0.45) -> np.ndarray:
     """uint8 RGB (S, S, 3) of the grey uint8 image with ``mask`` tinted in ``color`` (as ``covidseg predict`` draws it)."""
     return tint(image, mask, color, alpha)
 

@@ -20,7 +20,10 @@ This module depends only on numpy, scipy and pandas.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
+from numpy.typing import ArrayLike
 import pandas as pd
 from scipy import ndimage
 
@@ -154,7 +157,7 @@ def _pct(infection: np.ndarray, region: np.ndarray) -> float:
     return 100.0 * int((infection & region).sum()) / n if n else float("nan")
 
 
-def extent_score(share_pct):
+def extent_score(share_pct: ArrayLike) -> np.ndarray | int:
     """Per-lung extent score 0-4 of an infected share in percent (scalar or array, vectorised).
 
     0 when the share is exactly 0, 1 for 0 < s < 25, 2 for 25 <= s < 50, 3 for 50 <= s < 75,
@@ -172,7 +175,7 @@ def extent_score(share_pct):
     return int(score) if score.ndim == 0 else score
 
 
-def severity_table(infection_masks: np.ndarray, lung_masks: np.ndarray, ids=None) -> pd.DataFrame:
+def severity_table(infection_masks: np.ndarray, lung_masks: np.ndarray, ids: Sequence[str] | None = None) -> pd.DataFrame:
     """One row per image of bool batches (N, H, W): shares (%), per-lung and image extent scores.
 
     Columns: ``right_pct``, ``left_pct``, ``lungs_pct`` (see :func:`lung_shares`),
