@@ -27,7 +27,7 @@ FIGURES = (
     "sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png",
     "pr_curve.png", "reliability.png", "dice_histogram.png", "gallery.png",
 )
-REPORT_RMSE = 0.2288  # the student report's test RMSE on the COVID-QU-Ex COVID-19 test split (U-Net, BCE)
+REPORT_RMSE = 0.2288  # the student report's U-Net test RMSE on the real COVID-QU-Ex COVID-19 test split
 TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
 
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from covidseg.atomic import write_text
 
-# Published quality on the real COVID-QU-Ex COVID-19 test split (583 images, 256 px): the student report's U-Net
-# (BCE) test RMSE, and MedSegBench's from-scratch smp U-Nets with Dice loss (resnet18 to densenet121 encoders).
+# Published quality on the real COVID-QU-Ex COVID-19 test split: the student report's U-Net test RMSE, and
+# MedSegBench's smp U-Nets trained from scratch with Dice loss on the official 1864/466/583 split (per-image
+# Dice and IoU at 256 px, resnet18 to densenet121 encoders).
 REPORT_RMSE = 0.2288
 MEDSEGBENCH_DICE = (0.740, 0.756)
 MEDSEGBENCH_IOU = (0.627, 0.647)
