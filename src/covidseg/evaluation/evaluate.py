@@ -39,11 +39,9 @@ def headline(summary: dict) -> dict:
     covid = (summary.get("by_class") or {}).get("COVID-19") or {}
     return {
         "n_images": summary["n_images"],
-        "rmse": summary["rmse"], "dice": summary["dice"], "iou": summary["iou"],
-        "brier": summary["brier"], "ece": summary["ece"],
-        "threshold": tuned["threshold"], "dice_at_threshold": tuned["dice_mean"], "iou_at_threshold": tuned["iou_mean"],
-        "dice_global": fixed["dice_global"], "precision": fixed["precision_mean"], "recall": fixed["recall_mean"],
-        "hd95_median": fixed["hd95_median"],
+        "rmse": summary["rmse"], "dice": summary["dice"], "iou": summary["iou"], "ece": summary["ece"],
+        "threshold": tuned["threshold"], "dice_at_threshold": tuned["dice_mean"],
+        "dice_global": fixed["dice_global"], "hd95_median": fixed["hd95_median"],
         "covid19_rmse": covid.get("rmse", float("nan")), "covid19_dice": covid.get("dice", float("nan")),
     }
 
