@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, run
 
 import covidseg.training.loop as train_mod
-from covidseg.model.checkpoint import load_model
-from covidseg.params import TrainParams
 from covidseg.inference.calibration import tune_temperature, tune_threshold, val_scores
 from covidseg.inference.forward import predict_logits
+from covidseg.model.checkpoint import load_model
+from covidseg.params import TrainParams
 from covidseg.training.loop import TrainingDiverged, lr_at, train
 from covidseg.training.selection import BestEpoch
-from conftest import REPO, run
 
 TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")
 

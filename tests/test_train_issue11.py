@@ -8,14 +8,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from test_train import TINY, _train, interrupt_after
 
-import covidseg.training.loop as train_mod
-from covidseg.model.checkpoint import load_model
 import covidseg.inference.calibration as calibration_mod
+import covidseg.training.loop as train_mod
 from covidseg.inference.calibration import TEMPERATURES
+from covidseg.model.checkpoint import load_model
 from covidseg.training.codehash import code_hash
 from covidseg.training.loop import CURVE_FIELDS, train
-from test_train import TINY, _train, interrupt_after
 
 TWO = dataclasses.replace(TINY, epochs=2)
 
