@@ -25,7 +25,7 @@ import onnxruntime
 import torch
 
 from covidseg.atomic import write_json, write_text
-from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.model.onnx_export import export_onnx, parity
 from covidseg.inference.onnx_runtime import OnnxPredictor

@@ -23,11 +23,11 @@ import torch
 
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.training.distributed import DistContext
-from covidseg.model.losses import make_loss
+from covidseg.model.losses import make_loss, segmentation_loss
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
 from covidseg.data.synth import make_case
-from covidseg.training.loop import Trainer, _loss
+from covidseg.training.loop import Trainer
 
 CONFIGS = {
     "report_default (base 16, depth 4, full res, bce)": TrainParams(base_channels=16, depth=4, downsample=1),
@@ -62,7 +62,7 @@ def bare_step_rate(p: TrainParams, size: int, steps: int) -> float:
         start = time.perf_counter()
         with autocast(device, precision):
             logits = model(x)
-        loss = _loss(logits.float(), y, loss_fn, p)
+        loss = segmentation_loss(logits.float(), y, loss_fn, p.lung_aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

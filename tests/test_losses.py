@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from covidseg.model.losses import bce_loss, focal_loss, make_loss, soft_dice_loss
+from covidseg.model.losses import bce_loss, focal_loss, make_loss, segmentation_loss, soft_dice_loss, training_targets
 
 
 def test_bce_hand_checked():
@@ -48,3 +48,26 @@ def test_every_loss_is_finite_and_differentiable(name):
 def test_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'l1'"):
         make_loss("l1")
+
+
+def test_training_targets_stack_the_lung_mask_only_with_the_lung_head():
+    masks = torch.tensor([[[[0, 1], [1, 0]]]], dtype=torch.uint8)
+    lungs = torch.ones_like(masks)
+    both = training_targets(masks, lungs, with_lungs=True)
+    assert both.shape == (1, 2, 2, 2) and both.dtype == torch.float32
+    assert torch.equal(both[:, 0], masks[:, 0].float()) and torch.equal(both[:, 1], lungs[:, 0].float())
+    assert torch.equal(training_targets(masks, lungs, with_lungs=False), masks.float())
+
+
+def test_segmentation_loss_adds_the_weighted_lung_bce_by_hand():
+    # Infection channel: logits 0 everywhere -> BCE = log 2 whatever the target.
+    # Lung channel: logit +log 3 (p = 3/4) on two pixels with target 1 (-log 3/4 each) and two with
+    # target 0 (-log 1/4 each): mean BCE = (2 log 4/3 + 2 log 4) / 4 = (log(4/3) + log 4) / 2.
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[:, 1] = math.log(3)
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]]])
+    lung_bce = (math.log(4 / 3) + math.log(4)) / 2
+    bce = make_loss("bce")
+    assert segmentation_loss(logits, target, bce, 0.5).item() == pytest.approx(math.log(2) + 0.5 * lung_bce, rel=1e-6)
+    assert segmentation_loss(logits, target, bce, 0.0).item() == pytest.approx(math.log(2), rel=1e-6)  # no lung head term
+    assert segmentation_loss(logits[:, :1], target[:, :1], bce, 0.0).item() == pytest.approx(math.log(2), rel=1e-6)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from covidseg.model import onnx_export as onnxexport
-from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.model.onnx_export import ParityError, check_parity, export_onnx, parity
 from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor

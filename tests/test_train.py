@@ -9,19 +9,30 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import REPO, run
 
 import covidseg.training.loop as train_mod
+from covidseg.inference.calibration import tune_temperature, tune_threshold, val_scores
+from covidseg.inference.forward import predict_logits
 from covidseg.model.checkpoint import load_model
 from covidseg.params import TrainParams
-from covidseg.inference.forward import predict_logits
-from covidseg.training.loop import TrainingDiverged, lr_at, train, tune_temperature, tune_threshold, val_scores
-from conftest import REPO, run
+from covidseg.training.loop import TrainingDiverged, lr_at, train
+from covidseg.training.selection import BestEpoch
 
 TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")
 
 
-def _train(prepared, out, params=TINY, seed=0):
-    return train(prepared, out / "model.pt", out / "resume", out / "curves.tsv", out / "train.json", params, seed, log=lambda *a: None)
+def _train(prepared, out, params=TINY, seed=0, on_epoch_end=None):
+    return train(prepared, out / "model.pt", out / "resume", out / "curves.tsv", out / "train.json", params, seed,
+                 log=lambda *a: None, on_epoch_end=on_epoch_end)
+
+
+def interrupt_after(last_epoch):
+    """An end-of-epoch hook that raises KeyboardInterrupt (as Ctrl-C would) once ``last_epoch`` is finished and saved."""
+    def hook(trainer, row):
+        if row["epoch"] == last_epoch:
+            raise KeyboardInterrupt
+    return hook
 
 
 def _curves(path):
@@ -68,22 +79,13 @@ def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, monkeypatch, ema_decay):
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, ema_decay):
     params = dataclasses.replace(TINY, ema_decay=ema_decay)
     _train(tiny_prepared, tmp_path / "full", params)
-    original = train_mod.Trainer._train_epoch
-
-    def interrupt_in_epoch_3(self, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt  # Ctrl-C during the third epoch
-        return original(self, epoch)
-
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", interrupt_in_epoch_3)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path / "cut", params)
+        _train(tiny_prepared, tmp_path / "cut", params, on_epoch_end=interrupt_after(2))  # Ctrl-C once epoch 2 is saved
     assert (tmp_path / "cut" / "resume" / "state.pt").exists()
     assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
     logs = []
     train(tiny_prepared, tmp_path / "cut" / "model.pt", tmp_path / "cut" / "resume", tmp_path / "cut" / "curves.tsv",
           tmp_path / "cut" / "train.json", params, 0, log=logs.append)
@@ -93,17 +95,14 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_prepared, tmp_path, monkeypatch):
+def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_prepared, tmp_path):
     _train(tiny_prepared, tmp_path / "raw")
     kept = {}
-    original = train_mod.Trainer._val_epoch
 
-    def remember_average(self):
-        kept[len(self.rows) + 1] = {k: v.clone() for k, v in self.ema.model.state_dict().items()}
-        return original(self)
+    def remember_average(trainer, row):  # the average as validated this epoch (val does not change it)
+        kept[row["epoch"]] = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
 
-    monkeypatch.setattr(train_mod.Trainer, "_val_epoch", remember_average)
-    summary = _train(tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9))
+    summary = _train(tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9), on_epoch_end=remember_average)
     raw, ema = _curves(tmp_path / "raw" / "curves.tsv"), _curves(tmp_path / "ema" / "curves.tsv")
     pd.testing.assert_series_equal(raw["train_loss"], ema["train_loss"])  # the raw weights train exactly as without averaging
     assert not np.allclose(raw["val_loss"], ema["val_loss"])  # validation sees the averaged weights
@@ -111,13 +110,9 @@ def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_p
     assert all(torch.equal(saved[k], kept[summary["best_epoch"]][k]) for k in saved)  # the best epoch's average is kept
 
 
-def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path, monkeypatch):
-    original = train_mod.Trainer._train_epoch
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch",
-                        lambda self, e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 2 else original(self, e))
+def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path)
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
+        _train(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
     logs = []
     train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
           dataclasses.replace(TINY, lr=5e-4), 0, log=logs.append)
@@ -151,12 +146,32 @@ def test_nan_loss_stops_with_a_clear_message(tiny_prepared, tmp_path, monkeypatc
     assert not (tmp_path / "model.pt").exists()
 
 
-def test_early_stopping_keeps_the_best_epoch(tiny_prepared, tmp_path, monkeypatch):
-    scores = iter([0.5, 0.7, 0.6, 0.4, 0.3, 0.2])
-    monkeypatch.setattr(train_mod.Trainer, "_val_epoch",
-                        lambda self: {"val_loss": 1.0, "val_rmse": 0.5, "val_dice": next(scores), "val_iou": 0.1})
-    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=6, patience=2))
-    assert summary["epochs_run"] == 4 and summary["best_epoch"] == 2
+def test_early_stopping_keeps_the_best_epoch():
+    best, stopped_after = BestEpoch(), None
+    for epoch, score in enumerate([0.5, 0.7, 0.6, 0.4, 0.3, 0.2], start=1):
+        best.update(epoch, score)
+        if best.exhausted(patience=2):
+            stopped_after = epoch
+            break
+    assert stopped_after == 4 and best.epoch == 2 and best.score == 0.7
+    assert not BestEpoch(since=100).exhausted(patience=0)  # patience 0: never stop early
+    tie = BestEpoch()
+    assert tie.update(1, 0.5) and not tie.update(2, 0.5) and tie.epoch == 1  # a tie is not an improvement
+
+
+def test_training_stops_early_patience_epochs_after_the_best_and_keeps_it(tiny_prepared, tmp_path):
+    seen = []
+    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=30, patience=1, lr=3e-3),
+                     on_epoch_end=lambda trainer, row: seen.append(row["val_dice"]))
+    best = int(np.argmax(seen)) + 1  # first epoch with the highest val_dice@0.5
+    assert summary["epochs_run"] == len(seen) == best + 1 < 30  # stopped one epoch (patience) after the best
+    assert summary["best_epoch"] == best and summary["val_dice_at_0.5"] == seen[best - 1]
+
+
+def test_a_hook_returning_false_ends_training_and_the_run_finishes(tiny_prepared, tmp_path):
+    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=5), on_epoch_end=lambda trainer, row: row["epoch"] < 2)
+    assert summary["epochs_run"] == 2 and (tmp_path / "model.pt").exists()
+    assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
 
 
 def test_learning_rate_schedule():

@@ -2,27 +2,28 @@
 
 import dataclasses
 import json
+import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from test_train import TINY, _train, interrupt_after
 
+import covidseg.inference.calibration as calibration_mod
 import covidseg.training.loop as train_mod
+from covidseg.inference.calibration import TEMPERATURES
 from covidseg.model.checkpoint import load_model
-from covidseg.training.loop import CURVE_FIELDS, TEMPERATURES, train
-from test_train import TINY, _train
+from covidseg.training.codehash import code_hash
+from covidseg.training.loop import CURVE_FIELDS, train
 
 TWO = dataclasses.replace(TINY, epochs=2)
 
 
-def _cut_after_epoch_1(tiny_prepared, out, monkeypatch, params=TWO):
-    """Train and interrupt during epoch 2, leaving a resume state after epoch 1."""
-    original = train_mod.Trainer._train_epoch
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch",
-                        lambda self, e: (_ for _ in ()).throw(KeyboardInterrupt) if e == 2 else original(self, e))
+def _cut_after_epoch_1(tiny_prepared, out, params=TWO):
+    """Train and interrupt once epoch 1 is saved, leaving a resume state after epoch 1."""
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, out, params)
-    monkeypatch.setattr(train_mod.Trainer, "_train_epoch", original)
+        _train(tiny_prepared, out, params, on_epoch_end=interrupt_after(1))
     assert (out / "resume" / "state.pt").exists()
 
 
@@ -33,22 +34,39 @@ def _rerun(tiny_prepared, out, params=TWO):
 
 
 def test_resume_state_from_other_training_code_starts_afresh(tiny_prepared, tmp_path, monkeypatch):
-    _cut_after_epoch_1(tiny_prepared, tmp_path, monkeypatch)
+    _cut_after_epoch_1(tiny_prepared, tmp_path)
     monkeypatch.setattr(train_mod, "code_hash", lambda: "edited-loss")  # as after an edit to losses.py
     lines = _rerun(tiny_prepared, tmp_path)
     assert len(lines) == 1 and "training code changed" in lines[0] and "starting afresh" in lines[0]
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
 
 
-def test_code_hash_covers_the_modules_train_imports():
-    before = train_mod.code_hash()
-    assert len(before) == 64 and before == train_mod.code_hash()
-    files = train_mod.module_files(train_mod.__file__, train_mod.Path(train_mod.__file__).parents[2])
-    assert {p.name for p in files} >= {"losses.py", "unet.py", "augment.py", "checkpoint.py", "device.py"}
+def test_code_hash_covers_the_modules_train_imports(tmp_path):
+    src = Path(train_mod.__file__).resolve().parents[2]
+    shutil.copytree(src, tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    root = tmp_path / "src"
+    entry = root / "covidseg" / "training" / "loop.py"
+    before = code_hash(entry, root)
+    assert len(before) == 64 and before == code_hash(src / "covidseg" / "training" / "loop.py", src) == train_mod.code_hash()
+
+    def hash_with_one_byte_changed(relative):
+        path = root / relative
+        original = path.read_bytes()
+        path.write_bytes(original + b" ")
+        try:
+            return code_hash(entry, root)
+        finally:
+            path.write_bytes(original)
+
+    for covered in ("covidseg/model/unet.py", "covidseg/model/losses.py", "covidseg/inference/calibration.py",
+                    "covidseg/training/loop.py"):
+        assert hash_with_one_byte_changed(covered) != before, covered
+    assert hash_with_one_byte_changed("covidseg/evaluation/figures.py") == before  # train does not import it
+    assert code_hash(entry, root) == before
 
 
-def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_path, monkeypatch):
-    _cut_after_epoch_1(tiny_prepared, tmp_path, monkeypatch)
+def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_path):
+    _cut_after_epoch_1(tiny_prepared, tmp_path)
     path = tmp_path / "resume" / "state.pt"
     state = torch.load(path, weights_only=False)
     state["world_size"] = 2
@@ -58,8 +76,8 @@ def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_p
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a torch file", "list", "wrong-model"])
-def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tiny_prepared, tmp_path, monkeypatch, content):
-    _cut_after_epoch_1(tiny_prepared, tmp_path, monkeypatch)
+def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tiny_prepared, tmp_path, content):
+    _cut_after_epoch_1(tiny_prepared, tmp_path)
     path = tmp_path / "resume" / "state.pt"
     if content == "list":
         torch.save([1, 2, 3], path)
@@ -117,7 +135,7 @@ def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared,
 
 
 def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "tune_temperature", lambda logits, masks: float(TEMPERATURES[-1]))
+    monkeypatch.setattr(calibration_mod, "tune_temperature", lambda logits, masks: float(TEMPERATURES[-1]))
     logs = []
     summary = train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
                     dataclasses.replace(TINY, epochs=1, temperature_scaling=True), 0, log=logs.append)

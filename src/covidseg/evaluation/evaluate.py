@@ -20,7 +20,7 @@ from covidseg.evaluation import metrics
 from covidseg.evaluation.metrics import EMPTY_TRUTH_RULE, baselines, calibration_table, class_breakdown, pr_curve, threshold_metrics
 from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 from covidseg.data.arrays import load_split

@@ -1,9 +1,9 @@
-"""Run a trained model over uint8 image arrays in batches and return probabilities."""
+"""The model forward pass over uint8 image arrays in batches: logits and probabilities.
+
+Applying a fitted calibration is :mod:`covidseg.inference.calibration`.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -51,32 +51,3 @@ def predict_logits(
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
     """float32 (N, S, S) probabilities in [0, 1]: sigmoid(logits / temperature)."""
     return torch.sigmoid(logits / temperature).numpy().astype(np.float32)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How to turn the model's logits into probabilities and a mask, as chosen on val by training.
-
-    Saved in the model file (its keys are these field names); ``evaluate`` and ``covidseg predict``
-    read it with :meth:`from_meta`, so both run the model exactly as it was calibrated.
-    """
-
-    threshold: float | None = None  # None: the file has no tuned threshold
-    temperature: float = 1.0
-    lung_gate: bool = False
-    flip_tta: bool = False
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Calibration":
-        """Read from a model file's metadata; keys it lacks keep the defaults above."""
-        return cls(temperature=float(meta.get("temperature", 1.0)),
-                   threshold=float(meta["threshold"]) if "threshold" in meta else None,
-                   lung_gate=bool(meta.get("lung_gate", False)), flip_tta=bool(meta.get("flip_tta", False)))
-
-
-def calibrated_probabilities(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                             precision: str, calibration: Calibration, batch_size: int = 16) -> np.ndarray:
-    """float32 (N, S, S) probabilities for uint8 images (N, 1, S, S), with the flips, gating and temperature of ``calibration``."""
-    logits = predict_logits(model, images, device, precision, batch_size=batch_size,
-                            flip_tta=calibration.flip_tta, lung_gate=calibration.lung_gate)
-    return probabilities(logits, calibration.temperature)

@@ -37,7 +37,7 @@ from PIL import Image
 
 from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference.forward import Calibration, calibrated_probabilities
+from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model
 from covidseg.inference.overlay import tint
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning

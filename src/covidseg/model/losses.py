@@ -1,4 +1,4 @@
-"""Segmentation losses on logits (N, 1, H, W) against binary targets (N, 1, H, W) in {0, 1}.
+"""Segmentation losses on logits (N, 1, H, W) against binary targets (N, 1, H, W) in {0, 1}, and the training loss.
 
 All losses return a scalar mean over the batch. The soft Dice is computed per image and
 averaged, with a smoothing term so that an empty target with an empty prediction costs ~0
@@ -49,3 +49,24 @@ def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> C
     if name == "focal":
         return lambda lg, t: focal_loss(lg, t, focal_gamma)
     raise ValueError(f"unknown loss {name!r}; choose from {list(LOSSES)}")
+
+
+def training_targets(masks: torch.Tensor, lungs: torch.Tensor, with_lungs: bool) -> torch.Tensor:
+    """uint8 (N, 1, S, S) infection and lung masks -> float (N, K, S, S) targets in {0, 1}.
+
+    K = 2 (infection, lung) with the lung auxiliary head, else K = 1 (infection only).
+    """
+    return torch.cat([masks, lungs], 1).float() if with_lungs else masks.float()
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                      lung_aux_weight: float) -> torch.Tensor:
+    """The training loss: ``loss_fn`` on the infection channel + ``lung_aux_weight`` x pixel-mean BCE on the lung channel.
+
+    logits, target: float (N, K, S, S), channel 0 infection, channel 1 lung (present when
+    ``lung_aux_weight`` > 0). Returns a scalar.
+    """
+    loss = loss_fn(logits[:, :1], target[:, :1])
+    if lung_aux_weight > 0:
+        loss = loss + lung_aux_weight * F.binary_cross_entropy_with_logits(logits[:, 1:2], target[:, 1:2])
+    return loss

@@ -1,7 +1,7 @@
 """Export a trained covidseg U-Net to ONNX with its calibration baked in, and check parity with torch.
 
 The exported graph maps ``image`` float32 (N, 1, S, S) in [0, 1] (uint8 / 255) to
-``probability`` float32 (N, S, S), exactly what ``covidseg.inference.forward.calibrated_probabilities``
+``probability`` float32 (N, S, S), exactly what ``covidseg.inference.calibration.calibrated_probabilities``
 computes (flip averaging, lung gating, temperature), and ``logits`` float32 (N, C, S, S), the
 (flip-averaged) raw outputs. The batch axis is dynamic; S is fixed. The threshold and calibration
 go into metadata_props (see ``covidseg.inference.onnx_runtime``, the torch-free runner).
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from covidseg.atomic import atomic_path
-from covidseg.inference.forward import Calibration
+from covidseg.inference.calibration import Calibration
 from covidseg.inference.onnx_runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, OnnxPredictor
 
 PARITY_TOL = 1e-4  # fp32 max |p_torch - p_onnx|
@@ -108,7 +108,7 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
 
 
 def _torch_probabilities(net: nn.Module, calibration: Calibration, images: np.ndarray) -> np.ndarray:
-    from covidseg.inference.forward import calibrated_probabilities
+    from covidseg.inference.calibration import calibrated_probabilities
 
     return calibrated_probabilities(net, images, torch.device("cpu"), "fp32", calibration)
 

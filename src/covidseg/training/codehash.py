@@ -7,6 +7,7 @@ library module it imports, so editing the model reruns training and editing a pl
 from __future__ import annotations
 
 import ast
+import hashlib
 from pathlib import Path
 
 PACKAGE = "covidseg"
@@ -42,3 +43,17 @@ def module_files(script: str | Path, src_root: str | Path = "src") -> set[Path]:
                     seen.add(c)
                     todo.append(c)
     return seen
+
+
+def code_hash(entry: str | Path, src_root: str | Path) -> str:
+    """SHA-256 (hex) of ``entry`` and of every covidseg module it imports transitively.
+
+    Each file contributes its path relative to ``src_root`` and its bytes, in sorted path order,
+    so an edit to any covered module (or a renamed one) changes the hash and an edit elsewhere does not.
+    """
+    entry, src_root = Path(entry).resolve(), Path(src_root).resolve()
+    h = hashlib.sha256()
+    for path in sorted(module_files(entry, src_root) | {entry}):
+        h.update(path.relative_to(src_root).as_posix().encode() + b"\0")
+        h.update(path.read_bytes())
+    return h.hexdigest()
