@@ -203,6 +203,54 @@ def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_
     return written
 
 
+def per_lung_shares(severity: pd.DataFrame, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, true) per-lung infected shares in percent from the severity table's ``{who}_*`` and
+    ``true_*`` columns, lungs absent from the truth left out and a missed lung counted as 0."""
+    pred = severity[[f"{who}_right_pct", f"{who}_left_pct"]].to_numpy(float).ravel()
+    true = severity[["true_right_pct", "true_left_pct"]].to_numpy(float).ravel()
+    keep = ~np.isnan(true)
+    return np.nan_to_num(pred[keep], nan=0.0), true[keep]
+
+
+def bland_altman_figure(pred: np.ndarray, true: np.ndarray, title: str) -> plt.Figure:
+    """Predicted minus true infected share of each lung (percentage points) against their mean, with the
+    bias and the 95 % limits of agreement (bias -+ 1.96 sd)."""
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    mean, diff = (pred + true) / 2, pred - true
+    ax.scatter(mean, diff, s=10, alpha=0.6, color="#3b6fb6", edgecolors="none")
+    if diff.size >= 2:
+        bias, sd = float(diff.mean()), float(diff.std(ddof=1))
+        for y, style, label in ((bias, "-", f"bias {bias:+.1f}"), (bias - 1.96 * sd, "--", f"-1.96 sd {bias - 1.96 * sd:+.1f}"),
+                                (bias + 1.96 * sd, "--", f"+1.96 sd {bias + 1.96 * sd:+.1f}")):
+            ax.axhline(y, color="#c0392b", linestyle=style, linewidth=1, label=label)
+        ax.legend(fontsize=8, loc="upper right")
+    ax.axhline(0, color="#888", linewidth=0.6)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("mean of predicted and true infected share of the lung (%)")
+    ax.set_ylabel("predicted - true (percentage points)")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
+def extent_confusion_figure(matrix: np.ndarray, title: str) -> plt.Figure:
+    """Counts of images by true (rows) and predicted (columns) extent score 0-8."""
+    matrix = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(5.4, 4.8))
+    ax.imshow(matrix, cmap="Blues")
+    k = matrix.shape[0]
+    for i in range(k):
+        for j in range(k):
+            if matrix[i, j]:
+                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted extent score (0-8)")
+    ax.set_ylabel("true extent score (0-8)")
+    ax.set_title(title, fontsize=10)
+    return fig
+
+
 def gallery_figure(images: np.ndarray, truth: np.ndarray, preds: np.ndarray, ids: np.ndarray, dice: np.ndarray) -> plt.Figure:
     """Best, median and worst test images by per-image Dice: input, truth, prediction, errors coloured."""
     order = [int(i) for i in np.argsort(-np.nan_to_num(dice, nan=-1.0), kind="stable") if np.isfinite(dice[i])]
