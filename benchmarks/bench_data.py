@@ -34,12 +34,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from conftest import DEV_DATA, make_repo_copy  # noqa: E402
-
 from covidseg.atomic import write_json, write_text  # noqa: E402
 from covidseg.data.extract import extract  # noqa: E402
-from covidseg.params import DataParams, PreprocessParams  # noqa: E402
 from covidseg.data.preprocess import preprocess  # noqa: E402
+from covidseg.params import DataParams, PreprocessParams  # noqa: E402
+
+from conftest import DEV_DATA, make_repo_copy  # noqa: E402
 
 NEST = "Infection Segmentation Data/Infection Segmentation Data"
 KINDS = ("images", "infection masks", "lung masks")
@@ -90,12 +90,17 @@ def zip_folder(folder: Path, archive: Path) -> Path:
 
 
 def run_pair(src: Path, work: Path, workers: int | None) -> dict:
-    report, t_ext = timed(extract, src, work / "extracted", work / "data.json", DataParams(source=str(src)), workers=workers)
+    report, t_ext = timed(
+        extract, src, work / "extracted", work / "data.json", DataParams(source=str(src)), workers=workers
+    )
     counts, t_pre = timed(preprocess, work / "extracted", work / "prepared", PreprocessParams(image_size=256))
     shutil.rmtree(work)
     return {
-        "counts": report.counts, "skipped": report.skipped_total, "workers": workers,
-        "extract": t_ext, "preprocess": t_pre,
+        "counts": report.counts,
+        "skipped": report.skipped_total,
+        "workers": workers,
+        "extract": t_ext,
+        "preprocess": t_pre,
         "total_wall_s": round(t_ext["wall_s"] + t_pre["wall_s"], 2),
         "total_cpu_s": round(t_ext["cpu_s"] + t_pre["cpu_s"], 2),
     }
@@ -113,7 +118,8 @@ def dvc_noop(tmp: Path) -> dict:
     if first.returncode or second.returncode:
         raise RuntimeError(f"dvc repro failed:\n{first.stderr[-3000:]}\n{second.stderr[-3000:]}")
     return {
-        "first_run_wall_s": round(t1 - t0, 2), "noop_wall_s": round(t2 - t1, 2),
+        "first_run_wall_s": round(t1 - t0, 2),
+        "noop_wall_s": round(t2 - t1, 2),
         "noop_output_tail": second.stdout.strip().splitlines()[-2:],
     }
 
@@ -123,8 +129,13 @@ def main() -> None:
         raise SystemExit(f"{DEV_DATA}: dev data not found; the benchmark needs it")
     results: dict = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "nice": os.nice(0), "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "nice": os.nice(0),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        },
     }
     with tempfile.TemporaryDirectory(prefix="covidseg-bench-") as tmp_name:
         tmp = Path(tmp_name)

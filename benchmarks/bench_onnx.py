@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import tempfile
@@ -26,9 +25,9 @@ import torch
 
 from covidseg.atomic import write_json, write_text
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
-from covidseg.model.unet import UNet, UNetConfig
-from covidseg.model.onnx_export import export_onnx, parity
 from covidseg.inference.onnx_runtime import OnnxPredictor
+from covidseg.model.onnx_export import export_onnx, parity
+from covidseg.model.unet import UNet, UNetConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZE = 256
@@ -44,8 +43,13 @@ def rate(fn, batch: np.ndarray, seconds: float) -> dict:
         calls += 1
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n = calls * len(batch)
-    return {"calls": calls, "images": n, "wall_s": round(wall, 3), "images_per_s": round(n / wall, 2),
-            "cpu_ms_per_image": round(1000 * cpu / n, 1)}
+    return {
+        "calls": calls,
+        "images": n,
+        "wall_s": round(wall, 3),
+        "images_per_s": round(n / wall, 2),
+        "cpu_ms_per_image": round(1000 * cpu / n, 1),
+    }
 
 
 def main() -> None:
@@ -70,18 +74,31 @@ def main() -> None:
         rows = []
         for batch in (1, 16):
             x = images[:batch]
-            torch_fn = lambda b: calibrated_probabilities(model, b, torch.device("cpu"), "fp32", cal, batch_size=batch)  # noqa: E731
-            onnx_fn = lambda b: runner.predict(b, batch_size=batch)  # noqa: E731
+            torch_fn = lambda b, n=batch: calibrated_probabilities(
+                model, b, torch.device("cpu"), "fp32", cal, batch_size=n
+            )  # noqa: E731
+            onnx_fn = lambda b, n=batch: runner.predict(b, batch_size=n)  # noqa: E731
             for engine, fn in (("torch", torch_fn), ("onnxruntime", onnx_fn)):
                 rows.append({"engine": engine, "batch": batch, **rate(fn, x, args.seconds)})
                 print(rows[-1], flush=True)
     result = {
         "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "threads": threads, "load_avg_start": [round(v, 2) for v in load_start],
-                    "load_avg_end": [round(v, 2) for v in os.getloadavg()], "python": platform.python_version(),
-                    "torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-        "model": {**CONFIG.to_dict(), "size": SIZE, "onnx_mb": round(size_mb, 2), "export_s": round(export_s, 1),
-                  "max_abs_diff_probability": max_diff},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "threads": threads,
+            "load_avg_start": [round(v, 2) for v in load_start],
+            "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "model": {
+            **CONFIG.to_dict(),
+            "size": SIZE,
+            "onnx_mb": round(size_mb, 2),
+            "export_s": round(export_s, 1),
+            "max_abs_diff_probability": max_diff,
+        },
         "runs": rows,
     }
     write_json(RESULTS / "onnx.json", result)
@@ -106,7 +123,10 @@ def render(r: dict) -> str:
         "| engine | batch | images/s (wall) | CPU ms / image | timed images |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {x['engine']} | {x['batch']} | {x['images_per_s']} | {x['cpu_ms_per_image']} | {x['images']} |" for x in r["runs"]]
+    lines += [
+        f"| {x['engine']} | {x['batch']} | {x['images_per_s']} | {x['cpu_ms_per_image']} | {x['images']} |"
+        for x in r["runs"]
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -21,18 +21,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from covidseg.data.synth import make_case
 from covidseg.device import autocast, choose_device, choose_precision
-from covidseg.training.distributed import DistContext
 from covidseg.model.losses import make_loss, segmentation_loss
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
-from covidseg.data.synth import make_case
+from covidseg.training.distributed import DistContext
 from covidseg.training.loop import Trainer
 
 CONFIGS = {
     "report_default (base 16, depth 4, full res, bce)": TrainParams(base_channels=16, depth=4, downsample=1),
     "real_preset (base 16, depth 5, downsample 2, bce_dice + lung aux)": TrainParams(
-        base_channels=16, depth=5, downsample=2, loss="bce_dice", lung_aux_weight=0.5),
+        base_channels=16, depth=5, downsample=2, loss="bce_dice", lung_aux_weight=0.5
+    ),
 }
 
 
@@ -43,7 +44,12 @@ def make_prepared(root: Path, n: int, size: int) -> None:
     arrays["masks"] = (arrays["masks"] > 0).astype(np.uint8)
     arrays["lungs"] = (arrays["lungs"] > 0).astype(np.uint8)
     for split in ("train", "val"):
-        np.savez(root / f"{split}.npz", **arrays, ids=np.array([f"c{i}" for i in range(n)]), classes=np.array(["COVID-19"] * n))
+        np.savez(
+            root / f"{split}.npz",
+            **arrays,
+            ids=np.array([f"c{i}" for i in range(n)]),
+            classes=np.array(["COVID-19"] * n),
+        )
 
 
 def bare_step_rate(p: TrainParams, size: int, steps: int) -> float:
@@ -51,7 +57,9 @@ def bare_step_rate(p: TrainParams, size: int, steps: int) -> float:
     precision = choose_precision(device, p.precision)
     torch.manual_seed(0)
     aux = p.lung_aux_weight > 0
-    model = UNet(UNetConfig(out_channels=2 if aux else 1, base_channels=p.base_channels, depth=p.depth, downsample=p.downsample))
+    model = UNet(
+        UNetConfig(out_channels=2 if aux else 1, base_channels=p.base_channels, depth=p.depth, downsample=p.downsample)
+    )
     model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr)
     loss_fn = make_loss(p.loss)
@@ -84,9 +92,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = ap.parse_args()
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                           "torch": torch.__version__, "threads": torch.get_num_threads()},
-               "batch_size": 8, "size": args.size, "images_per_epoch": args.images, "configs": {}}
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "batch_size": 8,
+        "size": args.size,
+        "images_per_epoch": args.images,
+        "configs": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         make_prepared(Path(tmp), args.images, args.size)
         for name, p in CONFIGS.items():
@@ -96,9 +113,11 @@ def main() -> None:
             augmented = loop_rate(dataclasses.replace(p, augment=True), Path(tmp), Path(tmp) / "r2")
             results["configs"][name] = {
                 "precision": choose_precision(device, p.precision),
-                "bare_step_img_per_s": round(bare, 2), "loop_img_per_s": round(plain, 2),
+                "bare_step_img_per_s": round(bare, 2),
+                "loop_img_per_s": round(plain, 2),
                 "loop_augmented_img_per_s": round(augmented, 2),
-                "loop_over_bare": round(plain / bare, 3), "augmented_loop_over_bare": round(augmented / bare, 3),
+                "loop_over_bare": round(plain / bare, 3),
+                "augmented_loop_over_bare": round(augmented / bare, 3),
             }
             print(name, results["configs"][name], flush=True)
     out = Path(args.out)

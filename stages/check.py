@@ -13,15 +13,19 @@ import typer  # noqa: E402
 import yaml  # noqa: E402
 
 from covidseg.check import check  # noqa: E402
-from covidseg.params import ParamsError  # noqa: E402
 from covidseg.data.sources import SourceError  # noqa: E402
+from covidseg.params import ParamsError  # noqa: E402
 
 
 def _outs(dvc_yaml: str) -> list[str]:
     """Every output path declared in dvc.yaml."""
     stages = yaml.safe_load(Path(dvc_yaml).read_text(encoding="utf-8"))["stages"]
-    return [o if isinstance(o, str) else next(iter(o)) for s in stages.values()
-            for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])]
+    return [
+        o if isinstance(o, str) else next(iter(o))
+        for s in stages.values()
+        for kind in ("outs", "metrics", "plots")
+        for o in s.get(kind, [])
+    ]
 
 
 def main(stamp: str = "data/checked.txt", params: str = "params.yaml", dvc_yaml: str = "dvc.yaml") -> None:

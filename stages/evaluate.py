@@ -12,14 +12,30 @@ from covidseg.evaluation.evaluate import evaluate  # noqa: E402
 from covidseg.params import EvaluateParams, load_section  # noqa: E402
 
 
-def main(model: str = "models/model.pt", prepared: str = "data/prepared", metrics: str = "metrics/test.json",
-         details: str = "",
-         per_image: str = "plots/eval/per_image.csv", curves: str = "plots/eval", predictions: str = "data/predictions/test.npz",
-         params: str = "params.yaml") -> None:
-    s = evaluate(model, prepared, metrics, per_image, curves, predictions, load_section(EvaluateParams, "evaluate", params),
-                 details_path=details or None)  # default: <metrics stem>_details.json beside it
-    typer.echo(f"evaluate: test RMSE {s['rmse']:.4f}, Dice {s['dice']:.4f}, IoU {s['iou']:.4f} (threshold 0.5); "
-               f"Dice {s['at_tuned_threshold']['dice_mean']:.4f} at tuned {s['at_tuned_threshold']['threshold']}")
+def main(
+    model: str = "models/model.pt",
+    prepared: str = "data/prepared",
+    metrics: str = "metrics/test.json",
+    details: str = "",
+    per_image: str = "plots/eval/per_image.csv",
+    curves: str = "plots/eval",
+    predictions: str = "data/predictions/test.npz",
+    params: str = "params.yaml",
+) -> None:
+    s = evaluate(
+        model,
+        prepared,
+        metrics,
+        per_image,
+        curves,
+        predictions,
+        load_section(EvaluateParams, "evaluate", params),
+        details_path=details or None,
+    )  # default: <metrics stem>_details.json beside it
+    typer.echo(
+        f"evaluate: test RMSE {s['rmse']:.4f}, Dice {s['dice']:.4f}, IoU {s['iou']:.4f} (threshold 0.5); "
+        f"Dice {s['at_tuned_threshold']['dice_mean']:.4f} at tuned {s['at_tuned_threshold']['threshold']}"
+    )
 
 
 if __name__ == "__main__":

@@ -9,23 +9,29 @@ import typer  # noqa: E402
 
 from covidseg.atomic import details_path_for  # noqa: E402
 from covidseg.data.extract import ExtractError, extract  # noqa: E402
-from covidseg.params import DataParams, load_section  # noqa: E402
 from covidseg.data.sources import SourceError  # noqa: E402
+from covidseg.params import DataParams, load_section  # noqa: E402
 
 MAX_MESSAGES = 50
 
 
-def main(out: str = "data/extracted", metrics: str = "metrics/data.json", details: str = "",
-         params: str = "params.yaml") -> None:
+def main(
+    out: str = "data/extracted", metrics: str = "metrics/data.json", details: str = "", params: str = "params.yaml"
+) -> None:
     p = load_section(DataParams, "data", params)
     try:
-        report = extract(p.source, out, metrics, p, details_path=details or None)  # default: <metrics stem>_details.json beside it
+        report = extract(
+            p.source, out, metrics, p, details_path=details or None
+        )  # default: <metrics stem>_details.json beside it
     except (SourceError, ExtractError) as exc:
         typer.echo(f"extract failed: {exc}", err=True)
         details = details or details_path_for(metrics)
-        typer.echo(f"Nothing was half-written, but under `dvc repro` DVC removed {out}, {metrics} and {details} before "
-                   f"this stage ran; get the last good ones back with `git checkout -- {metrics} {details} && "
-                   "dvc checkout extract` (docs/recovery.md)", err=True)
+        typer.echo(
+            f"Nothing was half-written, but under `dvc repro` DVC removed {out}, {metrics} and {details} before "
+            f"this stage ran; get the last good ones back with `git checkout -- {metrics} {details} && "
+            "dvc checkout extract` (docs/recovery.md)",
+            err=True,
+        )
         raise typer.Exit(1) from None
     for line in report.messages[:MAX_MESSAGES]:
         typer.echo(line, err=True)

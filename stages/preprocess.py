@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
-from covidseg.params import PreprocessParams, load_section  # noqa: E402
 from covidseg.data.preprocess import preprocess  # noqa: E402
+from covidseg.params import PreprocessParams, load_section  # noqa: E402
 
 
 def main(extracted: str = "data/extracted", out: str = "data/prepared", params: str = "params.yaml") -> None:

@@ -7,8 +7,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
-from covidseg.params import SynthParams, load_section, load_seed  # noqa: E402
 from covidseg.data.synth import synthesize  # noqa: E402
+from covidseg.params import SynthParams, load_section, load_seed  # noqa: E402
 
 
 def main(out: str = "data/raw/synthetic", params: str = "params.yaml") -> None:

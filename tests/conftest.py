@@ -34,8 +34,9 @@ def dev_data() -> Path:
 
 def tracked_files(repo: Path = REPO) -> list[str]:
     """Files git tracks (and untracked, not ignored ones), so a copy is what a clone would hold."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout
     return [f for f in out.splitlines() if (repo / f).is_file()]
 
 
@@ -51,12 +52,16 @@ def set_params(repo: Path, overrides: dict) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cwd: Path, check: bool = True, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a command with the test venv first on PATH (stage commands say `python`)."""
     full_env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {}))
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -92,12 +97,17 @@ def dvc(repo: Path, *args: str, check: bool = True, timeout: float = 600) -> sub
 def tiny_prepared(tmp_path_factory) -> Path:
     """Prepared arrays (train/val/test .npz at 64 px) made by the real synthesize/extract/preprocess functions."""
     from covidseg.data.extract import extract
-    from covidseg.params import DataParams, PreprocessParams, SynthParams
     from covidseg.data.preprocess import preprocess
     from covidseg.data.synth import synthesize
+    from covidseg.params import DataParams, PreprocessParams, SynthParams
 
     root = tmp_path_factory.mktemp("tiny")
     synthesize(root / "raw", SynthParams(train=8, val=4, test=4, negatives=1, image_size=64), seed=7)
-    extract(root / "raw", root / "extracted", root / "data.json", DataParams(source=str(root / "raw"), classes=("COVID-19", "Normal")))
+    extract(
+        root / "raw",
+        root / "extracted",
+        root / "data.json",
+        DataParams(source=str(root / "raw"), classes=("COVID-19", "Normal")),
+    )
     preprocess(root / "extracted", root / "prepared", PreprocessParams(image_size=64))
     return root / "prepared"

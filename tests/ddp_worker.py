@@ -39,8 +39,15 @@ def main(prepared: str, out_dir: str, params_json: str) -> None:
         return summary
 
     train_mod.Trainer.finish = finish
-    summary = train_mod.train(prepared, run / "models" / "model.pt", run / "models" / "resume",
-                              run / "plots" / "curves.tsv", run / "metrics" / "train.json", params, seed=7)
+    summary = train_mod.train(
+        prepared,
+        run / "models" / "model.pt",
+        run / "models" / "resume",
+        run / "plots" / "curves.tsv",
+        run / "metrics" / "train.json",
+        params,
+        seed=7,
+    )
     ranks = out / "ranks"
     ranks.mkdir(parents=True, exist_ok=True)
     torch.save(finals["state_dict"], ranks / f"rank{rank}.pt")

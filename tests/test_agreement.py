@@ -8,11 +8,20 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from covidseg.evaluation.agreement import (bland_altman, bootstrap_ci, confusion_matrix, extent_agreement, paired_bootstrap_diff,
-                                pearson, quadratic_weighted_kappa, share_mae, spearman)
-
+from covidseg.evaluation.agreement import (
+    bland_altman,
+    bootstrap_ci,
+    confusion_matrix,
+    extent_agreement,
+    paired_bootstrap_diff,
+    pearson,
+    quadratic_weighted_kappa,
+    share_mae,
+    spearman,
+)
 
 # ---------------------------------------------------------------- bootstrap
+
 
 def test_bootstrap_interval_contains_the_mean_and_is_reproducible():
     values = np.random.default_rng(1).normal(10, 2, size=50)
@@ -56,7 +65,9 @@ def test_paired_difference_detects_a_constant_shift_and_not_noise():
     b = np.random.default_rng(3).uniform(0, 100, size=40)
     shifted = paired_bootstrap_diff(b + 2.0, b)
     # Every per-image difference is exactly 2, so every resample's mean is 2.
-    assert shifted.diff == pytest.approx(2.0) and shifted.low == pytest.approx(2.0) and shifted.high == pytest.approx(2.0)
+    assert (
+        shifted.diff == pytest.approx(2.0) and shifted.low == pytest.approx(2.0) and shifted.high == pytest.approx(2.0)
+    )
     assert shifted.excludes_zero and shifted.n == 40
     noise = np.random.default_rng(4).normal(0, 1, size=40)
     same = paired_bootstrap_diff(b + noise - noise.mean(), b)  # mean difference exactly 0
@@ -77,6 +88,7 @@ def test_paired_difference_drops_pairs_with_a_nan_on_either_side():
 
 
 # ---------------------------------------------------------------- continuous agreement
+
 
 def test_share_mae_by_hand():
     # |10-8| + |12-12| + |9-10| = 3 over 3 pairs (the NaN pair dropped) = 1
@@ -116,6 +128,7 @@ def test_bland_altman_by_hand():
 
 
 # ---------------------------------------------------------------- ordinal agreement
+
 
 def test_confusion_matrix_rows_are_truth():
     m = confusion_matrix(pred=[0, 1, 1, 2], true=[0, 0, 1, 2], k=3)

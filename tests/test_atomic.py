@@ -60,9 +60,11 @@ def _killed_writer(target, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, time\nfrom covidseg.atomic import atomic_path\n"
-            "with atomic_path(sys.argv[1]) as tmp:\n"
-            "    tmp.write_text('half')\n    print(tmp, flush=True)\n    time.sleep(120)\n")
+    code = (
+        "import sys, time\nfrom covidseg.atomic import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_text('half')\n    print(tmp, flush=True)\n    time.sleep(120)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
     try:
         tmp = proc.stdout.readline().strip()
@@ -97,9 +99,15 @@ def test_sweep_keeps_temporaries_of_live_processes(tmp_path):
     try:
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
         dead.wait()
-        names = {f".x.png.{os.getpid()}.abcdefgh.png": True, f".x.png.{live.pid}.a1b2c3d4.png": True,
-                 f".x.png.{dead.pid}.zzzzzzzz.png": False, ".d.old": True, "x.png": True,
-                 ".hidden": True, f".y.{dead.pid}.notarandompart": True}
+        names = {
+            f".x.png.{os.getpid()}.abcdefgh.png": True,
+            f".x.png.{live.pid}.a1b2c3d4.png": True,
+            f".x.png.{dead.pid}.zzzzzzzz.png": False,
+            ".d.old": True,
+            "x.png": True,
+            ".hidden": True,
+            f".y.{dead.pid}.notarandompart": True,
+        }
         for name in names:
             (tmp_path / name).write_text("x")
         (tmp_path / f".d.{dead.pid}.q1w2e3r4").mkdir()  # atomic_dir's temporary folder
@@ -107,7 +115,9 @@ def test_sweep_keeps_temporaries_of_live_processes(tmp_path):
     finally:
         live.kill()
         live.wait()
-    assert sorted(p.name for p in removed) == sorted([f".d.{dead.pid}.q1w2e3r4", *(n for n, keep in names.items() if not keep)])
+    assert sorted(p.name for p in removed) == sorted(
+        [f".d.{dead.pid}.q1w2e3r4", *(n for n, keep in names.items() if not keep)]
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, keep in names.items() if keep)
 
 

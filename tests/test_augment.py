@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from covidseg.training.augment import augment_batch, intensity_luts, sampling_grid
 from covidseg.params import TrainParams
+from covidseg.training.augment import augment_batch, intensity_luts, sampling_grid
 
 
 def _batch():
@@ -80,7 +80,9 @@ def test_flip_only_mirrors_left_right():
 
 def test_intensity_changes_touch_only_the_image_and_stay_in_range():
     image, masks = _batch()
-    p = dataclasses.replace(TrainParams(), flip=False, rotate_deg=0.0, scale=0.0, brightness=0.3, contrast=0.3, gamma=0.3)
+    p = dataclasses.replace(
+        TrainParams(), flip=False, rotate_deg=0.0, scale=0.0, brightness=0.3, contrast=0.3, gamma=0.3
+    )
     out_image, out_masks = augment_batch(image, masks, p, torch.Generator().manual_seed(2))
     assert torch.equal(out_masks, masks)
     assert out_image.min() >= 0 and out_image.max() <= 1

@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_PARAMS, VENV_BIN, run
-from covidseg.training.distributed import DistContext
 from covidseg.data.extract import extract
-from covidseg.model.checkpoint import load_model
-from covidseg.params import DataParams, PreprocessParams, SynthParams
 from covidseg.data.preprocess import preprocess
 from covidseg.data.synth import synthesize
+from covidseg.model.checkpoint import load_model
+from covidseg.params import DataParams, PreprocessParams, SynthParams
+from covidseg.training.distributed import DistContext
+
+from conftest import TINY_PARAMS, VENV_BIN, run
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 TRAIN = dict(TINY_PARAMS["train"], epochs=2)
@@ -38,10 +39,27 @@ def runs(request, tmp_path_factory) -> dict[str, Path]:
     preprocess(root / "extracted", root / "prepared", PreprocessParams(image_size=64))
     params = json.dumps(dict(TRAIN, ema_decay=request.param))
     env = {"OMP_NUM_THREADS": "1"}
-    run([sys.executable, str(WORKER), str(root / "prepared"), str(root / "single"), params], cwd=root, timeout=300, env=env)
+    run(
+        [sys.executable, str(WORKER), str(root / "prepared"), str(root / "single"), params],
+        cwd=root,
+        timeout=300,
+        env=env,
+    )
     torchrun = shutil.which("torchrun", path=str(VENV_BIN)) or "torchrun"
-    proc = run([torchrun, "--standalone", f"--nproc-per-node={NPROC}", str(WORKER), str(root / "prepared"), str(root / "ddp"), params],
-               cwd=root, timeout=300, env=env)
+    proc = run(
+        [
+            torchrun,
+            "--standalone",
+            f"--nproc-per-node={NPROC}",
+            str(WORKER),
+            str(root / "prepared"),
+            str(root / "ddp"),
+            params,
+        ],
+        cwd=root,
+        timeout=300,
+        env=env,
+    )
     (root / "ddp" / "torchrun.log").write_text(proc.stdout + proc.stderr)
     return {"single": root / "single", "ddp": root / "ddp"}
 
@@ -96,12 +114,21 @@ def test_ddp_writes_what_one_process_writes(runs):
     cols_single, rows_single = _curves(single / "plots" / "curves.tsv")
     cols_ddp, rows_ddp = _curves(ddp / "plots" / "curves.tsv")
     assert cols_single == cols_ddp
-    assert [r["epoch"] for r in rows_single] == [r["epoch"] for r in rows_ddp] == [str(e) for e in range(1, TRAIN["epochs"] + 1)]
+    assert (
+        [r["epoch"] for r in rows_single]
+        == [r["epoch"] for r in rows_ddp]
+        == [str(e) for e in range(1, TRAIN["epochs"] + 1)]
+    )
     for row in rows_ddp:  # rank 1 held no val image: sums over ranks must stay finite
         for col in cols_ddp:
             assert float(row[col]) == float(row[col]), f"{col} is NaN in epoch {row['epoch']}"
     # Only rank 0 wrote: the worker's per-rank files are the only per-rank output.
-    assert sorted(p.name for p in (runs["ddp"] / "ranks").iterdir()) == ["rank0.pt", "rank1.pt", "summary0.json", "summary1.json"]
+    assert sorted(p.name for p in (runs["ddp"] / "ranks").iterdir()) == [
+        "rank0.pt",
+        "rank1.pt",
+        "summary0.json",
+        "summary1.json",
+    ]
 
 
 @pytest.mark.parametrize("n,world", [(5, 2), (3, 8), (1, 4), (16, 4)])

@@ -128,7 +128,9 @@ def test_predict_on_a_twelve_bit_xray_matches_its_eight_bit_version(tmp_path: Pa
     Image.fromarray(np.full((30, 30), 3, np.uint8)).save(d / "blank.png")
     model = make_model(tmp_path / "m.pt")
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, ["predict", str(d), "--model", str(model), "--out", str(out), "--save-probs", *FAST])
+    result = CliRunner().invoke(
+        app, ["predict", str(d), "--model", str(model), "--out", str(out), "--save-probs", *FAST]
+    )
     assert result.exit_code == 0, result.output
     overlay12 = np.asarray(Image.open(out / "overlays" / "twelve.png").convert("L"), dtype=np.float64)
     overlay8 = np.asarray(Image.open(out / "overlays" / "eight.png").convert("L"), dtype=np.float64)

@@ -19,7 +19,9 @@ def test_auto_precision_follows_the_cpu_capability_not_a_timing(monkeypatch, nat
     assert choose_precision(torch.device("cpu"), "fp32") == "fp32"
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx2", "avx512f"}, False)])
+@pytest.mark.parametrize(
+    "flags, expected", [({"avx2", "avx512_bf16"}, True), ({"amx_bf16"}, True), ({"avx2", "avx512f"}, False)]
+)
 def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, flags, expected):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(device_mod, "_cpuinfo_flags", lambda: frozenset(flags))

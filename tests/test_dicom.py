@@ -16,8 +16,9 @@ from covidseg.data.dicom import DicomError, decode_dicom, is_dicom
 UID = "1.2.826.0.1.3680043.8.498.1"
 
 
-def write_dicom(path: Path, pixels: np.ndarray | None, bits_stored: int = 8, photometric: str = "MONOCHROME2",
-                **attrs) -> Path:
+def write_dicom(
+    path: Path, pixels: np.ndarray | None, bits_stored: int = 8, photometric: str = "MONOCHROME2", **attrs
+) -> Path:
     """Write a minimal single-frame greyscale DICOM file; ``attrs`` set extra elements (WindowCenter, ...)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -89,8 +90,17 @@ def test_window_applies_after_rescale(tmp_path):
     # Stored 0..4095, slope 2, intercept -1000: values -1000..7190; window centre 1000 width 2001 is in those units.
     # Stored 1000 -> 1000 (the centre): ((1000 - 999.5) / 2000 + 0.5) -> 0.50025 * 255 = 127.56 -> 128.
     pixels = np.array([[0, 1000, 3000]], dtype=np.uint16)
-    grey, _ = decode(write_dicom(tmp_path / "rw.dcm", pixels, bits_stored=12, RescaleSlope=2, RescaleIntercept=-1000,
-                                 WindowCenter=1000, WindowWidth=2001))
+    grey, _ = decode(
+        write_dicom(
+            tmp_path / "rw.dcm",
+            pixels,
+            bits_stored=12,
+            RescaleSlope=2,
+            RescaleIntercept=-1000,
+            WindowCenter=1000,
+            WindowWidth=2001,
+        )
+    )
     np.testing.assert_array_equal(grey, [[0, 128, 255]])
 
 

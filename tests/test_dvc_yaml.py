@@ -5,6 +5,7 @@ import re
 import yaml
 
 from covidseg.training.codehash import module_files
+
 from conftest import REPO
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())
@@ -24,7 +25,9 @@ def test_deps_list_entry_and_every_imported_library_module():
         code_deps = {d for d in deps if d.startswith("src/")}
         expected = {p.relative_to(REPO).as_posix() for p in module_files(REPO / entry, REPO / "src")}
         assert entry in deps, name
-        assert code_deps == expected, f"stage {name}: missing {sorted(expected - code_deps)}, extra {sorted(code_deps - expected)}"
+        assert code_deps == expected, (
+            f"stage {name}: missing {sorted(expected - code_deps)}, extra {sorted(code_deps - expected)}"
+        )
 
 
 def test_stage_params_exist_and_are_sections_or_keys_of_params_yaml():

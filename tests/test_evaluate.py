@@ -18,8 +18,8 @@ import torch
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.metrics import PR_BINS, baselines, class_breakdown
 from covidseg.inference.forward import predict_logits, probabilities
-from covidseg.model.unet import UNet, UNetConfig
 from covidseg.model.checkpoint import load_model, save_model
+from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams
 
 SIZE = 32
@@ -36,12 +36,17 @@ def _split(rng: np.random.Generator, n_covid: int, n_negative: int) -> dict[str,
     lungs[:, 0, 6:26, 18:28] = 1
     for i in range(n_covid):
         r, c = 8 + 2 * (i % 4), 5 + (i % 3)
-        masks[i, 0, r:r + 6, c:c + 6] = 1
+        masks[i, 0, r : r + 6, c : c + 6] = 1
         images[i, 0][masks[i, 0] > 0] = 220
     ids = [f"covid_{i + 1}" for i in range(n_covid)] + [f"Non_COVID ({i + 1})" for i in range(n_negative)]
     classes = ["COVID-19"] * n_covid + ["Non-COVID"] * n_negative
-    return {"images": images, "masks": masks, "lungs": lungs, "ids": np.array(ids, dtype=str),
-            "classes": np.array(classes, dtype=str)}
+    return {
+        "images": images,
+        "masks": masks,
+        "lungs": lungs,
+        "ids": np.array(ids, dtype=str),
+        "classes": np.array(classes, dtype=str),
+    }
 
 
 def make_prepared(root: Path, n_test_covid: int = 3, n_test_negative: int = 1) -> Path:
@@ -65,18 +70,31 @@ def run_evaluate(root: Path, **prepared_kw) -> dict:
     """Evaluate a tiny model on a tiny prepared dir under ``root``; returns the paths and the summary."""
     prepared = make_prepared(root / "prepared", **prepared_kw)
     model = make_model(root / "model.pt")
-    paths = {"model": model, "prepared": prepared, "metrics": root / "metrics" / "test.json",
-             "details": root / "metrics" / "test_details.json",
-             "per_image": root / "eval" / "per_image.csv", "eval": root / "eval",
-             "predictions": root / "predictions" / "test.npz"}
-    summary = evaluate(paths["model"], paths["prepared"], paths["metrics"], paths["per_image"], paths["eval"],
-                       paths["predictions"], EvaluateParams())
+    paths = {
+        "model": model,
+        "prepared": prepared,
+        "metrics": root / "metrics" / "test.json",
+        "details": root / "metrics" / "test_details.json",
+        "per_image": root / "eval" / "per_image.csv",
+        "eval": root / "eval",
+        "predictions": root / "predictions" / "test.npz",
+    }
+    summary = evaluate(
+        paths["model"],
+        paths["prepared"],
+        paths["metrics"],
+        paths["per_image"],
+        paths["eval"],
+        paths["predictions"],
+        EvaluateParams(),
+    )
     return {**paths, "summary": summary}
 
 
 def _strict_json(path: Path) -> dict:
     def no_constant(name):
         raise AssertionError(f"{path}: non-standard JSON constant {name}")
+
     return json.loads(path.read_text(), parse_constant=no_constant)
 
 
@@ -95,17 +113,45 @@ def _reference_probs(tiny: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def test_metrics_json_keys_and_standard_json(tiny):
     data = _strict_json(tiny["details"])
-    for key in ("n_images", "rmse", "dice", "iou", "brier", "ece", "ece_bins", "at_fixed_threshold",
-                "at_tuned_threshold", "baselines", "temperature", "flip_tta", "empty_truth_rule"):
+    for key in (
+        "n_images",
+        "rmse",
+        "dice",
+        "iou",
+        "brier",
+        "ece",
+        "ece_bins",
+        "at_fixed_threshold",
+        "at_tuned_threshold",
+        "baselines",
+        "temperature",
+        "flip_tta",
+        "empty_truth_rule",
+    ):
         assert key in data, key
     assert data["flip_tta"] is False  # the model file has no flip_tta
     assert data["n_images"] == 4
     assert data["at_fixed_threshold"]["threshold"] == 0.5
     assert data["at_tuned_threshold"]["threshold"] == TUNED  # from the model file, not the params
     for block in (data["at_fixed_threshold"], data["at_tuned_threshold"]):
-        for key in ("dice_mean", "dice_std", "iou_mean", "iou_std", "precision_mean", "recall_mean", "hd95_mean",
-                    "hd95_median", "dice_global", "iou_global", "precision_global", "recall_global",
-                    "images_scored", "empty_truth_images", "empty_truth_false_positive_images", "hd95_undefined_images"):
+        for key in (
+            "dice_mean",
+            "dice_std",
+            "iou_mean",
+            "iou_std",
+            "precision_mean",
+            "recall_mean",
+            "hd95_mean",
+            "hd95_median",
+            "dice_global",
+            "iou_global",
+            "precision_global",
+            "recall_global",
+            "images_scored",
+            "empty_truth_images",
+            "empty_truth_false_positive_images",
+            "hd95_undefined_images",
+        ):
             assert key in block, key
         assert block["empty_truth_images"] == 1
     assert set(data["baselines"]) == {"all_background", "constant_prior", "lung_mask"}
@@ -152,9 +198,16 @@ def test_by_class_matches_an_independent_computation(tiny):
     assert _strict_json(tiny["details"])["by_class"].keys() == by_class.keys() == {"COVID-19", "Non-COVID"}
     covid, negative = slice(0, 3), slice(3, 4)  # make_prepared: 3 COVID-19 test images, then 1 Non-COVID
     assert by_class["COVID-19"]["n_images"] == 3 and by_class["Non-COVID"]["n_images"] == 1
-    assert by_class["COVID-19"]["rmse"] == pytest.approx(math.sqrt(np.mean((prob[covid].astype(np.float64) - truth[covid]) ** 2)), rel=1e-5)
-    assert by_class["Non-COVID"]["rmse"] == pytest.approx(math.sqrt(np.mean(prob[negative].astype(np.float64) ** 2)), rel=1e-5)
-    dices = [2 * (p & t).sum() / ((p & t).sum() * 2 + (p & ~t).sum() + (~p & t).sum()) for p, t in zip(prob[covid] >= 0.5, truth[covid])]
+    assert by_class["COVID-19"]["rmse"] == pytest.approx(
+        math.sqrt(np.mean((prob[covid].astype(np.float64) - truth[covid]) ** 2)), rel=1e-5
+    )
+    assert by_class["Non-COVID"]["rmse"] == pytest.approx(
+        math.sqrt(np.mean(prob[negative].astype(np.float64) ** 2)), rel=1e-5
+    )
+    dices = [
+        2 * (p & t).sum() / ((p & t).sum() * 2 + (p & ~t).sum() + (~p & t).sum())
+        for p, t in zip(prob[covid] >= 0.5, truth[covid])
+    ]
     assert by_class["COVID-19"]["dice"] == pytest.approx(np.mean(dices), rel=1e-5)
     assert by_class["COVID-19"]["empty_truth_images"] == 0
     assert by_class["Non-COVID"]["empty_truth_images"] == 1
@@ -163,13 +216,18 @@ def test_by_class_matches_an_independent_computation(tiny):
 
 def test_class_breakdown_by_hand():
     nan = float("nan")
-    per = pd.DataFrame({
-        "class": ["COVID-19", "COVID-19", "Normal", "Normal"],
-        "rmse": [0.3, 0.4, 0.0, 0.2],
-        "true_fraction": [0.1, 0.2, 0.0, 0.0], "pred_fraction": [0.1, 0.3, 0.0, 0.05],
-        "dice_fixed": [0.5, 0.7, nan, 0.0], "iou_fixed": [0.4, 0.6, nan, 0.0],
-        "dice_tuned": [0.6, 0.8, nan, 0.0], "iou_tuned": [0.5, 0.7, nan, 0.0],
-    })
+    per = pd.DataFrame(
+        {
+            "class": ["COVID-19", "COVID-19", "Normal", "Normal"],
+            "rmse": [0.3, 0.4, 0.0, 0.2],
+            "true_fraction": [0.1, 0.2, 0.0, 0.0],
+            "pred_fraction": [0.1, 0.3, 0.0, 0.05],
+            "dice_fixed": [0.5, 0.7, nan, 0.0],
+            "iou_fixed": [0.4, 0.6, nan, 0.0],
+            "dice_tuned": [0.6, 0.8, nan, 0.0],
+            "iou_tuned": [0.5, 0.7, nan, 0.0],
+        }
+    )
     out = class_breakdown(per)
     assert list(out) == ["COVID-19", "Normal"]
     covid, normal = out["COVID-19"], out["Normal"]
@@ -188,16 +246,32 @@ def test_per_image_csv_rows(tiny):
     per = pd.read_csv(tiny["per_image"])
     assert per["id"].tolist() == ["covid_1", "covid_2", "covid_3", "Non_COVID (1)"]
     assert per["class"].tolist() == ["COVID-19"] * 3 + ["Non-COVID"]
-    for col in ("true_fraction", "pred_fraction", "rmse", "dice_fixed", "iou_fixed", "precision_fixed", "recall_fixed",
-                "hd95_fixed", "dice_tuned", "iou_tuned", "precision_tuned", "recall_tuned", "hd95_tuned"):
+    for col in (
+        "true_fraction",
+        "pred_fraction",
+        "rmse",
+        "dice_fixed",
+        "iou_fixed",
+        "precision_fixed",
+        "recall_fixed",
+        "hd95_fixed",
+        "dice_tuned",
+        "iou_tuned",
+        "precision_tuned",
+        "recall_tuned",
+        "hd95_tuned",
+    ):
         assert col in per.columns, col
     assert per["true_fraction"].tolist()[:3] == pytest.approx([36 / 1024] * 3, rel=1e-5)  # CSV keeps 6 digits
     assert per["true_fraction"].iloc[3] == 0
     # the empty-truth image: recall undefined; Dice 0 if anything was predicted there, else undefined
     neg = per.iloc[3]
     assert math.isnan(neg["recall_fixed"])
-    assert (neg["dice_fixed"] == 0) if tiny["summary"]["at_fixed_threshold"]["empty_truth_false_positive_images"] \
+    assert (
+        (neg["dice_fixed"] == 0)
+        if tiny["summary"]["at_fixed_threshold"]["empty_truth_false_positive_images"]
         else math.isnan(neg["dice_fixed"])
+    )
 
 
 def test_curve_csvs(tiny):
@@ -228,12 +302,21 @@ def test_flip_averaging_as_saved_in_the_model(tmp_path):
         net.head.weight.mul_(100)  # strong logits, so the mirrored prediction differs visibly
     model = tmp_path / "model.pt"
     save_model(model, net, {"threshold": TUNED, "temperature": 1.0, "size": SIZE, "flip_tta": True})
-    summary = evaluate(model, prepared, tmp_path / "test.json", tmp_path / "per_image.csv", tmp_path / "eval",
-                       tmp_path / "pred.npz", EvaluateParams())
+    summary = evaluate(
+        model,
+        prepared,
+        tmp_path / "test.json",
+        tmp_path / "per_image.csv",
+        tmp_path / "eval",
+        tmp_path / "pred.npz",
+        EvaluateParams(),
+    )
     net, _ = load_model(model)
     with np.load(prepared / "test.npz") as z:
         images, truth = z["images"], z["masks"][:, 0].astype(bool)
-    plain, tta = (probabilities(predict_logits(net, images, torch.device("cpu"), "fp32", flip_tta=f)) for f in (False, True))
+    plain, tta = (
+        probabilities(predict_logits(net, images, torch.device("cpu"), "fp32", flip_tta=f)) for f in (False, True)
+    )
     assert summary["flip_tta"] is True
     assert summary["rmse"] == pytest.approx(math.sqrt(np.mean((tta.astype(np.float64) - truth) ** 2)), rel=1e-6)
     with np.load(tmp_path / "pred.npz") as z:
@@ -244,9 +327,9 @@ def test_flip_averaging_as_saved_in_the_model(tmp_path):
 
 def test_baselines_by_hand():
     truth = np.zeros((1, 2, 4), bool)
-    truth[0, 0, 0] = True                      # 1 infected pixel of 8
+    truth[0, 0, 0] = True  # 1 infected pixel of 8
     lungs = np.zeros((1, 2, 4), bool)
-    lungs[0, :, :2] = True                     # 4 lung pixels, containing the infected one
+    lungs[0, :, :2] = True  # 4 lung pixels, containing the infected one
     b = baselines(truth, lungs, prior=0.25)
     # all background: squared errors 1 once -> Brier 1/8
     assert b["all_background"]["brier"] == pytest.approx(1 / 8)
@@ -263,12 +346,21 @@ def test_empty_test_split_is_a_clear_error(tmp_path):
     prepared = make_prepared(tmp_path / "prepared", n_test_covid=0, n_test_negative=0)
     model = make_model(tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"test\.npz: the test split is empty"):
-        evaluate(model, prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz", EvaluateParams())
+        evaluate(
+            model, prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz", EvaluateParams()
+        )
     assert not (tmp_path / "m.json").exists()
 
 
 def test_missing_model_names_the_file(tmp_path):
     prepared = make_prepared(tmp_path / "prepared")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
-        evaluate(tmp_path / "nowhere.pt", prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz",
-                 EvaluateParams())
+        evaluate(
+            tmp_path / "nowhere.pt",
+            prepared,
+            tmp_path / "m.json",
+            tmp_path / "p.csv",
+            tmp_path,
+            tmp_path / "p.npz",
+            EvaluateParams(),
+        )

@@ -52,8 +52,11 @@ def test_queued_grid_then_compare(tmp_path):
         assert status.count("Success") == len(LRS), status
         assert "Failed" not in status, status
     except AssertionError:
-        logs = "\n".join(dvc(repo, "queue", "logs", line.split()[0], check=False).stdout[-3000:]
-                         for line in status.splitlines()[1:] if line.strip() and "Failed" in line)
+        logs = "\n".join(
+            dvc(repo, "queue", "logs", line.split()[0], check=False).stdout[-3000:]
+            for line in status.splitlines()[1:]
+            if line.strip() and "Failed" in line
+        )
         raise AssertionError(f"{status}\n{logs}") from None
 
     exps = _experiments(repo)
@@ -71,7 +74,9 @@ def test_queued_grid_then_compare(tmp_path):
     assert diff["metrics/test.json"]
 
     # Plots across the two experiments: the curves (one line per experiment) and the figures, side by side.
-    plots = json.loads(dvc(repo, "plots", "diff", first, second, "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
+    plots = json.loads(dvc(repo, "plots", "diff", first, second, "--json", "-o", str(tmp_path / "plots")).stdout)[
+        "data"
+    ]
     assert {"loss", "val_dice"} <= set(plots), sorted(plots)
     loss_revs = {rev for entry in plots["loss"] for rev in entry.get("revisions", [])}
     assert {first, second} <= loss_revs, loss_revs

@@ -32,6 +32,7 @@ SIZE = 32  # pixels per side of the generated fixtures
 
 # ---------------------------------------------------------------- fixture writers
 
+
 def write_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
     """Write ``arr`` as a PNG (8-bit grey unless the array or ``mode`` says otherwise)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +40,9 @@ def write_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
     img.save(path, format="PNG")
 
 
-def write_triplet(root: Path, split_dir: str, class_dir: str, name: str, seed: int,
-                  infected: bool | None = None, size: int = SIZE) -> dict[str, Path]:
+def write_triplet(
+    root: Path, split_dir: str, class_dir: str, name: str, seed: int, infected: bool | None = None, size: int = SIZE
+) -> dict[str, Path]:
     """One valid image / infection mask / lung mask triplet with pixels unique to ``seed``."""
     rng = np.random.default_rng(seed)
     image = rng.integers(0, 256, (size, size), dtype=np.uint8)
@@ -65,11 +67,11 @@ def make_dataset(base: Path, per_split: int = 2, negatives: int = 0, nest: str =
     root = base / nest if nest else base
     seed = 0
     for split_dir in SPLIT_DIRS.values():
-        for k in range(per_split):
+        for _ in range(per_split):
             seed += 1
             write_triplet(root, split_dir, "COVID-19", f"covid_{seed}.png", seed)
         for class_dir, stem in (("Non-COVID", "non_COVID ({})"), ("Normal", "Normal ({})")):
-            for k in range(negatives):
+            for _ in range(negatives):
                 seed += 1
                 write_triplet(root, split_dir, class_dir, stem.format(seed) + ".png", seed)
     return root
@@ -94,6 +96,7 @@ def snapshot(work: Path) -> dict[str, bytes]:
 
 
 # ---------------------------------------------------------------- defects
+
 
 def _truncate(root: Path) -> tuple[str, str, str]:
     p = write_triplet(root, "Train", "COVID-19", "covid_900.png", 900)["images"]
@@ -133,7 +136,11 @@ def _duplicate(root: Path) -> tuple[str, str, str]:
     for kind in KINDS:
         dst = root / "Test" / "COVID-19" / kind / "covid_906.png"
         shutil.copy(root / "Train" / "COVID-19" / kind / "covid_1.png", dst)
-    return "test", "duplicate", "Test/COVID-19/images/covid_906.png: same pixels as the image already taken at train/COVID-19/covid_1.png"
+    return (
+        "test",
+        "duplicate",
+        "Test/COVID-19/images/covid_906.png: same pixels as the image already taken at train/COVID-19/covid_1.png",
+    )
 
 
 def _empty(root: Path) -> tuple[str, str, str]:
@@ -142,8 +149,14 @@ def _empty(root: Path) -> tuple[str, str, str]:
 
 
 DEFECTS = {
-    "truncated": _truncate, "not_png": _not_png, "missing_mask": _no_mask, "missing_image": _no_image,
-    "missing_lung": _no_lung, "size": _size, "duplicate": _duplicate, "empty_covid": _empty,
+    "truncated": _truncate,
+    "not_png": _not_png,
+    "missing_mask": _no_mask,
+    "missing_image": _no_image,
+    "missing_lung": _no_lung,
+    "size": _size,
+    "duplicate": _duplicate,
+    "empty_covid": _empty,
 }
 
 
@@ -183,8 +196,9 @@ def test_nonempty_negative_mask(tmp_path: Path) -> None:
     write_triplet(tmp_path / "src" / NEST, "Train", "Normal", "Normal (99).png", 99, infected=True)
     report = run_extract(tmp_path / "src", tmp_path / "w1", classes=("COVID-19", "Normal"))
     assert read_metrics(tmp_path / "w1")["train"]["skipped"]["nonempty_negative_mask"] == 1
-    assert any("Train/Normal/infection masks/Normal (99).png: Normal infection mask is not empty" in m
-               for m in report.messages)
+    assert any(
+        "Train/Normal/infection masks/Normal (99).png: Normal infection mask is not empty" in m for m in report.messages
+    )
     with pytest.raises(ExtractError, match=r"Normal \(99\)\.png"):
         run_extract(tmp_path / "src", tmp_path / "w2", classes=("COVID-19", "Normal"), on_error="fail")
 
@@ -207,6 +221,7 @@ def test_classes_default_covid_only_and_negatives_optional(tmp_path: Path) -> No
 
 
 # ---------------------------------------------------------------- fixes (both policies)
+
 
 def _rgb_image(root: Path):
     p = root / "Train/COVID-19/images/covid_1.png"
@@ -240,7 +255,12 @@ def _grey_levels_mask(root: Path):
     return "lung masks", "binarised", expected
 
 
-FIXES = {"rgb_image": _rgb_image, "rgba_mask": _rgba_mask, "sixteen_bit": _sixteen_bit_image, "grey_mask": _grey_levels_mask}
+FIXES = {
+    "rgb_image": _rgb_image,
+    "rgba_mask": _rgba_mask,
+    "sixteen_bit": _sixteen_bit_image,
+    "grey_mask": _grey_levels_mask,
+}
 
 
 @pytest.mark.parametrize("on_error", ["skip", "fail"])
@@ -265,6 +285,7 @@ def test_fixable_files_are_converted_and_counted(tmp_path: Path, fix: str, on_er
 
 
 # ---------------------------------------------------------------- atomicity, record, determinism
+
 
 def test_failure_after_metrics_are_ready_leaves_old_metrics(tmp_path: Path, monkeypatch) -> None:
     """The new data.json must not land beside old outputs when swapping in the new folder fails."""
@@ -329,16 +350,29 @@ def test_rerun_is_byte_identical_and_pool_matches_serial(tmp_path: Path, monkeyp
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b") == snapshot(tmp_path / "c")
     assert r1.messages == r2.messages and r1.skipped_total == 2
     with pytest.raises(ExtractError, match="covid_900.png"):
-        extract(tmp_path / "src", tmp_path / "d/x", tmp_path / "d/m.json",
-                DataParams(classes=classes, on_error="fail"), workers=2)
+        extract(
+            tmp_path / "src",
+            tmp_path / "d/x",
+            tmp_path / "d/m.json",
+            DataParams(classes=classes, on_error="fail"),
+            workers=2,
+        )
 
 
 def test_stage_script_reports_failure_and_keeps_outputs(tmp_path: Path) -> None:
     root = make_dataset(tmp_path / "src")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"source": str(tmp_path / "src"), "on_error": "fail"}}))
-    cmd = [sys.executable, str(REPO / "stages/extract.py"), "--out", str(tmp_path / "w/extracted"),
-           "--metrics", str(tmp_path / "w/data.json"), "--params", str(params)]
+    cmd = [
+        sys.executable,
+        str(REPO / "stages/extract.py"),
+        "--out",
+        str(tmp_path / "w/extracted"),
+        "--metrics",
+        str(tmp_path / "w/data.json"),
+        "--params",
+        str(params),
+    ]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "'train': 2" in ok.stdout
@@ -359,10 +393,13 @@ DEV_COUNTS = {
 }
 
 
-@pytest.mark.parametrize("classes", [
-    pytest.param(("COVID-19",), id="covid"),
-    pytest.param(("COVID-19", "Non-COVID", "Normal"), id="all_classes", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "classes",
+    [
+        pytest.param(("COVID-19",), id="covid"),
+        pytest.param(("COVID-19", "Non-COVID", "Normal"), id="all_classes", marks=pytest.mark.slow),
+    ],
+)
 def test_dev_folder_gives_readme_counts(dev_data: Path, tmp_path: Path, classes: tuple[str, ...]) -> None:
     report = run_extract(dev_data, tmp_path, classes=classes)
     m = read_metrics(tmp_path)
@@ -380,4 +417,7 @@ def test_dev_folder_gives_readme_counts(dev_data: Path, tmp_path: Path, classes:
     with zipfile.ZipFile(tmp_path / "extracted" / "subset.zip") as z:
         assert len(z.namelist()) == 3 * len(rows)
         for r in rows[::97]:  # the stored files are the source files, byte for byte
-            assert z.read(f"{r['split']}/{r['class']}/images/{Path(r['image_path']).name}") == (dev_data / r["image_path"]).read_bytes()
+            assert (
+                z.read(f"{r['split']}/{r['class']}/images/{Path(r['image_path']).name}")
+                == (dev_data / r["image_path"]).read_bytes()
+            )

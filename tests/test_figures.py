@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from test_evaluate import SIZE, run_evaluate
 
 from covidseg.evaluation.figures import FIGURES, gallery_figure, make_figures
 from covidseg.params import PlotsParams
-from test_evaluate import SIZE, run_evaluate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -19,8 +19,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_curves(path: Path, epochs: int = 3) -> Path:
     """A curves.tsv as training writes it (the columns the figures read)."""
     e = np.arange(1, epochs + 1)
-    frame = pd.DataFrame({"epoch": e, "train_loss": 0.7 / e, "val_loss": 0.75 / e, "train_rmse": 0.45 / e,
-                          "val_rmse": 0.5 / e, "val_dice": 0.2 * e, "val_iou": 0.1 * e, "lr": 1e-4, "seconds": 1.0})
+    frame = pd.DataFrame(
+        {
+            "epoch": e,
+            "train_loss": 0.7 / e,
+            "val_loss": 0.75 / e,
+            "train_rmse": 0.45 / e,
+            "val_rmse": 0.5 / e,
+            "val_dice": 0.2 * e,
+            "val_iou": 0.1 * e,
+            "lr": 1e-4,
+            "seconds": 1.0,
+        }
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(path, sep="\t", index=False)
     return path
@@ -31,8 +42,16 @@ def run_figures(root: Path) -> dict:
     ev = run_evaluate(root)
     curves = write_curves(root / "train" / "curves.tsv")
     out = root / "figures"
-    written = make_figures(ev["prepared"], ev["predictions"], curves, ev["eval"], ev["per_image"], out,
-                           PlotsParams(gallery_size=2, dpi=50), metrics_json=ev["details"])
+    written = make_figures(
+        ev["prepared"],
+        ev["predictions"],
+        curves,
+        ev["eval"],
+        ev["per_image"],
+        out,
+        PlotsParams(gallery_size=2, dpi=50),
+        metrics_json=ev["details"],
+    )
     return {**ev, "curves": curves, "figures": out, "written": written}
 
 
@@ -62,8 +81,15 @@ def test_every_figure_is_written_and_a_real_png(figs):
 
 def test_sample_index_past_the_end_is_clamped(tmp_path, figs):
     out = tmp_path / "figs"
-    make_figures(figs["prepared"], figs["predictions"], figs["curves"], figs["eval"], figs["per_image"], out,
-                 PlotsParams(sample_index=99, gallery_size=1, dpi=50))  # no metrics JSON: still works
+    make_figures(
+        figs["prepared"],
+        figs["predictions"],
+        figs["curves"],
+        figs["eval"],
+        figs["per_image"],
+        out,
+        PlotsParams(sample_index=99, gallery_size=1, dpi=50),
+    )  # no metrics JSON: still works
     assert_real_png(out / "sample_overlay.png")
 
 
@@ -71,7 +97,9 @@ def test_mismatched_predictions_are_a_clear_error(tmp_path, figs):
     bad = tmp_path / "pred.npz"
     np.savez(bad, ids=np.array(["x"]), probs=np.zeros((1, SIZE, SIZE), np.uint8), threshold=0.5)
     with pytest.raises(ValueError, match=r"pred\.npz: probabilities \(1, 32, 32\) do not match"):
-        make_figures(figs["prepared"], bad, figs["curves"], figs["eval"], figs["per_image"], tmp_path / "f", PlotsParams())
+        make_figures(
+            figs["prepared"], bad, figs["curves"], figs["eval"], figs["per_image"], tmp_path / "f", PlotsParams()
+        )
 
 
 def test_gallery_without_any_defined_dice(tmp_path):

@@ -27,7 +27,9 @@ def test_lung_gate_caps_infection_by_lung_and_only_with_a_lung_channel():
     assert torch.equal(gated[:, :, :2], infection[:, :2].expand(2, 4, 2))  # inside the lungs: unchanged
     assert torch.equal(gated[:, :, 2:], lung[:, 2:].expand(2, 4, 2))  # outside: capped by the lung logit
     one_channel = Fixed(infection[None])
-    assert torch.equal(predict_logits(one_channel, images, torch.device("cpu"), lung_gate=True), infection.expand(2, 4, 4))
+    assert torch.equal(
+        predict_logits(one_channel, images, torch.device("cpu"), lung_gate=True), infection.expand(2, 4, 4)
+    )
 
 
 def test_flip_tta_averages_the_mirrored_prediction():

@@ -69,5 +69,7 @@ def test_segmentation_loss_adds_the_weighted_lung_bce_by_hand():
     lung_bce = (math.log(4 / 3) + math.log(4)) / 2
     bce = make_loss("bce")
     assert segmentation_loss(logits, target, bce, 0.5).item() == pytest.approx(math.log(2) + 0.5 * lung_bce, rel=1e-6)
-    assert segmentation_loss(logits, target, bce, 0.0).item() == pytest.approx(math.log(2), rel=1e-6)  # no lung head term
+    assert segmentation_loss(logits, target, bce, 0.0).item() == pytest.approx(
+        math.log(2), rel=1e-6
+    )  # no lung head term
     assert segmentation_loss(logits[:, :1], target[:, :1], bce, 0.0).item() == pytest.approx(math.log(2), rel=1e-6)

@@ -22,11 +22,10 @@ def masks(*rows: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- confusion, Dice, IoU, precision, recall
 
+
 def test_overlap_counts_and_ratios_by_hand():
-    truth = masks("##..",
-                  "##..")
-    pred = masks("#...",
-                 "#.#.")
+    truth = masks("##..", "##..")
+    pred = masks("#...", "#.#.")
     # TP: (0,0),(1,0) = 2; FP: (1,2) = 1; FN: (0,1),(1,1) = 2; TN: 8 - 5 = 3
     c = metrics.confusion(pred, truth)
     assert (c.tp.tolist(), c.fp.tolist(), c.fn.tolist(), c.tn.tolist()) == ([2], [1], [2], [3])
@@ -82,6 +81,7 @@ def test_confusion_rejects_mismatched_shapes():
 
 # ---------------------------------------------------------------- RMSE and Brier
 
+
 def test_rmse_and_brier_by_hand():
     prob = np.array([[[0.0, 0.5], [1.0, 0.25]]], np.float32)
     truth = np.array([[[0, 1], [1, 0]]], bool)
@@ -115,6 +115,7 @@ def test_rmse_rejects_mismatched_shapes():
 
 # ---------------------------------------------------------------- HD95
 
+
 def test_hd95_identical_masks_is_zero():
     m = np.zeros((7, 7), bool)
     m[2:5, 1:6] = True
@@ -125,7 +126,7 @@ def test_hd95_single_pixels_at_known_distance():
     truth = np.zeros((5, 9), bool)
     pred = np.zeros((5, 9), bool)
     truth[2, 1] = True
-    pred[2, 4] = True   # 3 columns away
+    pred[2, 4] = True  # 3 columns away
     assert metrics.hd95(pred, truth) == pytest.approx(3.0)
     pred2 = np.zeros((5, 9), bool)
     pred2[4, 5] = True  # 2 rows and 4 columns away: sqrt(4 + 16) = sqrt(20)
@@ -134,9 +135,9 @@ def test_hd95_single_pixels_at_known_distance():
 
 def test_hd95_centre_pixel_inside_square():
     truth = np.zeros((9, 9), bool)
-    truth[2:7, 2:7] = True   # 5x5 square; its surface is the 16-pixel ring (interior 3x3 erodes away)
+    truth[2:7, 2:7] = True  # 5x5 square; its surface is the 16-pixel ring (interior 3x3 erodes away)
     pred = np.zeros((9, 9), bool)
-    pred[4, 4] = True        # the centre
+    pred[4, 4] = True  # the centre
     # pred -> truth: the centre's nearest ring pixel is 2 away -> P95 of [2] = 2.
     # truth -> pred: ring distances to the centre: 4 edge midpoints 2, 8 pixels sqrt(5), 4 corners sqrt(8).
     # Sorted 16 values, P95 index 0.95 * 15 = 14.25 lies between two corners -> sqrt(8).
@@ -160,8 +161,8 @@ def test_hd95_empty_masks_are_undefined():
     one = empty.copy()
     one[1, 1] = True
     assert math.isnan(metrics.hd95(empty, empty))
-    assert math.isnan(metrics.hd95(one, empty))   # false positive on empty truth
-    assert math.isnan(metrics.hd95(empty, one))   # nothing predicted
+    assert math.isnan(metrics.hd95(one, empty))  # false positive on empty truth
+    assert math.isnan(metrics.hd95(empty, one))  # nothing predicted
 
 
 def test_hd95_all_ones_masks():
@@ -185,6 +186,7 @@ def test_hd95_takes_one_mask_at_a_time():
 
 
 # ---------------------------------------------------------------- calibration
+
 
 def test_calibration_bins_and_ece_by_hand():
     # 2 bins: [0, 0.5) and [0.5, 1]. p = 0.1, 0.3 (truth 0, 1); p = 0.6, 0.8, 1.0 (truth 1, 1, 0)
@@ -218,6 +220,7 @@ def test_calibration_table_leaves_out_empty_bins():
 
 
 # ---------------------------------------------------------------- PR curve and per-threshold summaries
+
 
 def test_pr_curve_by_hand():
     # 4 bins -> thresholds 0, 0.25, 0.5, 0.75. Positives p = 0.9, 0.6; negatives p = 0.3, 0.1.
@@ -257,13 +260,17 @@ def test_pr_curve_rows_match_global_precision_recall():
 
 def test_threshold_metrics_summary_by_hand():
     truth = np.stack([masks("##", ".."), np.zeros((2, 2), bool), np.zeros((2, 2), bool)])
-    prob = np.stack([np.array([[0.9, 0.2], [0.6, 0.1]]),   # pred (0,0),(1,0): TP 1, FP 1, FN 1 -> Dice 1/2
-                     np.array([[0.7, 0.0], [0.0, 0.0]]),   # FP on empty truth -> Dice 0
-                     np.zeros((2, 2))])                     # both empty -> NaN, dropped
+    prob = np.stack(
+        [
+            np.array([[0.9, 0.2], [0.6, 0.1]]),  # pred (0,0),(1,0): TP 1, FP 1, FN 1 -> Dice 1/2
+            np.array([[0.7, 0.0], [0.0, 0.0]]),  # FP on empty truth -> Dice 0
+            np.zeros((2, 2)),
+        ]
+    )  # both empty -> NaN, dropped
     s, per = threshold_metrics(prob, truth, 0.5)
     assert per["dice"].tolist()[:2] == pytest.approx([0.5, 0.0]) and math.isnan(per["dice"].iloc[2])
-    assert s["dice_mean"] == pytest.approx(0.25)         # (1/2 + 0) / 2
-    assert s["dice_std"] == pytest.approx(0.25)          # population std of [0.5, 0]
+    assert s["dice_mean"] == pytest.approx(0.25)  # (1/2 + 0) / 2
+    assert s["dice_std"] == pytest.approx(0.25)  # population std of [0.5, 0]
     assert s["images_scored"] == 2
     assert s["empty_truth_images"] == 2
     assert s["empty_truth_false_positive_images"] == 1

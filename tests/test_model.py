@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from covidseg.model.unet import UNet, UNetConfig
 from covidseg.model.checkpoint import load_model, save_model
+from covidseg.model.unet import UNet, UNetConfig
 
 
 @pytest.mark.parametrize("depth, downsample, out_channels", [(1, 1, 1), (3, 1, 2), (4, 2, 1), (3, 4, 2)])
@@ -18,7 +18,9 @@ def test_input_size_must_divide():
         net(torch.rand(1, 1, 40, 40))
 
 
-@pytest.mark.parametrize("kwargs", [{"base_channels": 2}, {"depth": 0}, {"depth": 7}, {"downsample": 3}, {"out_channels": 0}])
+@pytest.mark.parametrize(
+    "kwargs", [{"base_channels": 2}, {"depth": 0}, {"depth": 7}, {"downsample": 3}, {"out_channels": 0}]
+)
 def test_bad_config_is_rejected(kwargs):
     with pytest.raises(ValueError):
         UNetConfig(**kwargs)
@@ -52,14 +54,22 @@ def test_same_weights_give_the_same_bytes_whatever_the_path(tmp_path):
     (tmp_path / "elsewhere").mkdir()
     save_model(tmp_path / "elsewhere" / "model.pt", net, extra)
     assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "elsewhere" / "model.pt").read_bytes()
-    assert b"elsewhere" not in (tmp_path / "a.pt").read_bytes() and str(tmp_path).encode() not in (tmp_path / "a.pt").read_bytes()
+    assert (
+        b"elsewhere" not in (tmp_path / "a.pt").read_bytes()
+        and str(tmp_path).encode() not in (tmp_path / "a.pt").read_bytes()
+    )
 
 
 def _payload(tmp_path, **changes):
     torch.manual_seed(0)
     net = UNet(UNetConfig(base_channels=4, depth=2))
-    payload = {"format": "covidseg-model", "format_version": 2, "config": net.config.to_dict(),
-               "state_dict": net.state_dict(), "size": 32}
+    payload = {
+        "format": "covidseg-model",
+        "format_version": 2,
+        "config": net.config.to_dict(),
+        "state_dict": net.state_dict(),
+        "size": 32,
+    }
     payload.update(changes)
     payload = {k: v for k, v in payload.items() if v is not None}
     path = tmp_path / "m.pt"
@@ -67,13 +77,30 @@ def _payload(tmp_path, **changes):
     return path
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"format_version": 3}, r"m.pt: model file format version 3, this covidseg reads version 2; retrain it"),
-    ({"format": None, "format_version": None}, r"m.pt: model file format version 1, this covidseg reads version 2; retrain"),
-    ({"format": "something-else"}, r"m.pt: not a covidseg model file \(format 'something-else'\)"),
-    ({"config": {"in_channels": 1, "out_channels": 1, "base_channels": 4, "depth": 2, "downsample": 1, "attention": True}},
-     r"m.pt: unknown model config key\(s\) attention; retrain it with `dvc repro train`"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"format_version": 3}, r"m.pt: model file format version 3, this covidseg reads version 2; retrain it"),
+        (
+            {"format": None, "format_version": None},
+            r"m.pt: model file format version 1, this covidseg reads version 2; retrain",
+        ),
+        ({"format": "something-else"}, r"m.pt: not a covidseg model file \(format 'something-else'\)"),
+        (
+            {
+                "config": {
+                    "in_channels": 1,
+                    "out_channels": 1,
+                    "base_channels": 4,
+                    "depth": 2,
+                    "downsample": 1,
+                    "attention": True,
+                }
+            },
+            r"m.pt: unknown model config key\(s\) attention; retrain it with `dvc repro train`",
+        ),
+    ],
+)
 def test_a_file_of_another_format_gets_a_short_message(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         load_model(_payload(tmp_path, **changes))

@@ -14,11 +14,12 @@ import onnx
 import pytest
 import torch
 
-from covidseg.model import onnx_export as onnxexport
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
-from covidseg.model.unet import UNet, UNetConfig
-from covidseg.model.onnx_export import ParityError, check_parity, export_onnx, parity
 from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor
+from covidseg.model import onnx_export as onnxexport
+from covidseg.model.onnx_export import ParityError, check_parity, export_onnx, parity
+from covidseg.model.unet import UNet, UNetConfig
+
 from conftest import REPO
 
 SIZE = 32
@@ -117,8 +118,9 @@ def test_masks_use_the_tuned_threshold(exported):
 
 def test_export_is_byte_deterministic_and_opset_17_works(tmp_path):
     model = tiny_unet(1, 1).train()  # exported in eval mode all the same; the caller's model is left in train mode
-    digests = [hashlib.sha256(export_onnx(model, tmp_path / f"m{i}.onnx", SIZE, {}).read_bytes()).hexdigest()
-               for i in range(2)]
+    digests = [
+        hashlib.sha256(export_onnx(model, tmp_path / f"m{i}.onnx", SIZE, {}).read_bytes()).hexdigest() for i in range(2)
+    ]
     assert digests[0] == digests[1]
     assert model.training
     path = export_onnx(model, tmp_path / "o17.onnx", SIZE, {}, opset=17)
@@ -130,7 +132,9 @@ def test_parity_failure_raises_naming_the_file_and_export_leaves_nothing(exporte
     other = tiny_unet(1, 1, seed=5)
     with pytest.raises(ParityError, match=rf"{path.name}: ONNX probabilities differ from torch by .* > 0.0001"):
         check_parity(torch_probs(other, cal), path, images(2))
-    monkeypatch.setattr(onnxexport, "_torch_probabilities", lambda net, c, x: np.zeros((len(x), SIZE, SIZE), np.float32))
+    monkeypatch.setattr(
+        onnxexport, "_torch_probabilities", lambda net, c, x: np.zeros((len(x), SIZE, SIZE), np.float32)
+    )
     target = tmp_path / "bad.onnx"
     with pytest.raises(ParityError, match=r"bad\.onnx"):
         export_onnx(model, target, SIZE, {})
@@ -163,9 +167,9 @@ def test_runner_works_without_torch(exported, tmp_path):
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
         from covidseg.inference.onnx_runtime import OnnxPredictor
-        probs = OnnxPredictor({str(path)!r}).predict(np.load({str(tmp_path / 'x.npy')!r}))
+        probs = OnnxPredictor({str(path)!r}).predict(np.load({str(tmp_path / "x.npy")!r}))
         assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
-        np.save({str(tmp_path / 'p.npy')!r}, probs)
+        np.save({str(tmp_path / "p.npy")!r}, probs)
     """)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)

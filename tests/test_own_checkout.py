@@ -18,7 +18,7 @@ def _mark(repo: Path, marker: str) -> None:
     """Make extract put ``marker`` into metrics/data.json."""
     path = repo / "src/covidseg/data/extract.py"
     text = path.read_text()
-    old = LINE if LINE in text else f'write_json(metrics_tmp, {{**report.headline(), "marker": "committed"}})'
+    old = LINE if LINE in text else 'write_json(metrics_tmp, {**report.headline(), "marker": "committed"})'
     assert old in text, "extract no longer writes its metrics as this test expects"
     path.write_text(text.replace(old, f'write_json(metrics_tmp, {{**report.headline(), "marker": "{marker}"}})'))
 

@@ -1,7 +1,20 @@
 import pytest
 
-from covidseg.params import (SECTIONS, DataParams, EvaluateParams, ParamsError, PlotsParams, PreprocessParams,
-                             SynthParams, TrainParams, from_dict, load_section, load_seed, validate_all)
+from covidseg.params import (
+    SECTIONS,
+    DataParams,
+    EvaluateParams,
+    ParamsError,
+    PlotsParams,
+    PreprocessParams,
+    SynthParams,
+    TrainParams,
+    from_dict,
+    load_section,
+    load_seed,
+    validate_all,
+)
+
 from conftest import REPO
 
 
@@ -12,7 +25,13 @@ def test_repo_params_file_loads_every_section():
     assert load_section(PreprocessParams, "preprocess", path).image_size == 256
     train = load_section(TrainParams, "train", path)
     # The defaults reproduce the report's setup.
-    assert (train.loss, train.lr, train.batch_size, train.weight_decay, train.schedule) == ("bce", 1e-4, 8, 0.0, "constant")
+    assert (train.loss, train.lr, train.batch_size, train.weight_decay, train.schedule) == (
+        "bce",
+        1e-4,
+        8,
+        0.0,
+        "constant",
+    )
     assert load_section(EvaluateParams, "evaluate", path).threshold == 0.5
     assert load_section(PlotsParams, "plots", path).dpi >= 50
     assert load_seed(path) == 42
@@ -23,15 +42,18 @@ def test_unknown_key_is_named():
         from_dict(TrainParams, "train", {"lrate": 0.1})
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"lr": "fast"}, "train.lr': expected a finite number"),
-    ({"epochs": 2.5}, "train.epochs': expected an integer"),
-    ({"epochs": 0}, "epochs must be >= 1"),
-    ({"loss": "hinge"}, "loss must be one of"),
-    ({"augment": "yes"}, "expected true or false"),
-    ({"downsample": 3}, "downsample must be 1, 2 or 4"),
-    ({"warmup_epochs": 10, "epochs": 10}, "warmup_epochs"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"lr": "fast"}, "train.lr': expected a finite number"),
+        ({"epochs": 2.5}, "train.epochs': expected an integer"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+        ({"loss": "hinge"}, "loss must be one of"),
+        ({"augment": "yes"}, "expected true or false"),
+        ({"downsample": 3}, "downsample must be 1, 2 or 4"),
+        ({"warmup_epochs": 10, "epochs": 10}, "warmup_epochs"),
+    ],
+)
 def test_bad_train_values_are_rejected(raw, message):
     with pytest.raises(ParamsError, match=message):
         from_dict(TrainParams, "train", raw)
@@ -58,7 +80,9 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         load_seed(neg)
 
 
-@pytest.mark.parametrize("text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("0.002", 0.002), (" 2e-4 ", 2e-4), ("+1.5e-2", 0.015)])
+@pytest.mark.parametrize(
+    "text, value", [("1e-3", 1e-3), ("5E-4", 5e-4), ("0.002", 0.002), (" 2e-4 ", 2e-4), ("+1.5e-2", 0.015)]
+)
 def test_numeric_strings_are_accepted_for_float_params(text, value):
     # `lr: 1e-3` typed by hand: YAML 1.1 (PyYAML) reads it as the string '1e-3'.
     assert from_dict(TrainParams, "train", {"lr": text}).lr == value
@@ -101,8 +125,9 @@ def test_dataclass_defaults_equal_params_yaml_for_every_section():
 
     import yaml
 
-    from conftest import REPO
     from covidseg.params import SECTIONS
+
+    from conftest import REPO
 
     committed = yaml.safe_load((REPO / "params.yaml").read_text())
     for name, cls in SECTIONS.items():

@@ -22,7 +22,13 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     data_details = json.loads((tiny_repo / "metrics" / "data_details.json").read_text())
     assert [data_details[s]["count"] for s in ("train", "val", "test")] == [6, 3, 3]
     figures = sorted(p.name for p in (tiny_repo / "plots" / "figures").glob("*.png"))
-    for name in ("sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png"):
+    for name in (
+        "sample_overlay.png",
+        "loss_curves.png",
+        "rmse_curves.png",
+        "prediction_triplets.png",
+        "prediction_overlay.png",
+    ):
         assert name in figures
         assert (tiny_repo / "plots" / "figures" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shown = dvc(tiny_repo, "metrics", "show", "--json").stdout

@@ -14,21 +14,27 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from covidseg.cli import app
-from covidseg.inference.forward import predict_logits, probabilities
-from covidseg.model.unet import UNet, UNetConfig
-from covidseg.model.checkpoint import load_model, save_model
+from covidseg.data.arrays import resize_image
 from covidseg.data.decode import decode_grey
+from covidseg.inference.forward import predict_logits, probabilities
 from covidseg.inference.overlay import TINT, TINT_ALPHA
 from covidseg.inference.predict import CSV_COLUMNS, read_csv, unique_stems
-from covidseg.data.arrays import resize_image
+from covidseg.model.checkpoint import load_model, save_model
+from covidseg.model.unet import UNet, UNetConfig
 
 SIZE = 32  # the tiny model's input size (divisible by 2 ** (depth - 1))
 FAST = ["--device", "cpu", "--precision", "fp32"]
 runner = CliRunner()
 
 
-def make_model(path: Path, bias: float | None = None, threshold: float | None = 0.5, temperature: float = 1.0,
-               seed: int = 0, flip_tta: bool | None = None) -> Path:
+def make_model(
+    path: Path,
+    bias: float | None = None,
+    threshold: float | None = 0.5,
+    temperature: float = 1.0,
+    seed: int = 0,
+    flip_tta: bool | None = None,
+) -> Path:
     """A tiny U-Net saved like train does; with ``bias`` its logits are that constant everywhere."""
     torch.manual_seed(seed)
     net = UNet(UNetConfig(base_channels=4, depth=2))
@@ -97,6 +103,7 @@ def model(tmp_path: Path) -> Path:
 
 # ----------------------------------------------------------------------------- CLI surface
 
+
 def test_help_lists_commands_and_exit_codes():
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0 and "predict" in top.output
@@ -107,6 +114,7 @@ def test_help_lists_commands_and_exit_codes():
 
 
 # ----------------------------------------------------------------------------- outputs
+
 
 def test_every_mode_and_size_gives_outputs_at_input_size(tmp_path, model):
     inputs = {
@@ -174,8 +182,13 @@ def test_all_or_nothing_model_gives_exact_masks_fractions_and_overlays(tmp_path,
 def test_threshold_from_model_file_and_override(tmp_path):
     """A zero-logit model predicts exactly 0.5 everywhere; infected means probability >= threshold."""
     src = save_image(tmp_path / "x.png", "grey", 40, 30)
-    cases = [(0.6, [], 0.0), (0.5, [], 1.0), (0.6, ["--threshold", "0.4"], 1.0), (0.4, ["--threshold", "0.7"], 0.0),
-             (None, [], 1.0)]  # no threshold saved: 0.5
+    cases = [
+        (0.6, [], 0.0),
+        (0.5, [], 1.0),
+        (0.6, ["--threshold", "0.4"], 1.0),
+        (0.4, ["--threshold", "0.7"], 0.0),
+        (None, [], 1.0),
+    ]  # no threshold saved: 0.5
     for i, (saved, extra, fraction) in enumerate(cases):
         model = make_model(tmp_path / f"m{i}.pt", bias=0.0, threshold=saved)
         out = tmp_path / f"out{i}"
@@ -194,7 +207,10 @@ def test_flip_averaging_follows_the_model_file_unless_overridden(tmp_path):
     for saved in (True, False, None):
         model_path = make_model(tmp_path / f"m{saved}.pt", seed=5, flip_tta=saved)
         net, _ = load_model(model_path)
-        expected = {tta: probabilities(predict_logits(net, image, torch.device("cpu"), flip_tta=tta))[0] for tta in (False, True)}
+        expected = {
+            tta: probabilities(predict_logits(net, image, torch.device("cpu"), flip_tta=tta))[0]
+            for tta in (False, True)
+        }
         assert not np.allclose(expected[False], expected[True], atol=1e-4)  # the random net is not mirror-symmetric
         for extra, tta in (([], bool(saved)), (["--flip-tta"], True), (["--no-flip-tta"], False)):
             out = tmp_path / f"out{saved}{extra}"
@@ -252,6 +268,7 @@ def test_batching_does_not_change_results(tmp_path, model):
 
 # ----------------------------------------------------------------------------- errors
 
+
 def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
     d = tmp_path / "in"
     good1 = save_image(d / "good1.png", "grey", 50, 40)
@@ -286,8 +303,16 @@ def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
 def test_inputs_matching_nothing_stop_before_any_work(tmp_path, model):
     (tmp_path / "empty_dir").mkdir()
     out = tmp_path / "out"
-    result = invoke(tmp_path / "missing.png", str(tmp_path / "nothing" / "*.png"), tmp_path / "empty_dir",
-                    "--model", model, "--out", out, *FAST)
+    result = invoke(
+        tmp_path / "missing.png",
+        str(tmp_path / "nothing" / "*.png"),
+        tmp_path / "empty_dir",
+        "--model",
+        model,
+        "--out",
+        out,
+        *FAST,
+    )
     assert result.exit_code == 2
     assert "missing.png: no such file or folder" in result.stderr
     assert "pattern matches no image files" in result.stderr
@@ -306,6 +331,7 @@ def test_unreadable_model_is_a_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- inputs and names
+
 
 def test_folder_and_glob_inputs(tmp_path, model):
     a = tmp_path / "a"
@@ -337,7 +363,11 @@ def test_duplicate_stems_do_not_overwrite(tmp_path, model):
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "predictions.csv")
     assert [(r["input"], r["stem"]) for r in rows] == [
-        (str(x), "scan"), (str(y), "scan-1"), (str(z), "SCAN-2"), (str(w), "scan-1-1")]
+        (str(x), "scan"),
+        (str(y), "scan-1"),
+        (str(z), "SCAN-2"),
+        (str(w), "scan-1-1"),
+    ]
     for r in rows:
         size = (int(r["width"]), int(r["height"]))
         assert Image.open(out / "masks" / f"{r['stem']}.png").size == size
@@ -352,6 +382,7 @@ def test_unique_stems_rule():
 
 # ----------------------------------------------------------------------------- installed script, real data
 
+
 def test_installed_console_script(tmp_path, model):
     script = Path(sys.executable).parent / "covidseg"
     if not script.exists():
@@ -362,8 +393,12 @@ def test_installed_console_script(tmp_path, model):
     top = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert top.returncode == 0 and "predict" in top.stdout
     out = tmp_path / "out"
-    proc = subprocess.run([str(script), "predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out),
-                           *FAST], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [str(script), "predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out), *FAST],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1, proc.stderr
     assert f"error: {bad}: cannot decode image" in proc.stderr
     assert "1 of 2 images done, 1 failed" in proc.stdout
@@ -372,8 +407,11 @@ def test_installed_console_script(tmp_path, model):
 
 
 def test_real_dev_images(tmp_path, dev_data, model):
-    images = sorted((dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19"
-                     / "images").glob("*.png"))[:2]
+    images = sorted(
+        (
+            dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19" / "images"
+        ).glob("*.png")
+    )[:2]
     if len(images) < 2:
         pytest.skip("dev data has no Test/COVID-19 images")
     out = tmp_path / "out"
@@ -386,6 +424,7 @@ def test_real_dev_images(tmp_path, dev_data, model):
 
 
 # ----------------------------------------------------------------------------- output folder failures
+
 
 def _fail_replace(monkeypatch, should_fail, err: int):
     """Make covidseg.atomic's os.replace raise OSError(err) for destinations ``should_fail`` picks."""
@@ -439,8 +478,10 @@ def test_read_only_output_folder_stops_with_exit_2(tmp_path, model, monkeypatch)
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
-                    reason="root ignores folder permissions")
+@pytest.mark.skipif(
+    not hasattr(__import__("os"), "geteuid") or __import__("os").geteuid() == 0,
+    reason="root ignores folder permissions",
+)
 def test_read_only_folder_by_permissions(tmp_path, model):
     out = tmp_path / "out"
     out.mkdir(mode=0o555)
@@ -466,7 +507,10 @@ def test_disk_full_mid_run_stops_and_the_csv_lists_exactly_what_was_written(tmp_
     assert [rows[s]["status"] for s in "abc"] == ["ok", "error", "not_run"]
     assert "No space left on device" in rows["b"]["error"] and rows["b"]["infected_fraction"] == ""
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "masks/a.png", "overlays/a.png", "predictions.csv"]  # b's mask, written before the failure, is removed
+        "masks/a.png",
+        "overlays/a.png",
+        "predictions.csv",
+    ]  # b's mask, written before the failure, is removed
     assert no_temp_files(out)
 
 
@@ -514,8 +558,12 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path, model
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     out = tmp_path / "out"
-    left = [out / f".predictions.csv.{dead.pid}.k1ll3d00.csv", out / "masks" / f".a.png.{dead.pid}.abcdefgh.png",
-            out / "overlays" / f".a.png.{dead.pid}.ijklmnop.png", out / "probs" / f".z.npy.{dead.pid}.qrstuvwx.npy"]
+    left = [
+        out / f".predictions.csv.{dead.pid}.k1ll3d00.csv",
+        out / "masks" / f".a.png.{dead.pid}.abcdefgh.png",
+        out / "overlays" / f".a.png.{dead.pid}.ijklmnop.png",
+        out / "probs" / f".z.npy.{dead.pid}.qrstuvwx.npy",
+    ]
     for p in left:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half")

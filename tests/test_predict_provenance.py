@@ -2,13 +2,20 @@
 
 import pytest
 import torch
-
-from covidseg.model.unet import UNet, UNetConfig
-from covidseg.model.checkpoint import save_model
 from test_predict import FAST, invoke, make_model, save_image
 
-PROVENANCE = {"data_source": "covidqu.zip", "synthetic": False, "split_counts": {"train": 10, "val": 4, "test": 4},
-              "train_images": 10, "val_dice": 0.771, "package_version": "0.1.0", "code_hash": "ab" * 32}
+from covidseg.model.checkpoint import save_model
+from covidseg.model.unet import UNet, UNetConfig
+
+PROVENANCE = {
+    "data_source": "covidqu.zip",
+    "synthetic": False,
+    "split_counts": {"train": 10, "val": 4, "test": 4},
+    "train_images": 10,
+    "val_dice": 0.771,
+    "package_version": "0.1.0",
+    "code_hash": "ab" * 32,
+}
 
 
 def _model(path, **provenance):
@@ -22,7 +29,9 @@ def test_provenance_is_printed_and_a_real_model_gets_no_warning(tmp_path):
     src = save_image(tmp_path / "x.png", "grey", 40, 30)
     result = invoke(src, "--model", _model(tmp_path / "m.pt"), "--out", tmp_path / "out", *FAST)
     assert result.exit_code == 0, result.output
-    assert "model: trained on covidqu.zip (train 10, val 4, test 4; 10 training images), val Dice 0.771" in result.stderr
+    assert (
+        "model: trained on covidqu.zip (train 10, val 4, test 4; 10 training images), val Dice 0.771" in result.stderr
+    )
     assert "training code abababababab" in result.stderr and "WARNING" not in result.stderr
     quiet = invoke(src, "--model", tmp_path / "m.pt", "--out", tmp_path / "out", "--quiet", *FAST)
     assert "model: trained on" not in quiet.stderr
@@ -52,8 +61,10 @@ def test_a_model_file_of_another_version_exits_2_with_a_short_message(tmp_path):
     torch.save({"config": net.config.to_dict(), "state_dict": net.state_dict(), "size": 32}, old)
     objects = tmp_path / "objects.pt"
     torch.save({"config": net.config, "state_dict": {}}, objects)
-    for path, words in ((old, "model file format version 1, this covidseg reads version 2; retrain"),
-                        (objects, "not a covidseg model file")):
+    for path, words in (
+        (old, "model file format version 1, this covidseg reads version 2; retrain"),
+        (objects, "not a covidseg model file"),
+    ):
         result = invoke(src, "--model", path, "--out", tmp_path / "out", *FAST)
         assert result.exit_code == 2
         assert str(path) in result.stderr and words in result.stderr and "weights_only" not in result.stderr

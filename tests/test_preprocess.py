@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from covidseg.data.extract import extract
-from covidseg.params import DataParams, PreprocessParams
-from covidseg.data.arrays import load_split, resize_mask
-from covidseg.data.preprocess import preprocess
 from test_extract import NEST, make_dataset, read_csv, snapshot, write_png
 from test_sources import DEV_NEST, dev_part
+
+from covidseg.data.arrays import load_split, resize_mask
+from covidseg.data.extract import extract
+from covidseg.data.preprocess import preprocess
+from covidseg.params import DataParams, PreprocessParams
 
 SPLITS = ("train", "val", "test")
 
@@ -40,8 +40,12 @@ def test_arrays_match_sources_at_native_size(tmp_path: Path) -> None:
         assert list(d["classes"]) == [r["class"] for r in split_rows]
         for i, r in enumerate(split_rows):
             np.testing.assert_array_equal(d["images"][i, 0], np.asarray(Image.open(tmp_path / "src" / r["image_path"])))
-            np.testing.assert_array_equal(d["masks"][i, 0], np.asarray(Image.open(tmp_path / "src" / r["infection_path"])) // 255)
-            np.testing.assert_array_equal(d["lungs"][i, 0], np.asarray(Image.open(tmp_path / "src" / r["lung_path"])) // 255)
+            np.testing.assert_array_equal(
+                d["masks"][i, 0], np.asarray(Image.open(tmp_path / "src" / r["infection_path"])) // 255
+            )
+            np.testing.assert_array_equal(
+                d["lungs"][i, 0], np.asarray(Image.open(tmp_path / "src" / r["lung_path"])) // 255
+            )
         normal = d["classes"] == "Normal"
         assert normal.sum() == 1 and d["masks"][normal].sum() == 0 and d["masks"][~normal].sum() > 0
     assert root.is_dir()
@@ -78,7 +82,9 @@ def test_failure_keeps_previous_prepared(tmp_path: Path) -> None:
         for n, data in members.items():
             if n != "test/COVID-19/lung masks/covid_3.png":
                 z.writestr(n, data)
-    with pytest.raises(ValueError, match=r"subset\.zip: test/COVID-19/\.\.\./covid_3\.png listed in manifest\.csv cannot be read"):
+    with pytest.raises(
+        ValueError, match=r"subset\.zip: test/COVID-19/\.\.\./covid_3\.png listed in manifest\.csv cannot be read"
+    ):
         preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     assert snapshot(tmp_path / "prepared") == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
@@ -99,7 +105,9 @@ def test_partial_dev_set_round_trip(dev_data: Path, tmp_path: Path) -> None:
     assert preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=256)) == {"train": 3, "val": 3, "test": 3}
     d = load_split(tmp_path / "prepared", "val")
     first = sorted(p.name for p in (dev_data / DEV_NEST / "Val/COVID-19/images").iterdir())[0]
-    np.testing.assert_array_equal(d["images"][0, 0], np.asarray(Image.open(dev_data / DEV_NEST / "Val/COVID-19/images" / first)))
+    np.testing.assert_array_equal(
+        d["images"][0, 0], np.asarray(Image.open(dev_data / DEV_NEST / "Val/COVID-19/images" / first))
+    )
     fraction = d["masks"][0, 0].mean()
     row = next(r for r in read_csv(ext / "manifest.csv") if r["split"] == "val")
     assert fraction == pytest.approx(float(row["infected_fraction"]), abs=1e-6) and fraction > 0

@@ -6,7 +6,14 @@ from pathlib import Path
 
 from conftest import REPO, dvc, run, set_params
 
-KEPT = ("data/extracted", "data/prepared", "metrics/data.json", "models/model.pt", "metrics/test.json", "plots/report.html")
+KEPT = (
+    "data/extracted",
+    "data/prepared",
+    "metrics/data.json",
+    "models/model.pt",
+    "metrics/test.json",
+    "plots/report.html",
+)
 
 
 def _ran(output: str) -> set[str]:
@@ -40,7 +47,9 @@ def test_bad_params_and_sources_stop_at_check_then_a_valid_lr_change_reruns_only
     _fails_at_check(tiny_repo, "no COVID-QU-Ex infection-segmentation layout found")
 
     set_params(tiny_repo, {"data": {"source": "data/raw/synthetic"}, "trian": {"lr": 0.001}})
-    _fails_at_check(tiny_repo, "params.yaml: unknown top-level section(s) ['trian']", "known ones are ['seed', 'launch'")
+    _fails_at_check(
+        tiny_repo, "params.yaml: unknown top-level section(s) ['trian']", "known ones are ['seed', 'launch'"
+    )
 
     text = (tiny_repo / "params.yaml").read_text()
     (tiny_repo / "params.yaml").write_text(text.split("trian:")[0] + "\n")

@@ -14,15 +14,24 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_figures import run_figures
 
 from covidseg.evaluation.figures import FIGURES
 from covidseg.evaluation.report import write_report
-from test_figures import run_figures
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--host-resolver-rules=MAP * ~NOTFOUND", "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+    "--hide-scrollbars",
+]
 
 
 class _Refs(HTMLParser):
@@ -47,11 +56,20 @@ class _Refs(HTMLParser):
 def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     run = run_figures(root)
-    (root / "train.json").write_text(json.dumps({"epochs_run": 3, "best_epoch": 2, "threshold": 0.45, "temperature": 1.0}))
-    (root / "data.json").write_text(json.dumps({"train": {"count": 4}, "val": {"count": 2}, "test": {"count": 4},
-                                                "skipped_total": 0}))
-    return write_report(run["details"], root / "train.json", root / "data.json", run["written"], root / "report.html",
-                        source="tiny/test & <data>")
+    (root / "train.json").write_text(
+        json.dumps({"epochs_run": 3, "best_epoch": 2, "threshold": 0.45, "temperature": 1.0})
+    )
+    (root / "data.json").write_text(
+        json.dumps({"train": {"count": 4}, "val": {"count": 2}, "test": {"count": 4}, "skipped_total": 0})
+    )
+    return write_report(
+        run["details"],
+        root / "train.json",
+        root / "data.json",
+        run["written"],
+        root / "report.html",
+        source="tiny/test & <data>",
+    )
 
 
 def test_report_is_self_contained(report):
@@ -70,9 +88,25 @@ def test_report_is_self_contained(report):
 def test_report_content(report):
     text = report.read_text(encoding="utf-8")
     metrics = json.loads((report.parent / "metrics" / "test.json").read_text())
-    for needle in ("RMSE", "Brier", "ECE", "Dice, per-image mean", "Dice, global", "IoU, global", "Precision", "Recall",
-                   "HD95", "all background", "constant prior", "lung mask", "0.2288", "0.740 to 0.756",
-                   "Empty-truth rule", f"{metrics['rmse']:.4f}", "tuned on val: 0.450"):
+    for needle in (
+        "RMSE",
+        "Brier",
+        "ECE",
+        "Dice, per-image mean",
+        "Dice, global",
+        "IoU, global",
+        "Precision",
+        "Recall",
+        "HD95",
+        "all background",
+        "constant prior",
+        "lung mask",
+        "0.2288",
+        "0.740 to 0.756",
+        "Empty-truth rule",
+        f"{metrics['rmse']:.4f}",
+        "tuned on val: 0.450",
+    ):
         assert needle in text, needle
     assert "tiny/test &amp; &lt;data&gt;" in text, "user strings must be HTML-escaped"
 
@@ -92,10 +126,12 @@ def _chromium(args: list[str], profile: Path, timeout: float = 120) -> subproces
 def test_report_renders_in_headless_chromium(report, tmp_path):
     # 1. every <img> decodes: a copy of the report with a tiny check script that writes its verdict into the DOM
     probe = tmp_path / "probe.html"
-    script = ("<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
-              "var bad=i.filter(function(x){return !(x.complete&&x.naturalWidth>0);}).length;"
-              "var p=document.createElement('pre');p.id='imgcheck';p.textContent='IMAGES '+i.length+' BAD '+bad;"
-              "document.body.appendChild(p);});</script>")
+    script = (
+        "<script>window.addEventListener('load',function(){var i=[].slice.call(document.images);"
+        "var bad=i.filter(function(x){return !(x.complete&&x.naturalWidth>0);}).length;"
+        "var p=document.createElement('pre');p.id='imgcheck';p.textContent='IMAGES '+i.length+' BAD '+bad;"
+        "document.body.appendChild(p);});</script>"
+    )
     probe.write_text(report.read_text(encoding="utf-8").replace("</body>", script + "</body>"), encoding="utf-8")
     proc = _chromium(["--virtual-time-budget=10000", "--dump-dom", probe.as_uri()], tmp_path / "profile1")
     found = re.search(r'id="imgcheck">IMAGES (\d+) BAD (\d+)<', proc.stdout)

@@ -25,6 +25,7 @@ def assert_partition(lungs, right, left):
 
 # ---------------------------------------------------------------- split_lungs
 
+
 def test_two_separate_lungs_image_left_is_patient_right():
     image_left, image_right = ellipse(30, 20, 20, 12), ellipse(30, 60, 20, 12)
     lungs = image_left | image_right
@@ -99,18 +100,19 @@ def test_split_lungs_refuses_non_masks():
 
 # ---------------------------------------------------------------- lung_shares
 
+
 def test_lung_shares_by_hand():
     right = np.zeros((4, 6), bool)
     left = np.zeros((4, 6), bool)
     right[:, :2] = True  # 8 pixels
-    left[:, 4:] = True   # 8 pixels
+    left[:, 4:] = True  # 8 pixels
     infection = np.zeros((4, 6), bool)
     infection[0, 0] = infection[1, 0] = True  # 2 in the right lung
-    infection[:, 5] = True                    # 4 in the left lung
-    infection[0, 3] = True                    # 1 outside the lungs
+    infection[:, 5] = True  # 4 in the left lung
+    infection[0, 3] = True  # 1 outside the lungs
     s = lung_shares(infection, right, left)
-    assert s["right_pct"] == pytest.approx(2 / 8 * 100)   # 25
-    assert s["left_pct"] == pytest.approx(4 / 8 * 100)    # 50
+    assert s["right_pct"] == pytest.approx(2 / 8 * 100)  # 25
+    assert s["left_pct"] == pytest.approx(4 / 8 * 100)  # 50
     assert s["lungs_pct"] == pytest.approx(6 / 16 * 100)  # 37.5
     assert s["infected_outside_lungs_pct"] == pytest.approx(1 / 7 * 100)
 
@@ -134,9 +136,21 @@ def test_lung_shares_refuses_overlapping_lungs_and_mismatched_shapes():
 
 # ---------------------------------------------------------------- extent_score
 
-@pytest.mark.parametrize("share, score", [
-    (0, 0), (1e-9, 1), (24.999, 1), (25, 2), (49.999, 2), (50, 3), (74.999, 3), (75, 4), (100, 4),
-])
+
+@pytest.mark.parametrize(
+    "share, score",
+    [
+        (0, 0),
+        (1e-9, 1),
+        (24.999, 1),
+        (25, 2),
+        (49.999, 2),
+        (50, 3),
+        (74.999, 3),
+        (75, 4),
+        (100, 4),
+    ],
+)
 def test_extent_score_boundaries(share, score):
     assert extent_score(share) == score
     assert isinstance(extent_score(share), int)
@@ -163,6 +177,7 @@ def test_quarter_share_computed_from_pixels_lands_on_the_boundary():
 
 # ---------------------------------------------------------------- severity_table
 
+
 def test_severity_table_one_row_per_image():
     image_left, image_right = ellipse(30, 20, 20, 12), ellipse(30, 60, 20, 12)
     lungs = image_left | image_right
@@ -170,8 +185,16 @@ def test_severity_table_one_row_per_image():
     infection = np.stack([np.zeros((H, W), bool), heavy | image_right])
     infection[1, 0, 40] = True  # one infected pixel outside the lungs
     table = severity_table(infection, np.stack([lungs, lungs]), ids=["a", "b"])
-    assert list(table.columns) == ["image", "right_pct", "left_pct", "lungs_pct", "right_extent", "left_extent",
-                                   "extent_score", "infected_outside_lungs_pct"]
+    assert list(table.columns) == [
+        "image",
+        "right_pct",
+        "left_pct",
+        "lungs_pct",
+        "right_extent",
+        "left_extent",
+        "extent_score",
+        "infected_outside_lungs_pct",
+    ]
     assert table["image"].tolist() == ["a", "b"]
     first, second = table.iloc[0], table.iloc[1]
     assert (first.right_pct, first.left_pct, first.extent_score, first.infected_outside_lungs_pct) == (0, 0, 0, 0)
@@ -195,7 +218,9 @@ def test_split_lungs_on_real_lung_masks(dev_data):
     """Real COVID-QU-Ex lung masks hold two lungs: both sides found, the patient's right on the image's left."""
     from PIL import Image
 
-    folder = dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19" / "lung masks"
+    folder = (
+        dev_data / "Infection Segmentation Data" / "Infection Segmentation Data" / "Test" / "COVID-19" / "lung masks"
+    )
     files = sorted(folder.glob("*.png"))[:40]
     assert files, f"no lung masks in {folder}"
     for f in files:

@@ -31,8 +31,8 @@ def infect(masks: np.ndarray, image: int, cols: slice, rows: slice = slice(1, 7)
 
 def test_identical_prediction_agrees_perfectly():
     truth = np.zeros((3, H, W), bool)
-    infect(truth, 0, slice(1, 3))            # right lung 12/24 = 50 %
-    infect(truth, 1, slice(1, 5))            # right 100 %
+    infect(truth, 0, slice(1, 3))  # right lung 12/24 = 50 %
+    infect(truth, 1, slice(1, 5))  # right 100 %
     infect(truth, 1, slice(7, 8), slice(1, 2))  # left 1/24 = 4.17 %
     t = severity_table(truth, lungs(3))
     s = score_against_truth(t, t, n_resamples=200)
@@ -44,10 +44,10 @@ def test_identical_prediction_agrees_perfectly():
 
 def test_share_error_and_extent_by_hand():
     truth, pred = np.zeros((2, H, W), bool), np.zeros((2, H, W), bool)
-    infect(truth, 0, slice(1, 3))   # image 0: right 50 % (extent 3), left 0 % (0) -> score 3
-    infect(pred, 0, slice(1, 2))    # predicted right 25 % (extent 2), left 0 -> score 2
+    infect(truth, 0, slice(1, 3))  # image 0: right 50 % (extent 3), left 0 % (0) -> score 3
+    infect(pred, 0, slice(1, 2))  # predicted right 25 % (extent 2), left 0 -> score 2
     infect(truth, 1, slice(7, 11))  # image 1: left 100 % (4) -> score 4
-    infect(pred, 1, slice(7, 11))   # exact
+    infect(pred, 1, slice(7, 11))  # exact
     s = score_against_truth(severity_table(pred, lungs(2)), severity_table(truth, lungs(2)), n_resamples=200)
     # per-image mean abs error: image 0 (25 + 0) / 2 = 12.5, image 1 0 -> mean 6.25 points
     assert s["share_mae"] == pytest.approx(6.25)
@@ -59,11 +59,12 @@ def test_share_error_and_extent_by_hand():
 
 def test_a_lung_the_model_misses_scores_zero_and_is_counted():
     truth = np.zeros((1, H, W), bool)
-    infect(truth, 0, slice(7, 11))                 # left lung 100 % infected
+    infect(truth, 0, slice(7, 11))  # left lung 100 % infected
     pred_lungs = lungs(1)
-    pred_lungs[0, :, 6:] = False                   # the model finds only the image-left (patient's right) lung
-    head, details, per = evaluate_severity(truth.copy(), pred_lungs, truth, lungs(1), baseline_share=10.0,
-                                           n_resamples=100)
+    pred_lungs[0, :, 6:] = False  # the model finds only the image-left (patient's right) lung
+    head, details, per = evaluate_severity(
+        truth.copy(), pred_lungs, truth, lungs(1), baseline_share=10.0, n_resamples=100
+    )
     model = details["model"]
     assert model["lungs_missed"] == 1
     assert head["share_mae"] == pytest.approx((0 + 100) / 2)  # right 0 vs 0, left 0 (missed) vs 100
@@ -77,7 +78,7 @@ def test_constant_baseline_and_train_median():
     t = constant_share_table(30.0, 3)
     assert (t["right_extent"] == 2).all() and (t["extent_score"] == 4).all()
     train = np.zeros((2, H, W), bool)
-    infect(train, 0, slice(1, 2))   # right 25 %, left 0 %
+    infect(train, 0, slice(1, 2))  # right 25 %, left 0 %
     infect(train, 1, slice(7, 10))  # left 75 %, right 0 %
     assert median_lung_share(train, lungs(2)) == pytest.approx(12.5)  # median of 25, 0, 0, 75
 

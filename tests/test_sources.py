@@ -7,12 +7,12 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from test_extract import NEST, make_dataset, read_csv, write_triplet
 
 from covidseg.data.extract import extract
 from covidseg.data.layout import find_roots
-from covidseg.params import DataParams
 from covidseg.data.sources import FolderSource, SourceError, ZipSource, locate_root, open_source
-from test_extract import NEST, make_dataset, read_csv, write_triplet
+from covidseg.params import DataParams
 
 DEV_NEST = "Infection Segmentation Data/Infection Segmentation Data"
 PER_SPLIT = 4  # COVID-19 triplets per split taken from the dev set for the zip tests (36 files)
@@ -23,10 +23,14 @@ def dev_part(dev_data: Path, classes=("COVID-19", "Normal"), per_split: int = PE
     files = {}
     for split_dir in ("Train", "Val", "Test"):
         for class_dir in classes:
-            names = sorted(p.name for p in (dev_data / DEV_NEST / split_dir / class_dir / "images").iterdir())[:per_split]
+            names = sorted(p.name for p in (dev_data / DEV_NEST / split_dir / class_dir / "images").iterdir())[
+                :per_split
+            ]
             for kind in ("images", "infection masks", "lung masks"):
                 for name in names:
-                    files[f"{split_dir}/{class_dir}/{kind}/{name}"] = dev_data / DEV_NEST / split_dir / class_dir / kind / name
+                    files[f"{split_dir}/{class_dir}/{kind}/{name}"] = (
+                        dev_data / DEV_NEST / split_dir / class_dir / kind / name
+                    )
     return files
 
 
@@ -54,7 +58,11 @@ def extract_to(src: Path, work: Path, classes=("COVID-19",)) -> dict:
 def test_find_roots_by_structure_at_any_depth() -> None:
     dirs = {"a", "a/b", "a/b/Train", "a/b/Train/COVID-19", "x/Val/Normal", "Test/Non-COVID", "Train/other"}
     assert find_roots(dirs) == ["", "a/b", "x"]
-    lung = {"Lung Segmentation Data/Lung Segmentation Data/Train/COVID-19", "__MACOSX/r/Val/COVID-19", ".hidden/Val/COVID-19"}
+    lung = {
+        "Lung Segmentation Data/Lung Segmentation Data/Train/COVID-19",
+        "__MACOSX/r/Val/COVID-19",
+        ".hidden/Val/COVID-19",
+    }
     assert find_roots(lung) == []
 
 
@@ -64,8 +72,11 @@ def test_dev_folder_root(dev_data: Path) -> None:
         assert locate_root(src) == DEV_NEST
 
 
-@pytest.mark.parametrize("prefix", [f"{DEV_NEST}/", "Infection Segmentation Data/", "", "download/covidqu/" + f"{DEV_NEST}/"],
-                         ids=["kaggle_two_levels", "one_level", "top", "deeper"])
+@pytest.mark.parametrize(
+    "prefix",
+    [f"{DEV_NEST}/", "Infection Segmentation Data/", "", "download/covidqu/" + f"{DEV_NEST}/"],
+    ids=["kaggle_two_levels", "one_level", "top", "deeper"],
+)
 def test_partial_dev_zip_matches_folder(dev_data: Path, tmp_path: Path, prefix: str) -> None:
     files = dev_part(dev_data)
     archive = write_zip(tmp_path / "part.zip", files, prefix)
@@ -86,13 +97,17 @@ def test_partial_dev_zip_matches_folder(dev_data: Path, tmp_path: Path, prefix: 
     dir_rows = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "f/extracted/manifest.csv")]
     assert zip_rows == dir_rows and len(zip_rows) == 6 * PER_SPLIT
     assert (tmp_path / "z/extracted/subset.zip").read_bytes() == (tmp_path / "f/extracted/subset.zip").read_bytes()
-    assert read_csv(tmp_path / "z/extracted/manifest.csv")[0]["image_path"].startswith(prefix + "Train/COVID-19/images/")
+    assert read_csv(tmp_path / "z/extracted/manifest.csv")[0]["image_path"].startswith(
+        prefix + "Train/COVID-19/images/"
+    )
 
 
 def test_zip_reads_only_needed_members_never_lung_data(dev_data: Path, tmp_path: Path, monkeypatch) -> None:
     files = dev_part(dev_data)
-    lung_tree = {f"Lung Segmentation Data/Lung Segmentation Data/{rel.replace('infection masks', 'lung masks')}": p
-                 for rel, p in files.items()}
+    lung_tree = {
+        f"Lung Segmentation Data/Lung Segmentation Data/{rel.replace('infection masks', 'lung masks')}": p
+        for rel, p in files.items()
+    }
     archive = write_zip(tmp_path / "covidqu.zip", files, f"{DEV_NEST}/", extra=lung_tree)
     read: list[str] = []
     real_open = zipfile.ZipFile.open
@@ -115,7 +130,9 @@ def test_zip_reads_only_needed_members_never_lung_data(dev_data: Path, tmp_path:
 
 def test_folder_never_walks_lung_data_or_macos_debris(tmp_path: Path) -> None:
     make_dataset(tmp_path / "src", per_split=1)
-    write_triplet(tmp_path / "src" / "Lung Segmentation Data" / "Lung Segmentation Data", "Train", "COVID-19", "covid_1.png", 1)
+    write_triplet(
+        tmp_path / "src" / "Lung Segmentation Data" / "Lung Segmentation Data", "Train", "COVID-19", "covid_1.png", 1
+    )
     write_triplet(tmp_path / "src" / "__MACOSX" / NEST, "Train", "COVID-19", "covid_1.png", 1)
     (tmp_path / "src" / NEST / "Train/COVID-19/images/._covid_1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     with open_source(tmp_path / "src") as src:
@@ -164,9 +181,8 @@ def test_corrupt_zip_member_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive) as z:
         info = z.getinfo(member)
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    data[start + 20: start + 30] = b"\xff" * 10  # damage the compressed bytes: CRC or inflate error
+    data[start + 20 : start + 30] = b"\xff" * 10  # damage the compressed bytes: CRC or inflate error
     archive.write_bytes(bytes(data))
-    report = extract(archive, tmp_path / "w/x", tmp_path / "w/m.json",
-                     DataParams(source=str(archive)))
+    report = extract(archive, tmp_path / "w/x", tmp_path / "w/m.json", DataParams(source=str(archive)))
     (msg,) = [m for m in report.messages if m.startswith("skipped (unreadable)")]
     assert member in msg and str(archive) in msg

@@ -2,8 +2,8 @@ import numpy as np
 from PIL import Image
 
 from covidseg.data.layout import CLASS_DIRS, IMAGES, INFECTION, KIND_DIRS, LUNG, ROOT_NAME, SPLIT_DIRS
-from covidseg.params import SynthParams
 from covidseg.data.synth import make_case, synthesize
+from covidseg.params import SynthParams
 
 
 def test_layout_names_and_counts(tmp_path):

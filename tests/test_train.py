@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import REPO, run
 
 import covidseg.training.loop as train_mod
 from covidseg.inference.calibration import tune_temperature, tune_threshold, val_scores
@@ -19,19 +18,34 @@ from covidseg.params import TrainParams
 from covidseg.training.loop import TrainingDiverged, lr_at, train
 from covidseg.training.selection import BestEpoch
 
-TINY = TrainParams(epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice")
+from conftest import REPO, run
+
+TINY = TrainParams(
+    epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice"
+)
 
 
 def _train(prepared, out, params=TINY, seed=0, on_epoch_end=None):
-    return train(prepared, out / "model.pt", out / "resume", out / "curves.tsv", out / "train.json", params, seed,
-                 log=lambda *a: None, on_epoch_end=on_epoch_end)
+    return train(
+        prepared,
+        out / "model.pt",
+        out / "resume",
+        out / "curves.tsv",
+        out / "train.json",
+        params,
+        seed,
+        log=lambda *a: None,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def interrupt_after(last_epoch):
     """An end-of-epoch hook that raises KeyboardInterrupt (as Ctrl-C would) once ``last_epoch`` is finished and saved."""
+
     def hook(trainer, row):
         if row["epoch"] == last_epoch:
             raise KeyboardInterrupt
+
     return hook
 
 
@@ -64,8 +78,10 @@ def test_flip_averaging_calibrates_on_flipped_val_and_is_saved(tiny_prepared, tm
         logits = predict_logits(model, images, torch.device("cpu"), flip_tta=tta, lung_gate=meta["lung_gate"])
         if tta:  # the saved temperature is the one fitted on flip-averaged val logits
             assert meta["temperature"] == tune_temperature(logits, masks)
-            assert summary["val_rmse"] == pytest.approx(val_scores(logits, masks, meta["threshold"], meta["temperature"])["sse"] ** 0.5
-                                                        / masks.size ** 0.5, rel=1e-6)
+            assert summary["val_rmse"] == pytest.approx(
+                val_scores(logits, masks, meta["threshold"], meta["temperature"])["sse"] ** 0.5 / masks.size**0.5,
+                rel=1e-6,
+            )
 
 
 def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
@@ -87,8 +103,16 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
     assert (tmp_path / "cut" / "resume" / "state.pt").exists()
     assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
     logs = []
-    train(tiny_prepared, tmp_path / "cut" / "model.pt", tmp_path / "cut" / "resume", tmp_path / "cut" / "curves.tsv",
-          tmp_path / "cut" / "train.json", params, 0, log=logs.append)
+    train(
+        tiny_prepared,
+        tmp_path / "cut" / "model.pt",
+        tmp_path / "cut" / "resume",
+        tmp_path / "cut" / "curves.tsv",
+        tmp_path / "cut" / "train.json",
+        params,
+        0,
+        log=logs.append,
+    )
     assert any("continuing after epoch 2" in line for line in logs)
     pd.testing.assert_frame_equal(_curves(tmp_path / "full" / "curves.tsv"), _curves(tmp_path / "cut" / "curves.tsv"))
     wa, wb = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in ("full", "cut"))
@@ -102,9 +126,13 @@ def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_p
     def remember_average(trainer, row):  # the average as validated this epoch (val does not change it)
         kept[row["epoch"]] = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
 
-    summary = _train(tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9), on_epoch_end=remember_average)
+    summary = _train(
+        tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9), on_epoch_end=remember_average
+    )
     raw, ema = _curves(tmp_path / "raw" / "curves.tsv"), _curves(tmp_path / "ema" / "curves.tsv")
-    pd.testing.assert_series_equal(raw["train_loss"], ema["train_loss"])  # the raw weights train exactly as without averaging
+    pd.testing.assert_series_equal(
+        raw["train_loss"], ema["train_loss"]
+    )  # the raw weights train exactly as without averaging
     assert not np.allclose(raw["val_loss"], ema["val_loss"])  # validation sees the averaged weights
     saved = torch.load(tmp_path / "ema" / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], kept[summary["best_epoch"]][k]) for k in saved)  # the best epoch's average is kept
@@ -114,8 +142,16 @@ def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _train(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
     logs = []
-    train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
-          dataclasses.replace(TINY, lr=5e-4), 0, log=logs.append)
+    train(
+        tiny_prepared,
+        tmp_path / "model.pt",
+        tmp_path / "resume",
+        tmp_path / "curves.tsv",
+        tmp_path / "train.json",
+        dataclasses.replace(TINY, lr=5e-4),
+        0,
+        log=logs.append,
+    )
     assert any("starting afresh" in line for line in logs)
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2, 3]
 
@@ -123,9 +159,22 @@ def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
 def test_killed_process_resumes_from_last_finished_epoch(tiny_prepared, tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("seed: 0\ntrain:\n  epochs: 40\n  batch_size: 4\n  base_channels: 4\n  depth: 3\n")
-    args = [sys.executable, str(REPO / "stages" / "train.py"), "--prepared", str(tiny_prepared), "--model", str(tmp_path / "m.pt"),
-            "--resume", str(tmp_path / "resume"), "--curves", str(tmp_path / "c.tsv"), "--metrics", str(tmp_path / "t.json"),
-            "--params", str(params)]
+    args = [
+        sys.executable,
+        str(REPO / "stages" / "train.py"),
+        "--prepared",
+        str(tiny_prepared),
+        "--model",
+        str(tmp_path / "m.pt"),
+        "--resume",
+        str(tmp_path / "resume"),
+        "--curves",
+        str(tmp_path / "c.tsv"),
+        "--metrics",
+        str(tmp_path / "t.json"),
+        "--params",
+        str(params),
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (tmp_path / "resume" / "state.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -140,7 +189,7 @@ def test_killed_process_resumes_from_last_finished_epoch(tiny_prepared, tmp_path
 
 
 def test_nan_loss_stops_with_a_clear_message(tiny_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(train_mod, "make_loss", lambda *a, **k: (lambda logits, target: logits.mean() * float("nan")))
+    monkeypatch.setattr(train_mod, "make_loss", lambda *a, **k: lambda logits, target: logits.mean() * float("nan"))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 1; lower train.lr"):
         _train(tiny_prepared, tmp_path)
     assert not (tmp_path / "model.pt").exists()
@@ -161,15 +210,21 @@ def test_early_stopping_keeps_the_best_epoch():
 
 def test_training_stops_early_patience_epochs_after_the_best_and_keeps_it(tiny_prepared, tmp_path):
     seen = []
-    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=30, patience=1, lr=3e-3),
-                     on_epoch_end=lambda trainer, row: seen.append(row["val_dice"]))
+    summary = _train(
+        tiny_prepared,
+        tmp_path,
+        dataclasses.replace(TINY, epochs=30, patience=1, lr=3e-3),
+        on_epoch_end=lambda trainer, row: seen.append(row["val_dice"]),
+    )
     best = int(np.argmax(seen)) + 1  # first epoch with the highest val_dice@0.5
     assert summary["epochs_run"] == len(seen) == best + 1 < 30  # stopped one epoch (patience) after the best
     assert summary["best_epoch"] == best and summary["val_dice_at_0.5"] == seen[best - 1]
 
 
 def test_a_hook_returning_false_ends_training_and_the_run_finishes(tiny_prepared, tmp_path):
-    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=5), on_epoch_end=lambda trainer, row: row["epoch"] < 2)
+    summary = _train(
+        tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=5), on_epoch_end=lambda trainer, row: row["epoch"] < 2
+    )
     assert summary["epochs_run"] == 2 and (tmp_path / "model.pt").exists()
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
 

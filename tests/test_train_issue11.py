@@ -29,7 +29,16 @@ def _cut_after_epoch_1(tiny_prepared, out, params=TWO):
 
 def _rerun(tiny_prepared, out, params=TWO):
     logs = []
-    train(tiny_prepared, out / "model.pt", out / "resume", out / "curves.tsv", out / "train.json", params, 0, log=logs.append)
+    train(
+        tiny_prepared,
+        out / "model.pt",
+        out / "resume",
+        out / "curves.tsv",
+        out / "train.json",
+        params,
+        0,
+        log=logs.append,
+    )
     return [line for line in logs if line.startswith("resume:")]
 
 
@@ -47,7 +56,10 @@ def test_code_hash_covers_the_modules_train_imports(tmp_path):
     root = tmp_path / "src"
     entry = root / "covidseg" / "training" / "loop.py"
     before = code_hash(entry, root)
-    assert len(before) == 64 and before == code_hash(src / "covidseg" / "training" / "loop.py", src) == train_mod.code_hash()
+    assert (
+        len(before) == 64
+        and before == code_hash(src / "covidseg" / "training" / "loop.py", src) == train_mod.code_hash()
+    )
 
     def hash_with_one_byte_changed(relative):
         path = root / relative
@@ -58,8 +70,12 @@ def test_code_hash_covers_the_modules_train_imports(tmp_path):
         finally:
             path.write_bytes(original)
 
-    for covered in ("covidseg/model/unet.py", "covidseg/model/losses.py", "covidseg/inference/calibration.py",
-                    "covidseg/training/loop.py"):
+    for covered in (
+        "covidseg/model/unet.py",
+        "covidseg/model/losses.py",
+        "covidseg/inference/calibration.py",
+        "covidseg/training/loop.py",
+    ):
         assert hash_with_one_byte_changed(covered) != before, covered
     assert hash_with_one_byte_changed("covidseg/evaluation/figures.py") == before  # train does not import it
     assert code_hash(entry, root) == before
@@ -102,15 +118,29 @@ def test_same_params_and_seed_give_byte_identical_outputs(tiny_prepared, tmp_pat
 def test_metrics_hold_headline_numbers_and_the_run_log_holds_timings(tiny_prepared, tmp_path):
     summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
     metrics = json.loads((tmp_path / "train.json").read_text())
-    assert {"epochs_run", "best_epoch", "val_dice_at_0.5", "val_dice_at_threshold", "val_rmse", "threshold",
-            "temperature", "temperature_at_grid_edge", "train_images"} <= set(metrics)
+    assert {
+        "epochs_run",
+        "best_epoch",
+        "val_dice_at_0.5",
+        "val_dice_at_threshold",
+        "val_rmse",
+        "threshold",
+        "temperature",
+        "temperature_at_grid_edge",
+        "train_images",
+    } <= set(metrics)
     assert not {"train_seconds", "train_images_per_second", "device", "precision", "world_size"} & set(metrics)
     assert metrics["train_images"] == 5
     run_log = json.loads((tmp_path / "train_log.json").read_text())
-    assert {"train_seconds", "train_images_per_second", "epoch_seconds", "device", "precision", "world_size"} <= set(run_log)
+    assert {"train_seconds", "train_images_per_second", "epoch_seconds", "device", "precision", "world_size"} <= set(
+        run_log
+    )
     assert len(run_log["epoch_seconds"]) == 2 and run_log["world_size"] == 1
     assert summary == metrics | run_log
-    assert pd.read_csv(tmp_path / "curves.tsv", sep="\t").columns.tolist() == CURVE_FIELDS and "seconds" not in CURVE_FIELDS
+    assert (
+        pd.read_csv(tmp_path / "curves.tsv", sep="\t").columns.tolist() == CURVE_FIELDS
+        and "seconds" not in CURVE_FIELDS
+    )
 
 
 def test_model_file_records_provenance(tiny_prepared, tmp_path):
@@ -126,8 +156,16 @@ def test_model_file_records_provenance(tiny_prepared, tmp_path):
 
 def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared, tmp_path):
     logs = []
-    train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
-          dataclasses.replace(TWO, max_train_images=5), 0, log=logs.append)
+    train(
+        tiny_prepared,
+        tmp_path / "model.pt",
+        tmp_path / "resume",
+        tmp_path / "curves.tsv",
+        tmp_path / "train.json",
+        dataclasses.replace(TWO, max_train_images=5),
+        0,
+        log=logs.append,
+    )
     assert any("using 5 of 9 training images (train.max_train_images)" in line for line in logs)
     epochs = [line for line in logs if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("val_dice@0.5 " in line for line in epochs)
@@ -137,8 +175,16 @@ def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared,
 def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(calibration_mod, "tune_temperature", lambda logits, masks: float(TEMPERATURES[-1]))
     logs = []
-    summary = train(tiny_prepared, tmp_path / "model.pt", tmp_path / "resume", tmp_path / "curves.tsv", tmp_path / "train.json",
-                    dataclasses.replace(TINY, epochs=1, temperature_scaling=True), 0, log=logs.append)
+    summary = train(
+        tiny_prepared,
+        tmp_path / "model.pt",
+        tmp_path / "resume",
+        tmp_path / "curves.tsv",
+        tmp_path / "train.json",
+        dataclasses.replace(TINY, epochs=1, temperature_scaling=True),
+        0,
+        log=logs.append,
+    )
     assert summary["temperature_at_grid_edge"] is True and summary["temperature"] == 10.0
     assert json.loads((tmp_path / "train.json").read_text())["temperature_at_grid_edge"] is True
     assert any(line.startswith("warning: the tuned temperature 10 is at the edge of its grid") for line in logs)

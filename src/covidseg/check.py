@@ -13,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from covidseg.atomic import write_text
-from covidseg.params import DataParams, validate_all
 from covidseg.data.sources import locate_root, open_source
+from covidseg.params import DataParams, validate_all
 
 STAMP_TEXT = "params.yaml and data.source passed the check stage\n"
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, List, NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -23,7 +23,7 @@ app = typer.Typer(
 )
 
 EXIT_FAILED_INPUTS = 1  # some inputs could not be processed (their rows say why)
-EXIT_USAGE = 2          # nothing was run (bad INPUT, model file or option), or the output folder failed
+EXIT_USAGE = 2  # nothing was run (bad INPUT, model file or option), or the output folder failed
 
 
 class Device(str, Enum):
@@ -56,24 +56,38 @@ def _die(console: Console, message: str) -> NoReturn:
 
 @app.command()
 def predict(
-    inputs: List[str] = typer.Argument(
-        ..., metavar="INPUT", show_default=False,
+    inputs: list[str] = typer.Argument(
+        ...,
+        metavar="INPUT",
+        show_default=False,
         help="X-ray files, folders (their image files) or quoted glob patterns such as 'scans/**/*.png'.",
     ),
     model: Path = typer.Option(..., "--model", "-m", help="Trained model file (models/model.pt from `dvc repro`)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; files of the same name are replaced)."),
-    threshold: Optional[float] = typer.Option(
-        None, min=0.0, max=1.0, show_default=False,
+    threshold: float | None = typer.Option(
+        None,
+        min=0.0,
+        max=1.0,
+        show_default=False,
         help="Probability at or above which a pixel is infected. [default: the model's val-tuned threshold]",
     ),
-    save_probs: bool = typer.Option(False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."),
+    save_probs: bool = typer.Option(
+        False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."
+    ),
     device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
-    precision: Precision = typer.Option(Precision.auto, help="Numeric precision; auto uses bf16 only where the hardware has it natively."),
+    precision: Precision = typer.Option(
+        Precision.auto, help="Numeric precision; auto uses bf16 only where the hardware has it natively."
+    ),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
-    flip_tta: Optional[bool] = typer.Option(
-        None, "--flip-tta/--no-flip-tta", show_default=False,
-        help="Average with the left-right mirrored prediction. [default: as the model was calibrated on val]"),
-    recursive: bool = typer.Option(False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."),
+    flip_tta: bool | None = typer.Option(
+        None,
+        "--flip-tta/--no-flip-tta",
+        show_default=False,
+        help="Average with the left-right mirrored prediction. [default: as the model was calibrated on val]",
+    ),
+    recursive: bool = typer.Option(
+        False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
 ) -> None:
     """Segment infection on X-rays of any size and mode (grey, RGB, RGBA, 16-bit, palette; PNG, JPEG, ...).
@@ -90,12 +104,28 @@ def predict(
     `predictions.csv` cannot be written (read-only, full, not a folder): the message says why,
     and the CSV, if it could be written, lists exactly the images whose outputs exist.
     """
-    from covidseg.inference.predict import (InputError, OutputError, PredictOptions, collect_inputs, model_warnings,
-                                  mostly_infected_warning, predict_files, prepare_model, provenance_lines)
+    from covidseg.inference.predict import (
+        InputError,
+        OutputError,
+        PredictOptions,
+        collect_inputs,
+        model_warnings,
+        mostly_infected_warning,
+        predict_files,
+        prepare_model,
+        provenance_lines,
+    )
 
     console = _stderr_console()
-    options = PredictOptions(threshold=threshold, save_probs=save_probs, batch_size=batch_size, device=device.value,
-                             precision=precision.value, flip_tta=flip_tta, recursive=recursive)
+    options = PredictOptions(
+        threshold=threshold,
+        save_probs=save_probs,
+        batch_size=batch_size,
+        device=device.value,
+        precision=precision.value,
+        flip_tta=flip_tta,
+        recursive=recursive,
+    )
     try:
         paths = collect_inputs(inputs, recursive=recursive)
     except InputError as exc:
@@ -109,8 +139,15 @@ def predict(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    progress = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        console=console, transient=True, disable=quiet or not console.is_terminal)
+    progress = Progress(
+        TextColumn("predict"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=quiet or not console.is_terminal,
+    )
     with progress:
         task = progress.add_task("predict", total=len(paths))
 
@@ -132,9 +169,11 @@ def predict(
         console.print(warning, markup=False, soft_wrap=True)
     failed = sum(r.status != "ok" for r in rows)
     if not quiet:
-        typer.echo(f"predict: {len(rows) - failed} of {len(rows)} images done, {failed} failed; "
-                   f"threshold {prepared.threshold:g} ({prepared.threshold_source}); "
-                   f"results in {out / 'predictions.csv'}")
+        typer.echo(
+            f"predict: {len(rows) - failed} of {len(rows)} images done, {failed} failed; "
+            f"threshold {prepared.threshold:g} ({prepared.threshold_source}); "
+            f"results in {out / 'predictions.csv'}"
+        )
     if failed:
         raise typer.Exit(EXIT_FAILED_INPUTS)
 

@@ -39,7 +39,7 @@ def _cpuinfo_flags() -> frozenset[str]:
     return frozenset()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX), from torch's probe or /proc/cpuinfo."""
     probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)

@@ -56,7 +56,11 @@ class LaunchParams:
     train: str = "python"
 
     def validate(self) -> None:
-        _check(bool(self.train.split()), "launch", "train must be a command such as 'python' or 'torchrun --nproc-per-node=2'")
+        _check(
+            bool(self.train.split()),
+            "launch",
+            "train must be a command such as 'python' or 'torchrun --nproc-per-node=2'",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +104,11 @@ class PreprocessParams:
     image_size: int = 256
 
     def validate(self) -> None:
-        _check(32 <= self.image_size <= 1024 and self.image_size % 16 == 0, "preprocess",
-               "image_size must be a multiple of 16 in [32, 1024]")
+        _check(
+            32 <= self.image_size <= 1024 and self.image_size % 16 == 0,
+            "preprocess",
+            "image_size must be a multiple of 16 in [32, 1024]",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +163,11 @@ class TrainParams:
             _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
         _check(self.patience >= 0, s, "patience must be >= 0 (0 disables early stopping)")
         _check(0 <= self.ema_decay < 1, s, "ema_decay must be in [0, 1) (0: no weight averaging)")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), s, "device must be auto, cpu or cuda[:N]")
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            s,
+            "device must be auto, cpu or cuda[:N]",
+        )
         _check(self.precision in ("auto", "fp32", "bf16"), s, "precision must be auto, fp32 or bf16")
         _check(self.num_threads >= 0, s, "num_threads must be >= 0 (0: torch's default)")
         _check(self.max_train_images >= 0, s, "max_train_images must be >= 0 (0: all)")
@@ -188,9 +199,15 @@ class PlotsParams:
         _check(50 <= self.dpi <= 300, "plots", "dpi must be in [50, 300]")
 
 
-SECTIONS: dict[str, type] = {"launch": LaunchParams, "synth": SynthParams, "data": DataParams,
-                              "preprocess": PreprocessParams, "train": TrainParams, "evaluate": EvaluateParams,
-                              "plots": PlotsParams}
+SECTIONS: dict[str, type] = {
+    "launch": LaunchParams,
+    "synth": SynthParams,
+    "data": DataParams,
+    "preprocess": PreprocessParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+    "plots": PlotsParams,
+}
 TOP_LEVEL = ("seed", *SECTIONS)
 # A plain decimal or scientific number: what YAML 1.1 leaves as text when written like `1e-3`.
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -261,7 +278,9 @@ def read_params(path: str | Path = "params.yaml") -> dict[str, Any]:
     data = read_yaml(path)
     unknown = sorted(map(str, set(data) - set(TOP_LEVEL)))
     if unknown:
-        raise ParamsError(f"{path}: unknown top-level section(s) {unknown} (misspelt?); known ones are {list(TOP_LEVEL)}")
+        raise ParamsError(
+            f"{path}: unknown top-level section(s) {unknown} (misspelt?); known ones are {list(TOP_LEVEL)}"
+        )
     return data
 
 
@@ -284,8 +303,12 @@ def validate_all(path: str | Path = "params.yaml") -> dict[str, Any]:
     loaded["seed"] = load_seed(path)
     train, size = loaded["train"], loaded["preprocess"].image_size
     step = train.downsample * 2 ** (train.depth - 1)
-    _check(size % step == 0, "train", f"preprocess.image_size {size} must be divisible by downsample * 2 ** (depth - 1) = {step} "
-           "(the U-Net halves the image depth - 1 times after downsampling)")
+    _check(
+        size % step == 0,
+        "train",
+        f"preprocess.image_size {size} must be divisible by downsample * 2 ** (depth - 1) = {step} "
+        "(the U-Net halves the image depth - 1 times after downsampling)",
+    )
     return loaded
 
 

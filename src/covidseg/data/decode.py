@@ -28,8 +28,8 @@ def png_significant_bits(data: bytes, name: str) -> int | None:
         return None
     pos, depth = len(_PNG_SIGNATURE), None
     while pos + 8 <= len(data):
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + length]
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
         if kind == b"IHDR" and len(body) >= 10:
             depth, colour = body[8], body[9]
             if colour not in (0, 4):  # sBIT is only used for grey images here
@@ -37,8 +37,10 @@ def png_significant_bits(data: bytes, name: str) -> int | None:
         elif kind == b"sBIT" and body and depth is not None:
             bits = body[0]
             if not 1 <= bits <= depth:
-                raise BadImageError(f"{name}: PNG sBIT chunk declares {bits} significant bits, "
-                                    f"outside 1-{depth} for this {depth}-bit image")
+                raise BadImageError(
+                    f"{name}: PNG sBIT chunk declares {bits} significant bits, "
+                    f"outside 1-{depth} for this {depth}-bit image"
+                )
             return bits
         elif kind in (b"IDAT", b"IEND"):
             return None
@@ -67,8 +69,8 @@ def scale_to_uint8(arr: np.ndarray, significant_bits: int | None = None, name: s
         raise BadImageError(f"{name}: image holds negative values (minimum {low:g}); its grey scale is unknown")
     if np.issubdtype(arr.dtype, np.floating) and high <= 1.0:
         full = 1.0
-    elif significant_bits is not None and high <= 2 ** significant_bits - 1:
-        full = float(2 ** significant_bits - 1)
+    elif significant_bits is not None and high <= 2**significant_bits - 1:
+        full = float(2**significant_bits - 1)
     else:
         full = float(2 ** max(8, int(np.ceil(high)).bit_length()) - 1)
     return np.clip(np.round(values * (255.0 / full)), 0, 255).astype(np.uint8)
@@ -85,8 +87,10 @@ def low_range_warning(grey: np.ndarray, name: str) -> str | None:
     lo, hi = (int(v) for v in np.percentile(grey, [1, 99], method="nearest"))
     if hi - lo >= LOW_RANGE_LEVELS:
         return None
-    return (f"{name}: almost no contrast after decoding (1st-99th percentile grey levels {lo}-{hi} of 0-255); "
-            "the prediction may be meaningless")
+    return (
+        f"{name}: almost no contrast after decoding (1st-99th percentile grey levels {lo}-{hi} of 0-255); "
+        "the prediction may be meaningless"
+    )
 
 
 def decode(data: bytes, name: str) -> tuple[np.ndarray, str]:

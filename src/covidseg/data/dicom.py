@@ -32,7 +32,7 @@ class DicomError(ValueError):
 
 def is_dicom(data: bytes) -> bool:
     """True when ``data`` carries the ``DICM`` marker at byte 128 (a DICOM Part 10 file), whatever its name."""
-    return data[DICM_OFFSET:DICM_OFFSET + 4] == b"DICM"
+    return data[DICM_OFFSET : DICM_OFFSET + 4] == b"DICM"
 
 
 def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -62,15 +62,19 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         raise DicomError(f"{name}: multi-frame DICOM ({frames} frames) not supported; expected one X-ray")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DicomError(f"{name}: photometric interpretation {photometric or 'missing'!r} not supported; "
-                         "expected greyscale MONOCHROME1 or MONOCHROME2")
+        raise DicomError(
+            f"{name}: photometric interpretation {photometric or 'missing'!r} not supported; "
+            "expected greyscale MONOCHROME1 or MONOCHROME2"
+        )
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/... for missing handlers
         if syntax is not None and syntax.is_compressed:
-            raise DicomError(f"{name}: compressed (transfer syntax {syntax.name}, {syntax}) not supported "
-                             f"({type(exc).__name__}: {exc})") from None
+            raise DicomError(
+                f"{name}: compressed (transfer syntax {syntax.name}, {syntax}) not supported "
+                f"({type(exc).__name__}: {exc})"
+            ) from None
         raise DicomError(f"{name}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
     if stored.ndim != 2:
         raise DicomError(f"{name}: expected one 2-D greyscale frame, got pixel array of shape {stored.shape}")
@@ -92,8 +96,11 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         scaled = 1.0 - scaled  # MONOCHROME1: the lowest value is white
     grey = np.rint(scaled * 255.0).astype(np.uint8)
 
-    info: dict[str, Any] = {"PhotometricInterpretation": photometric, "BitsStored": int(ds.BitsStored),
-                            "window": has_window}
+    info: dict[str, Any] = {
+        "PhotometricInterpretation": photometric,
+        "BitsStored": int(ds.BitsStored),
+        "window": has_window,
+    }
     if "SOPInstanceUID" in ds:
         info["SOPInstanceUID"] = str(ds.SOPInstanceUID)
     return grey, info

@@ -34,28 +34,45 @@ import multiprocessing.connection
 import os
 import threading
 import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 import numpy as np
 
 from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
-from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
-from covidseg.params import DataParams
 from covidseg.data.decode import BadImageError, binarise, decode, encode_png
+from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
 from covidseg.data.sources import Source, locate_root, open_source
+from covidseg.params import DataParams
 
 MANIFEST_FIELDS = [
-    "split", "class", "id", "image_path", "infection_path", "lung_path",
-    "image_sha256", "infection_sha256", "lung_sha256", "height", "width",
-    "infected_fraction", "lung_fraction", "fixes",
+    "split",
+    "class",
+    "id",
+    "image_path",
+    "infection_path",
+    "lung_path",
+    "image_sha256",
+    "infection_sha256",
+    "lung_sha256",
+    "height",
+    "width",
+    "infected_fraction",
+    "lung_fraction",
+    "fixes",
 ]
 SKIPPED_FIELDS = ["split", "class", "name", "reason", "message"]
 SKIP_REASONS = (
-    "unreadable", "missing_mask", "missing_image", "missing_lung_mask", "size_mismatch",
-    "duplicate", "empty_covid_mask", "nonempty_negative_mask",
+    "unreadable",
+    "missing_mask",
+    "missing_image",
+    "missing_lung_mask",
+    "size_mismatch",
+    "duplicate",
+    "empty_covid_mask",
+    "nonempty_negative_mask",
 )
 FIX_KINDS = ("converted_mode", "binarised")
 # Below this many triplets the worker pool costs more than it saves.
@@ -85,14 +102,14 @@ class Checked:
     task: PairTask
     reason: str | None = None
     message: str = ""
-    payload: dict[str, bytes] = field(default_factory=dict)   # kind -> PNG bytes to store
-    sha256: dict[str, str] = field(default_factory=dict)      # kind -> hash of the source file
-    pixel_hash: str = ""                                      # hash of the decoded image pixels
-    shape: tuple[int, int] = (0, 0)                           # (height, width) in pixels
-    infected_fraction: float = 0.0                            # share of infection-mask pixels set
+    payload: dict[str, bytes] = field(default_factory=dict)  # kind -> PNG bytes to store
+    sha256: dict[str, str] = field(default_factory=dict)  # kind -> hash of the source file
+    pixel_hash: str = ""  # hash of the decoded image pixels
+    shape: tuple[int, int] = (0, 0)  # (height, width) in pixels
+    infected_fraction: float = 0.0  # share of infection-mask pixels set
     lung_fraction: float = 0.0
-    fixes: list[str] = field(default_factory=list)            # "converted_mode:images", "binarised:lung masks", ...
-    notes: list[str] = field(default_factory=list)            # one message per fix, naming the file
+    fixes: list[str] = field(default_factory=list)  # "converted_mode:images", "binarised:lung masks", ...
+    notes: list[str] = field(default_factory=list)  # one message per fix, naming the file
 
 
 @dataclass
@@ -100,9 +117,15 @@ class Report:
     """What extraction took, skipped and fixed, per split."""
 
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLIT_DIRS})
-    class_counts: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
-    skips: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
-    fixes: dict[str, collections.Counter] = field(default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS})
+    class_counts: dict[str, collections.Counter] = field(
+        default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS}
+    )
+    skips: dict[str, collections.Counter] = field(
+        default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS}
+    )
+    fixes: dict[str, collections.Counter] = field(
+        default_factory=lambda: {s: collections.Counter() for s in SPLIT_DIRS}
+    )
     fractions: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SPLIT_DIRS})
     messages: list[str] = field(default_factory=list)
     skipped_rows: list[dict] = field(default_factory=list)
@@ -113,7 +136,10 @@ class Report:
 
     def headline(self) -> dict:
         """The ``metrics/data.json`` document (declared as DVC metrics): images per split and pairs skipped."""
-        return {**{f"{split}_images": int(self.counts[split]) for split in SPLIT_DIRS}, "skipped_total": self.skipped_total}
+        return {
+            **{f"{split}_images": int(self.counts[split]) for split in SPLIT_DIRS},
+            "skipped_total": self.skipped_total,
+        }
 
     def to_json(self) -> dict:
         """The ``metrics/data_details.json`` document; fractions are shares of the image area, in [0, 1]."""
@@ -121,8 +147,14 @@ class Report:
         for split in SPLIT_DIRS:
             fr = np.asarray(self.fractions[split], dtype=np.float64)
             stats = (
-                {"mean": float(fr.mean()), "median": float(np.median(fr)), "min": float(fr.min()), "max": float(fr.max())}
-                if fr.size else {"mean": None, "median": None, "min": None, "max": None}
+                {
+                    "mean": float(fr.mean()),
+                    "median": float(np.median(fr)),
+                    "min": float(fr.min()),
+                    "max": float(fr.max()),
+                }
+                if fr.size
+                else {"mean": None, "median": None, "min": None, "max": None}
             )
             out[split] = {
                 "count": int(self.counts[split]),
@@ -156,7 +188,7 @@ def _index(source: Source, root: str) -> dict[tuple[str, str, str], dict[str, st
     for f in source.files:
         if not f.startswith(prefix) or not f.lower().endswith(".png"):
             continue
-        parts = PurePosixPath(f[len(prefix):]).parts
+        parts = PurePosixPath(f[len(prefix) :]).parts
         if len(parts) == 4 and not parts[3].startswith("."):  # skip macOS "._name.png" debris
             index[(parts[0], parts[1], parts[2])][parts[3]] = f
     return index
@@ -174,14 +206,35 @@ def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[PairTask 
                 if name not in images:
                     have = masks.get(name) or lungs[name]
                     kind = "infection mask" if name in masks else "lung mask"
-                    plan.append((split, class_dir, name, "missing_image",
-                                 f"{source.describe(have)}: {kind} has no image (expected {folder}/{IMAGES}/{name})"))
+                    plan.append(
+                        (
+                            split,
+                            class_dir,
+                            name,
+                            "missing_image",
+                            f"{source.describe(have)}: {kind} has no image (expected {folder}/{IMAGES}/{name})",
+                        )
+                    )
                 elif name not in masks:
-                    plan.append((split, class_dir, name, "missing_mask",
-                                 f"{source.describe(images[name])}: image has no infection mask (expected {folder}/{INFECTION}/{name})"))
+                    plan.append(
+                        (
+                            split,
+                            class_dir,
+                            name,
+                            "missing_mask",
+                            f"{source.describe(images[name])}: image has no infection mask (expected {folder}/{INFECTION}/{name})",
+                        )
+                    )
                 elif name not in lungs:
-                    plan.append((split, class_dir, name, "missing_lung_mask",
-                                 f"{source.describe(images[name])}: image has no lung mask (expected {folder}/{LUNG}/{name})"))
+                    plan.append(
+                        (
+                            split,
+                            class_dir,
+                            name,
+                            "missing_lung_mask",
+                            f"{source.describe(images[name])}: image has no lung mask (expected {folder}/{LUNG}/{name})",
+                        )
+                    )
                 else:
                     plan.append(PairTask(split, class_dir, name, images[name], masks[name], lungs[name]))
     return plan
@@ -220,7 +273,10 @@ def check_pair(source: Source, task: PairTask) -> Checked:
         return out
     infection = arrays[INFECTION] > 0
     if task.class_dir == "COVID-19" and not infection.any():
-        out.reason, out.message = "empty_covid_mask", f"{source.describe(paths[INFECTION])}: COVID-19 infection mask is empty"
+        out.reason, out.message = (
+            "empty_covid_mask",
+            f"{source.describe(paths[INFECTION])}: COVID-19 infection mask is empty",
+        )
         return out
     if task.class_dir != "COVID-19" and infection.any():
         out.reason = "nonempty_negative_mask"
@@ -274,16 +330,26 @@ def _checked(source: Source, tasks: list[PairTask], workers: int) -> Iterator[It
     if workers <= 1 or len(tasks) < PARALLEL_MIN:
         yield (check_pair(source, t) for t in tasks)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(str(source.location),))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(str(source.location),),
+    )
     try:
         yield pool.map(_check_in_worker, tasks, chunksize=max(1, min(32, len(tasks) // (8 * workers))))
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Path, params: DataParams,
-            workers: int | None = None, details_path: str | Path | None = None) -> Report:
+def extract(
+    source_path: str | Path,
+    out_dir: str | Path,
+    metrics_path: str | Path,
+    params: DataParams,
+    workers: int | None = None,
+    details_path: str | Path | None = None,
+) -> Report:
     """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
 
     ``workers``: processes that decode and check (default :func:`default_workers`); the
@@ -300,7 +366,11 @@ def extract(source_path: str | Path, out_dir: str | Path, metrics_path: str | Pa
         plan = _plan(source, root, params.classes)
         tasks = [p for p in plan if isinstance(p, PairTask)]
         details_path = details_path or details_path_for(metrics_path)
-        with atomic_path(metrics_path) as metrics_tmp, atomic_path(details_path) as details_tmp, atomic_dir(out_dir) as tmp:
+        with (
+            atomic_path(metrics_path) as metrics_tmp,
+            atomic_path(details_path) as details_tmp,
+            atomic_dir(out_dir) as tmp,
+        ):
             rows = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
             missing = [s for s in SPLIT_DIRS if report.class_counts[s]["COVID-19"] == 0]
             if missing:
@@ -330,10 +400,14 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
             raise ExtractError(f"{message} [{reason}; data.on_error is 'fail']")
         report.skips[split][reason] += 1
         report.messages.append(f"skipped ({reason}): {message}")
-        report.skipped_rows.append({"split": split, "class": class_dir, "name": name, "reason": reason, "message": message})
+        report.skipped_rows.append(
+            {"split": split, "class": class_dir, "name": name, "reason": reason, "message": message}
+        )
 
-    with _checked(source, tasks, workers) as results, \
-            zipfile.ZipFile(subset_path, "w", compression=zipfile.ZIP_STORED) as out_zip:
+    with (
+        _checked(source, tasks, workers) as results,
+        zipfile.ZipFile(subset_path, "w", compression=zipfile.ZIP_STORED) as out_zip,
+    ):
         for item in plan:
             if not isinstance(item, PairTask):
                 skip(*item)
@@ -345,8 +419,13 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
                 continue
             where = f"{t.split}/{t.class_dir}/{t.name}"
             if c.pixel_hash in seen:
-                skip(t.split, t.class_dir, t.name, "duplicate",
-                     f"{source.describe(t.image)}: same pixels as the image already taken at {seen[c.pixel_hash]}")
+                skip(
+                    t.split,
+                    t.class_dir,
+                    t.name,
+                    "duplicate",
+                    f"{source.describe(t.image)}: same pixels as the image already taken at {seen[c.pixel_hash]}",
+                )
                 continue
             seen[c.pixel_hash] = where
             for f in c.fixes:
@@ -358,14 +437,24 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
                 report.fractions[t.split].append(c.infected_fraction)
             for kind, data in c.payload.items():
                 out_zip.writestr(_member(f"{t.split}/{t.class_dir}/{kind}/{t.name}"), data)
-            rows.append({
-                "split": t.split, "class": t.class_dir, "id": PurePosixPath(t.name).stem,
-                "image_path": t.image, "infection_path": t.infection, "lung_path": t.lung,
-                "image_sha256": c.sha256[IMAGES], "infection_sha256": c.sha256[INFECTION], "lung_sha256": c.sha256[LUNG],
-                "height": c.shape[0], "width": c.shape[1],
-                "infected_fraction": f"{c.infected_fraction:.6f}", "lung_fraction": f"{c.lung_fraction:.6f}",
-                "fixes": ";".join(c.fixes),
-            })
+            rows.append(
+                {
+                    "split": t.split,
+                    "class": t.class_dir,
+                    "id": PurePosixPath(t.name).stem,
+                    "image_path": t.image,
+                    "infection_path": t.infection,
+                    "lung_path": t.lung,
+                    "image_sha256": c.sha256[IMAGES],
+                    "infection_sha256": c.sha256[INFECTION],
+                    "lung_sha256": c.sha256[LUNG],
+                    "height": c.shape[0],
+                    "width": c.shape[1],
+                    "infected_fraction": f"{c.infected_fraction:.6f}",
+                    "lung_fraction": f"{c.lung_fraction:.6f}",
+                    "fixes": ";".join(c.fixes),
+                }
+            )
     return rows
 
 

@@ -23,8 +23,8 @@ import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir, write_json
-from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS
 from covidseg.data.arrays import resize_image, resize_mask
+from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS
 from covidseg.params import PreprocessParams
 
 
@@ -63,10 +63,15 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                     masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
                     lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
                 except (KeyError, OSError, zipfile.BadZipFile) as exc:
-                    raise ValueError(f"{extracted_dir / 'subset.zip'}: {base}/.../{name} listed in "
-                                     f"manifest.csv cannot be read ({exc}); rerun the extract stage") from None
+                    raise ValueError(
+                        f"{extracted_dir / 'subset.zip'}: {base}/.../{name} listed in "
+                        f"manifest.csv cannot be read ({exc}); rerun the extract stage"
+                    ) from None
             np.savez(
-                tmp / f"{split}.npz", images=images, masks=masks, lungs=lungs,
+                tmp / f"{split}.npz",
+                images=images,
+                masks=masks,
+                lungs=lungs,
                 ids=np.array([r["id"] for r in split_rows], dtype=str),
                 classes=np.array([r["class"] for r in split_rows], dtype=str),
             )

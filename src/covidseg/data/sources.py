@@ -35,7 +35,7 @@ class Source:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Source":
+    def __enter__(self) -> Source:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,7 +72,8 @@ class ZipSource(Source):
         except (zipfile.BadZipFile, OSError) as exc:
             raise SourceError(f"{location}: not a readable zip archive ({exc})") from None
         files = [
-            i.filename for i in self._zip.infolist()
+            i.filename
+            for i in self._zip.infolist()
             if not i.is_dir() and not any(ignored_part(p) for p in i.filename.split("/")[:-1])
         ]
         self._listed = frozenset(files)

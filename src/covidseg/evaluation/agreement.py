@@ -11,8 +11,9 @@ This module depends only on numpy and scipy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -38,8 +39,14 @@ def _pairs(a: ArrayLike, b: ArrayLike, names=("pred", "true")) -> tuple[np.ndarr
 
 # ---------------------------------------------------------------- bootstrap
 
-def bootstrap_ci(values: ArrayLike, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
-                 seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+
+def bootstrap_ci(
+    values: ArrayLike,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval (low, high) of ``statistic`` over images.
 
     NaN values are dropped first (an image without a value carries no information on the
@@ -73,8 +80,14 @@ class PairedDiff(NamedTuple):
     n: int
 
 
-def paired_bootstrap_diff(a: ArrayLike, b: ArrayLike, statistic: Callable[[np.ndarray], float] = np.mean, n_resamples: int = 1000,
-                          seed: int = 0, level: float = 0.95) -> PairedDiff:
+def paired_bootstrap_diff(
+    a: ArrayLike,
+    b: ArrayLike,
+    statistic: Callable[[np.ndarray], float] = np.mean,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedDiff:
     """Difference between two runs' per-image values on the same images, ``a - b``, with a paired bootstrap CI.
 
     Pairs with a NaN on either side are dropped. Images are resampled as pairs (the
@@ -90,6 +103,7 @@ def paired_bootstrap_diff(a: ArrayLike, b: ArrayLike, statistic: Callable[[np.nd
 
 
 # ---------------------------------------------------------------- continuous agreement
+
 
 def share_mae(pred: ArrayLike, true: ArrayLike) -> float:
     """Mean absolute error, in the inputs' units (percentage points for shares); NaN with no pair."""
@@ -141,6 +155,7 @@ def bland_altman(pred: ArrayLike, true: ArrayLike) -> BlandAltman:
 
 
 # ---------------------------------------------------------------- ordinal (extent score) agreement
+
 
 def _categories(pred: ArrayLike, true: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Integer category arrays (n,) from pred/true with NaN pairs dropped; non-integer or negative values refused."""

@@ -16,15 +16,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidseg.evaluation import metrics
-from covidseg.evaluation.metrics import EMPTY_TRUTH_RULE, baselines, calibration_table, class_breakdown, pr_curve, threshold_metrics
 from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
+from covidseg.data.arrays import load_split
 from covidseg.device import choose_device, choose_precision
+from covidseg.evaluation import metrics
+from covidseg.evaluation.metrics import (
+    EMPTY_TRUTH_RULE,
+    baselines,
+    calibration_table,
+    class_breakdown,
+    pr_curve,
+    threshold_metrics,
+)
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
-from covidseg.data.arrays import load_split
-
 
 
 def headline(summary: dict) -> dict:
@@ -39,16 +45,29 @@ def headline(summary: dict) -> dict:
     covid = (summary.get("by_class") or {}).get("COVID-19") or {}
     return {
         "n_images": summary["n_images"],
-        "rmse": summary["rmse"], "dice": summary["dice"], "iou": summary["iou"], "ece": summary["ece"],
-        "threshold": tuned["threshold"], "dice_at_threshold": tuned["dice_mean"],
-        "dice_global": fixed["dice_global"], "hd95_median": fixed["hd95_median"],
-        "covid19_rmse": covid.get("rmse", float("nan")), "covid19_dice": covid.get("dice", float("nan")),
+        "rmse": summary["rmse"],
+        "dice": summary["dice"],
+        "iou": summary["iou"],
+        "ece": summary["ece"],
+        "threshold": tuned["threshold"],
+        "dice_at_threshold": tuned["dice_mean"],
+        "dice_global": fixed["dice_global"],
+        "hd95_median": fixed["hd95_median"],
+        "covid19_rmse": covid.get("rmse", float("nan")),
+        "covid19_dice": covid.get("dice", float("nan")),
     }
 
 
-def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str | Path, per_image_csv: str | Path,
-             curves_dir: str | Path, predictions_path: str | Path, params: EvaluateParams,
-             details_path: str | Path | None = None) -> dict:
+def evaluate(
+    model_path: str | Path,
+    prepared_dir: str | Path,
+    metrics_path: str | Path,
+    per_image_csv: str | Path,
+    curves_dir: str | Path,
+    predictions_path: str | Path,
+    params: EvaluateParams,
+    details_path: str | Path | None = None,
+) -> dict:
     """Evaluate on ``prepared_dir/test.npz``; returns the full summary (the details file's content).
 
     ``details_path`` defaults to :func:`details_path_for` ``(metrics_path)``.
@@ -83,9 +102,15 @@ def evaluate(model_path: str | Path, prepared_dir: str | Path, metrics_path: str
         "lung_gate": calibration.lung_gate,
         "empty_truth_rule": EMPTY_TRUTH_RULE,
     }
-    per = pd.DataFrame({"id": test["ids"], "class": test["classes"],
-                        "true_fraction": truth.mean((1, 2)), "pred_fraction": (prob >= tuned_threshold).mean((1, 2)),
-                        "rmse": np.sqrt(((prob - truth) ** 2).mean((1, 2), dtype=np.float64))})
+    per = pd.DataFrame(
+        {
+            "id": test["ids"],
+            "class": test["classes"],
+            "true_fraction": truth.mean((1, 2)),
+            "pred_fraction": (prob >= tuned_threshold).mean((1, 2)),
+            "rmse": np.sqrt(((prob - truth) ** 2).mean((1, 2), dtype=np.float64)),
+        }
+    )
     for name, table in (("fixed", per_fixed), ("tuned", per_tuned)):
         for col in table.columns:
             per[f"{col}_{name}"] = table[col].to_numpy()
@@ -106,7 +131,9 @@ def _train_prevalence(prepared_dir: str | Path) -> float:
     """Share of infected pixels in the training split (the constant-prior baseline's probability)."""
     path = Path(prepared_dir) / "train.npz"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: the train split is missing (the constant-prior baseline needs its prevalence)")
+        raise FileNotFoundError(
+            f"{path}: the train split is missing (the constant-prior baseline needs its prevalence)"
+        )
     with np.load(path) as z:
         return float(z["masks"].mean(dtype=np.float64))
 

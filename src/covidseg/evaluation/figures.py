@@ -19,20 +19,28 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
+from covidseg.data.arrays import load_split  # noqa: E402
 from covidseg.inference.overlay import TINT, tint  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
-from covidseg.data.arrays import load_split  # noqa: E402
 
 FIGURES = (
-    "sample_overlay.png", "loss_curves.png", "rmse_curves.png", "prediction_triplets.png", "prediction_overlay.png",
-    "pr_curve.png", "reliability.png", "dice_histogram.png", "gallery.png",
+    "sample_overlay.png",
+    "loss_curves.png",
+    "rmse_curves.png",
+    "prediction_triplets.png",
+    "prediction_overlay.png",
+    "pr_curve.png",
+    "reliability.png",
+    "dice_histogram.png",
+    "gallery.png",
 )
 REPORT_RMSE = 0.2288  # the student report's U-Net test RMSE on the real COVID-QU-Ex COVID-19 test split
 TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float] = (1.0, 0.15, 0.1),
-            alpha: float = 0.45) -> np.ndarray:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, color: tuple[float, float, float] = (1.0, 0.15, 0.1), alpha: float = 0.45
+) -> np.ndarray:
     """uint8 RGB (S, S, 3) of the grey uint8 image with ``mask`` tinted in ``color`` (as ``covidseg predict`` draws it)."""
     return tint(image, mask, color, alpha)
 
@@ -40,7 +48,11 @@ def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[float, float, floa
 def error_map(image: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """RGB (S, S, 3): true positives green, false positives red, false negatives blue, on a dimmed image."""
     rgb = np.repeat(image[..., None].astype(np.float32) / 255.0 * 0.7, 3, axis=2)
-    for sel, col in ((pred & truth, (0.1, 0.85, 0.2)), (pred & ~truth, (0.95, 0.1, 0.1)), (~pred & truth, (0.15, 0.35, 1.0))):
+    for sel, col in (
+        (pred & truth, (0.1, 0.85, 0.2)),
+        (pred & ~truth, (0.95, 0.1, 0.1)),
+        (~pred & truth, (0.15, 0.35, 1.0)),
+    ):
         rgb[sel] = 0.4 * rgb[sel] + 0.6 * np.asarray(col, np.float32)
     return rgb
 
@@ -112,8 +124,15 @@ def reliability_figure(cal: pd.DataFrame, ece: float | None) -> plt.Figure:
     ece_txt = f", ECE {ece:.3f}" if ece is not None and np.isfinite(ece) else ""
     ax.set_title(f"reliability diagram (test pixels{ece_txt})", fontsize=9)
     if {"bin_lo", "bin_hi"} <= set(cal.columns) and len(cal):
-        axn.bar(cal["bin_lo"], cal["pixels"], width=cal["bin_hi"] - cal["bin_lo"], align="edge",
-                color="tab:blue", alpha=0.6, edgecolor="white")
+        axn.bar(
+            cal["bin_lo"],
+            cal["pixels"],
+            width=cal["bin_hi"] - cal["bin_lo"],
+            align="edge",
+            color="tab:blue",
+            alpha=0.6,
+            edgecolor="white",
+        )
         axn.set_yscale("log")
     axn.set_xlabel("mean predicted probability")
     axn.set_ylabel("pixels", fontsize=8)
@@ -135,14 +154,22 @@ def dice_histogram_figure(dice: pd.Series, threshold: float) -> plt.Figure:
     ax.set_xlabel(f"per-image Dice (threshold {threshold:g})")
     ax.set_ylabel("images")
     undefined = int(dice.isna().sum())
-    ax.set_title(f"{len(scored)} test images scored" + (f", {undefined} undefined (both empty)" if undefined else ""),
-                 fontsize=9)
+    ax.set_title(
+        f"{len(scored)} test images scored" + (f", {undefined} undefined (both empty)" if undefined else ""), fontsize=9
+    )
     return fig
 
 
-def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_tsv: str | Path, eval_dir: str | Path,
-                 per_image_csv: str | Path, out_dir: str | Path, params: PlotsParams,
-                 metrics_json: str | Path | None = None) -> list[Path]:
+def make_figures(
+    prepared_dir: str | Path,
+    predictions_path: str | Path,
+    curves_tsv: str | Path,
+    eval_dir: str | Path,
+    per_image_csv: str | Path,
+    out_dir: str | Path,
+    params: PlotsParams,
+    metrics_json: str | Path | None = None,
+) -> list[Path]:
     """Draw every figure in FIGURES into ``out_dir``; returns their paths.
 
     ``metrics_json`` (metrics/test.json, optional) adds the operating points to the PR curve and
@@ -155,8 +182,10 @@ def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_
         threshold = float(z["threshold"])
     images, truth, ids = test["images"][:, 0], test["masks"][:, 0].astype(bool), test["ids"]
     if probs.shape != truth.shape:
-        raise ValueError(f"{predictions_path}: probabilities {probs.shape} do not match {prepared_dir}/test.npz masks "
-                         f"{truth.shape} (rerun `dvc repro evaluate`)")
+        raise ValueError(
+            f"{predictions_path}: probabilities {probs.shape} do not match {prepared_dir}/test.npz masks "
+            f"{truth.shape} (rerun `dvc repro evaluate`)"
+        )
     preds = probs >= threshold
     curves = pd.read_csv(curves_tsv, sep="\t")
     per = pd.read_csv(per_image_csv)
@@ -171,8 +200,10 @@ def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_
     _show(axes[1], overlay(images[i0], truth[i0]), "infection mask (red) overlaid")
     written.append(_save(fig, out_dir / "sample_overlay.png", dpi))
 
-    for metric, ylabel, name, ref in (("loss", "loss", "loss_curves.png", None),
-                                      ("rmse", "pixel RMSE", "rmse_curves.png", REPORT_RMSE)):
+    for metric, ylabel, name, ref in (
+        ("loss", "loss", "loss_curves.png", None),
+        ("rmse", "pixel RMSE", "rmse_curves.png", REPORT_RMSE),
+    ):
         written.append(_save(curves_figure(curves, metric, ylabel, ref), out_dir / name, dpi))
 
     rows = _spread(len(images), params.gallery_size)
@@ -196,10 +227,17 @@ def make_figures(prepared_dir: str | Path, predictions_path: str | Path, curves_
         if s.get("recall_global") is not None and s.get("precision_global") is not None:
             points.append((f"{label} {s['threshold']:g}", float(s["recall_global"]), float(s["precision_global"])))
     written.append(_save(pr_figure(pd.read_csv(eval_dir / "pr.csv"), points), out_dir / "pr_curve.png", dpi))
-    written.append(_save(reliability_figure(pd.read_csv(eval_dir / "calibration.csv"), summary.get("ece")),
-                         out_dir / "reliability.png", dpi))
+    written.append(
+        _save(
+            reliability_figure(pd.read_csv(eval_dir / "calibration.csv"), summary.get("ece")),
+            out_dir / "reliability.png",
+            dpi,
+        )
+    )
     written.append(_save(dice_histogram_figure(per["dice_tuned"], threshold), out_dir / "dice_histogram.png", dpi))
-    written.append(_save(gallery_figure(images, truth, preds, ids, per["dice_tuned"].to_numpy()), out_dir / "gallery.png", dpi))
+    written.append(
+        _save(gallery_figure(images, truth, preds, ids, per["dice_tuned"].to_numpy()), out_dir / "gallery.png", dpi)
+    )
     return written
 
 
@@ -220,8 +258,11 @@ def bland_altman_figure(pred: np.ndarray, true: np.ndarray, title: str) -> plt.F
     ax.scatter(mean, diff, s=10, alpha=0.6, color="#3b6fb6", edgecolors="none")
     if diff.size >= 2:
         bias, sd = float(diff.mean()), float(diff.std(ddof=1))
-        for y, style, label in ((bias, "-", f"bias {bias:+.1f}"), (bias - 1.96 * sd, "--", f"-1.96 sd {bias - 1.96 * sd:+.1f}"),
-                                (bias + 1.96 * sd, "--", f"+1.96 sd {bias + 1.96 * sd:+.1f}")):
+        for y, style, label in (
+            (bias, "-", f"bias {bias:+.1f}"),
+            (bias - 1.96 * sd, "--", f"-1.96 sd {bias - 1.96 * sd:+.1f}"),
+            (bias + 1.96 * sd, "--", f"+1.96 sd {bias + 1.96 * sd:+.1f}"),
+        ):
             ax.axhline(y, color="#c0392b", linestyle=style, linewidth=1, label=label)
         ax.legend(fontsize=8, loc="upper right")
     ax.axhline(0, color="#888", linewidth=0.6)
@@ -241,8 +282,15 @@ def extent_confusion_figure(matrix: np.ndarray, title: str) -> plt.Figure:
     for i in range(k):
         for j in range(k):
             if matrix[i, j]:
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(int(matrix[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black",
+                )
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
     ax.set_xlabel("predicted extent score (0-8)")
@@ -251,7 +299,9 @@ def extent_confusion_figure(matrix: np.ndarray, title: str) -> plt.Figure:
     return fig
 
 
-def gallery_figure(images: np.ndarray, truth: np.ndarray, preds: np.ndarray, ids: np.ndarray, dice: np.ndarray) -> plt.Figure:
+def gallery_figure(
+    images: np.ndarray, truth: np.ndarray, preds: np.ndarray, ids: np.ndarray, dice: np.ndarray
+) -> plt.Figure:
     """Best, median and worst test images by per-image Dice: input, truth, prediction, errors coloured."""
     order = [int(i) for i in np.argsort(-np.nan_to_num(dice, nan=-1.0), kind="stable") if np.isfinite(dice[i])]
     picks: list[tuple[str, int]] = []

@@ -31,7 +31,7 @@ class Counts:
     fn: np.ndarray
     tn: np.ndarray
 
-    def total(self) -> "Counts":
+    def total(self) -> Counts:
         """Counts summed over images, as arrays of shape (1,) (for global, 'micro' metrics)."""
         return Counts(*(np.array([a.sum()], dtype=np.int64) for a in (self.tp, self.fp, self.fn, self.tn)))
 
@@ -85,7 +85,7 @@ def squared_error_sum(prob: np.ndarray, truth: np.ndarray, chunk: int = 64) -> f
     _same_shape(prob, truth, "prob", "truth")
     total = 0.0
     for s in range(0, len(prob), chunk):
-        diff = prob[s:s + chunk].astype(np.float64) - truth[s:s + chunk].astype(np.float64)
+        diff = prob[s : s + chunk].astype(np.float64) - truth[s : s + chunk].astype(np.float64)
         total += float(np.sum(diff * diff))
     return total
 
@@ -187,10 +187,15 @@ def threshold_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float) -> 
     pred = prob >= threshold
     c = confusion(pred, truth)
     g = c.total()
-    per = pd.DataFrame({
-        "dice": dice(c), "iou": iou(c), "precision": precision(c), "recall": recall(c),
-        "hd95": [hd95(p, t) for p, t in zip(pred, truth)],
-    })
+    per = pd.DataFrame(
+        {
+            "dice": dice(c),
+            "iou": iou(c),
+            "precision": precision(c),
+            "recall": recall(c),
+            "hd95": [hd95(p, t) for p, t in zip(pred, truth)],
+        }
+    )
 
     def stat(col: str) -> tuple[float, float]:
         v = per[col].to_numpy()
@@ -245,12 +250,15 @@ def calibration_table(count: np.ndarray, psum: np.ndarray, tsum: np.ndarray) -> 
     """
     bins = len(count)
     filled = np.flatnonzero(count > 0)
-    return pd.DataFrame({
-        "bin_lo": filled / bins, "bin_hi": (filled + 1) / bins,
-        "mean_probability": psum[filled] / count[filled],
-        "fraction_infected": tsum[filled] / count[filled],
-        "pixels": count[filled].astype(np.int64),
-    })
+    return pd.DataFrame(
+        {
+            "bin_lo": filled / bins,
+            "bin_hi": (filled + 1) / bins,
+            "mean_probability": psum[filled] / count[filled],
+            "fraction_infected": tsum[filled] / count[filled],
+            "pixels": count[filled].astype(np.int64),
+        }
+    )
 
 
 def baselines(truth: np.ndarray, lungs: np.ndarray | None, prior: float) -> dict:
@@ -261,17 +269,23 @@ def baselines(truth: np.ndarray, lungs: np.ndarray | None, prior: float) -> dict
     the *true* lung fields, 0 outside, i.e. "the whole lung is infected", which needs no model
     but the lung masks. Each: rmse, brier, per-image mean Dice and global Dice at threshold 0.5.
     """
-    candidates = {"all_background": (np.zeros(truth.shape, np.float32), {}),
-                  "constant_prior": (np.full(truth.shape, prior, np.float32), {"prior": float(prior)})}
+    candidates = {
+        "all_background": (np.zeros(truth.shape, np.float32), {}),
+        "constant_prior": (np.full(truth.shape, prior, np.float32), {"prior": float(prior)}),
+    }
     if lungs is not None:
         candidates["lung_mask"] = (np.where(lungs, np.float32(0.5), np.float32(0.0)), {})
     out = {}
     for name, (prob, extra) in candidates.items():
         c = confusion(prob >= 0.5, truth)
         d = dice(c)
-        out[name] = {**extra, "rmse": rmse(prob, truth), "brier": brier(prob, truth),
-                     "dice_mean": float(np.nanmean(d)) if np.isfinite(d).any() else float("nan"),
-                     "dice_global": float(dice(c.total())[0])}
+        out[name] = {
+            **extra,
+            "rmse": rmse(prob, truth),
+            "brier": brier(prob, truth),
+            "dice_mean": float(np.nanmean(d)) if np.isfinite(d).any() else float("nan"),
+            "dice_global": float(dice(c.total())[0]),
+        }
     return out
 
 

@@ -27,33 +27,48 @@ FIGURE_CAPTIONS = {
     "sample_overlay.png": "A test X-ray and its infection mask (red).",
     "loss_curves.png": "Training and validation loss per epoch.",
     "rmse_curves.png": "Training and validation pixel RMSE per epoch; dotted: the report's test RMSE. The curves are of "
-                       "the uncalibrated probabilities (temperature 1): the temperature is fitted on val after training, "
-                       "so they are not comparable with the calibrated val and test RMSE in the tables.",
+    "the uncalibrated probabilities (temperature 1): the temperature is fitted on val after training, "
+    "so they are not comparable with the calibrated val and test RMSE in the tables.",
     "prediction_triplets.png": "Input, ground truth and predicted probability for test images spread over the split.",
     "prediction_overlay.png": "Predicted infection (tuned threshold) overlaid on the X-ray.",
     "pr_curve.png": "Pixel precision-recall over thresholds 0 to 1, with the two operating points.",
     "reliability.png": "Reliability diagram: infected share of pixels against their mean predicted probability, "
-                       "per probability bin; below, how many pixels fall in each bin (log scale).",
+    "per probability bin; below, how many pixels fall in each bin (log scale).",
     "dice_histogram.png": "Per-image Dice at the tuned threshold.",
     "gallery.png": "Best, median and worst test images by per-image Dice: input, truth, prediction, and the errors "
-                   "(true positives green, false positives red, false negatives blue).",
+    "(true positives green, false positives red, false negatives blue).",
 }
 
 DEFINITIONS = (
-    ("RMSE", "sqrt((1/P) &Sigma; (p - t)&sup2;) over all P test pixels, p the predicted probability and t the 0/1 truth. "
-             "The report's metric; threshold-free. Lower is better."),
+    (
+        "RMSE",
+        "sqrt((1/P) &Sigma; (p - t)&sup2;) over all P test pixels, p the predicted probability and t the 0/1 truth. "
+        "The report's metric; threshold-free. Lower is better.",
+    ),
     ("Brier", "(1/P) &Sigma; (p - t)&sup2; = RMSE&sup2;. Lower is better."),
-    ("ECE", "Expected calibration error: pixels binned by p into equal-width bins; "
-            "&Sigma;<sub>b</sub> (n<sub>b</sub>/P) |mean t<sub>b</sub> - mean p<sub>b</sub>|. 0 is perfectly calibrated."),
-    ("Dice", "2TP / (2TP + FP + FN) of the mask p &ge; threshold. Per-image: computed on each image, then mean &plusmn; "
-             "std (population) over images; global: from TP, FP, FN summed over the split."),
+    (
+        "ECE",
+        "Expected calibration error: pixels binned by p into equal-width bins; "
+        "&Sigma;<sub>b</sub> (n<sub>b</sub>/P) |mean t<sub>b</sub> - mean p<sub>b</sub>|. 0 is perfectly calibrated.",
+    ),
+    (
+        "Dice",
+        "2TP / (2TP + FP + FN) of the mask p &ge; threshold. Per-image: computed on each image, then mean &plusmn; "
+        "std (population) over images; global: from TP, FP, FN summed over the split.",
+    ),
     ("IoU", "TP / (TP + FP + FN) (Jaccard), per-image and global as for Dice."),
     ("Precision", "TP / (TP + FP): the share of pixels called infected that are."),
     ("Recall", "TP / (TP + FN): the share of infected pixels found (sensitivity)."),
-    ("HD95", "95th-percentile Hausdorff distance in pixels between the predicted and true mask surfaces: "
-             "max of the two directed 95th percentiles (MONAI's convention). Lower is better."),
-    ("Tuned threshold", "The threshold that maximised mean per-image Dice on the validation split; the test split "
-                        "never chooses anything."),
+    (
+        "HD95",
+        "95th-percentile Hausdorff distance in pixels between the predicted and true mask surfaces: "
+        "max of the two directed 95th percentiles (MONAI's convention). Lower is better.",
+    ),
+    (
+        "Tuned threshold",
+        "The threshold that maximised mean per-image Dice on the validation split; the test split "
+        "never chooses anything.",
+    ),
 )
 
 
@@ -122,9 +137,11 @@ def metrics_table(test: dict) -> str:
         ["HD95 (pixels), mean &plusmn; std", _pm(fixed, "hd95", 2), _pm(tuned, "hd95", 2)],
         ["HD95 (pixels), median", _fmt(fixed.get("hd95_median"), 2), _fmt(tuned.get("hd95_median"), 2)],
         ["images with a defined Dice", _fmt(fixed.get("images_scored")), _fmt(tuned.get("images_scored"))],
-        ["images with empty truth (of which predicted infected)",
-         f"{_fmt(fixed.get('empty_truth_images'))} ({_fmt(fixed.get('empty_truth_false_positive_images'))})",
-         f"{_fmt(tuned.get('empty_truth_images'))} ({_fmt(tuned.get('empty_truth_false_positive_images'))})"],
+        [
+            "images with empty truth (of which predicted infected)",
+            f"{_fmt(fixed.get('empty_truth_images'))} ({_fmt(fixed.get('empty_truth_false_positive_images'))})",
+            f"{_fmt(tuned.get('empty_truth_images'))} ({_fmt(tuned.get('empty_truth_false_positive_images'))})",
+        ],
     ]
     return _table(["metric", *col], rows, "metrics")
 
@@ -132,8 +149,16 @@ def metrics_table(test: dict) -> str:
 def baselines_table(test: dict) -> str:
     """The model beside trivial predictors and published anchors (RMSE, Brier, Dice)."""
     fixed = test.get("at_fixed_threshold") or {}
-    rows = [["<b>this model</b>", _fmt(test.get("rmse")), _fmt(test.get("brier")), _fmt(fixed.get("dice_mean")),
-             _fmt(fixed.get("dice_global")), "this run, threshold 0.5"]]
+    rows = [
+        [
+            "<b>this model</b>",
+            _fmt(test.get("rmse")),
+            _fmt(test.get("brier")),
+            _fmt(fixed.get("dice_mean")),
+            _fmt(fixed.get("dice_global")),
+            "this run, threshold 0.5",
+        ]
+    ]
     notes = {
         "all_background": "p = 0 everywhere",
         "constant_prior": "p = train infected-pixel share ({prior}) everywhere",
@@ -141,12 +166,36 @@ def baselines_table(test: dict) -> str:
     }
     for name, b in (test.get("baselines") or {}).items():
         note = notes.get(name, "").format(prior=_fmt(b.get("prior")))
-        rows.append([html.escape(name.replace("_", " ")), _fmt(b.get("rmse")), _fmt(b.get("brier")),
-                     _fmt(b.get("dice_mean")), _fmt(b.get("dice_global")), note])
-    rows.append(["the report (reference)", f"{REPORT_RMSE:.4f}", "", "not measured", "",
-                 "U-Net, BCE; real COVID-QU-Ex test split"])
-    rows.append(["MedSegBench (reference)", "", "", f"{MEDSEGBENCH_DICE[0]:.3f} to {MEDSEGBENCH_DICE[1]:.3f}", "",
-                 f"smp U-Net from scratch, Dice loss, same split; IoU {MEDSEGBENCH_IOU[0]:.3f} to {MEDSEGBENCH_IOU[1]:.3f}"])
+        rows.append(
+            [
+                html.escape(name.replace("_", " ")),
+                _fmt(b.get("rmse")),
+                _fmt(b.get("brier")),
+                _fmt(b.get("dice_mean")),
+                _fmt(b.get("dice_global")),
+                note,
+            ]
+        )
+    rows.append(
+        [
+            "the report (reference)",
+            f"{REPORT_RMSE:.4f}",
+            "",
+            "not measured",
+            "",
+            "U-Net, BCE; real COVID-QU-Ex test split",
+        ]
+    )
+    rows.append(
+        [
+            "MedSegBench (reference)",
+            "",
+            "",
+            f"{MEDSEGBENCH_DICE[0]:.3f} to {MEDSEGBENCH_DICE[1]:.3f}",
+            "",
+            f"smp U-Net from scratch, Dice loss, same split; IoU {MEDSEGBENCH_IOU[0]:.3f} to {MEDSEGBENCH_IOU[1]:.3f}",
+        ]
+    )
     return _table(["predictor", "RMSE", "Brier", "Dice (per-image)", "Dice (global)", "what it is"], rows, "baselines")
 
 
@@ -160,8 +209,14 @@ def run_table(train: dict, data: dict, source: str | None) -> str:
         rows.append(["images per split", counts])
     if "skipped_total" in data:
         rows.append(["pairs skipped at extraction", _fmt(data["skipped_total"])])
-    for key, label in (("epochs_run", "epochs run"), ("best_epoch", "best epoch (restored)"), ("threshold", "tuned threshold"),
-                       ("temperature", "temperature"), ("device", "device"), ("precision", "precision")):
+    for key, label in (
+        ("epochs_run", "epochs run"),
+        ("best_epoch", "best epoch (restored)"),
+        ("threshold", "tuned threshold"),
+        ("temperature", "temperature"),
+        ("device", "device"),
+        ("precision", "precision"),
+    ):
         if key in train:
             rows.append([label, _fmt(train[key], 3)])
     return _table(["run", "value"], rows, "run") if rows else ""
@@ -184,8 +239,10 @@ def render_report(test: dict, train: dict, data: dict, figures: list[Path], sour
     figs = []
     for path in figures:
         caption = FIGURE_CAPTIONS.get(path.name, path.stem.replace("_", " "))
-        figs.append(f'<figure id="{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
-                    f'src="{_png_data_uri(path)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+        figs.append(
+            f'<figure id="{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
+            f'src="{_png_data_uri(path)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+        )
     defs = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in DEFINITIONS)
     rule = html.escape(test.get("empty_truth_rule", "not stated in metrics/test_details.json"))
     return f"""<!DOCTYPE html>
@@ -193,20 +250,20 @@ def render_report(test: dict, train: dict, data: dict, figures: list[Path], sour
 <title>covidseg report</title><style>{CSS}</style></head>
 <body>
 <h1>covidseg: COVID-19 infection segmentation report</h1>
-<p class="note">Test split, {_fmt(test.get('n_images'))} images. Written by the <code>plots</code> stage (no timestamp: the
+<p class="note">Test split, {_fmt(test.get("n_images"))} images. Written by the <code>plots</code> stage (no timestamp: the
 same inputs give the same file);
 all figures are embedded, so this file opens offline. Definitions are at the end and in <code>docs/metrics.md</code>.</p>
 {run_table(train, data, source)}
 <h2>Test metrics</h2>
 {metrics_table(test)}
-<p class="note">Test-time flip averaging: {_fmt(test.get('flip_tta'))}. Threshold-free metrics (RMSE, Brier, ECE)
+<p class="note">Test-time flip averaging: {_fmt(test.get("flip_tta"))}. Threshold-free metrics (RMSE, Brier, ECE)
 are the same in both columns.</p>
 <h2>Baselines and references</h2>
 {baselines_table(test)}
 <p class="note">The references were measured on the real COVID-QU-Ex COVID-19 test split (583 images, 256 px);
 compare with them only when this run used that data. Per-image Dice is the comparable number.</p>
 <h2>Figures</h2>
-{''.join(figs)}
+{"".join(figs)}
 <h2>Definitions</h2>
 <dl>{defs}</dl>
 <p class="rule"><b>Empty-truth rule.</b> {rule}</p>
@@ -214,11 +271,22 @@ compare with them only when this run used that data. Per-image Dice is the compa
 """
 
 
-def write_report(test_json: str | Path, train_json: str | Path | None, data_json: str | Path | None,
-                 figures: list[Path], out_path: str | Path, source: str | None = None) -> Path:
+def write_report(
+    test_json: str | Path,
+    train_json: str | Path | None,
+    data_json: str | Path | None,
+    figures: list[Path],
+    out_path: str | Path,
+    source: str | None = None,
+) -> Path:
     """Read the metrics JSON files, embed ``figures`` (PNG paths) and write the HTML atomically to ``out_path``."""
     test = _read_json(test_json, "test metrics")
-    html_text = render_report(test, _read_json(train_json, "train metrics"), _read_json(data_json, "data metrics"),
-                              [Path(f) for f in figures], source)
+    html_text = render_report(
+        test,
+        _read_json(train_json, "train metrics"),
+        _read_json(data_json, "data metrics"),
+        [Path(f) for f in figures],
+        source,
+    )
     write_text(out_path, html_text)
     return Path(out_path)

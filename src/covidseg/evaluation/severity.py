@@ -23,8 +23,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.typing import ArrayLike
 import pandas as pd
+from numpy.typing import ArrayLike
 from scipy import ndimage
 
 # 8-connectivity: lung pixels touching diagonally belong to one component.
@@ -116,10 +116,10 @@ def _valley_column(profile: np.ndarray, valley: float) -> int | None:
     lo, hi = c0 + width // 3, c0 + (2 * width) // 3
     if hi <= lo:
         return None
-    middle = profile[lo:hi + 1]
+    middle = profile[lo : hi + 1]
     candidates = lo + np.flatnonzero(middle == middle.min())
     m = int(candidates[np.argmin(np.abs(candidates - (c0 + c1) / 2))])
-    before, after = profile[c0:m], profile[m + 1:c1 + 1]
+    before, after = profile[c0:m], profile[m + 1 : c1 + 1]
     if before.size == 0 or after.size == 0:
         return None
     return m if profile[m] <= valley * min(before.max(), after.max()) else None
@@ -175,7 +175,9 @@ def extent_score(share_pct: ArrayLike) -> np.ndarray | int:
     return int(score) if score.ndim == 0 else score
 
 
-def severity_table(infection_masks: np.ndarray, lung_masks: np.ndarray, ids: Sequence[str] | None = None) -> pd.DataFrame:
+def severity_table(
+    infection_masks: np.ndarray, lung_masks: np.ndarray, ids: Sequence[str] | None = None
+) -> pd.DataFrame:
     """One row per image of bool batches (N, H, W): shares (%), per-lung and image extent scores.
 
     Columns: ``right_pct``, ``left_pct``, ``lungs_pct`` (see :func:`lung_shares`),
@@ -186,20 +188,39 @@ def severity_table(infection_masks: np.ndarray, lung_masks: np.ndarray, ids: Seq
     infection_masks = _as_mask(infection_masks, "infection_masks", 3)
     lung_masks = _as_mask(lung_masks, "lung_masks", 3)
     if infection_masks.shape != lung_masks.shape:
-        raise ValueError(f"infection_masks {infection_masks.shape} and lung_masks {lung_masks.shape} must have one shape")
+        raise ValueError(
+            f"infection_masks {infection_masks.shape} and lung_masks {lung_masks.shape} must have one shape"
+        )
     if ids is not None and len(ids) != len(lung_masks):
         raise ValueError(f"ids has {len(ids)} names for {len(lung_masks)} images")
     rows = []
     for infection, lungs in zip(infection_masks, lung_masks):
         shares = lung_shares(infection, *split_lungs(lungs))
         right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
-        rows.append({"right_pct": shares["right_pct"], "left_pct": shares["left_pct"], "lungs_pct": shares["lungs_pct"],
-                     "right_extent": right, "left_extent": left, "extent_score": right + left,
-                     "infected_outside_lungs_pct": shares["infected_outside_lungs_pct"]})
-    columns = ["right_pct", "left_pct", "lungs_pct", "right_extent", "left_extent", "extent_score",
-               "infected_outside_lungs_pct"]
+        rows.append(
+            {
+                "right_pct": shares["right_pct"],
+                "left_pct": shares["left_pct"],
+                "lungs_pct": shares["lungs_pct"],
+                "right_extent": right,
+                "left_extent": left,
+                "extent_score": right + left,
+                "infected_outside_lungs_pct": shares["infected_outside_lungs_pct"],
+            }
+        )
+    columns = [
+        "right_pct",
+        "left_pct",
+        "lungs_pct",
+        "right_extent",
+        "left_extent",
+        "extent_score",
+        "infected_outside_lungs_pct",
+    ]
     table = pd.DataFrame(rows, columns=columns)
-    table[["right_extent", "left_extent", "extent_score"]] = table[["right_extent", "left_extent", "extent_score"]].astype(np.int64)
+    table[["right_extent", "left_extent", "extent_score"]] = table[
+        ["right_extent", "left_extent", "extent_score"]
+    ].astype(np.int64)
     if ids is not None:
         table.insert(0, "image", list(ids))
     return table

@@ -23,8 +23,17 @@ from covidseg.evaluation import agreement
 from covidseg.evaluation.metrics import confusion, dice
 from covidseg.evaluation.severity import extent_score, severity_table
 
-HEADLINE = ("lung_dice", "share_mae", "share_mae_ci95_low", "share_mae_ci95_high", "share_pearson",
-            "share_spearman", "extent_exact", "extent_within1", "extent_kappa")
+HEADLINE = (
+    "lung_dice",
+    "share_mae",
+    "share_mae_ci95_low",
+    "share_mae_ci95_high",
+    "share_pearson",
+    "share_spearman",
+    "extent_exact",
+    "extent_within1",
+    "extent_kappa",
+)
 MAX_EXTENT = 8
 
 
@@ -60,12 +69,19 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
     ext = agreement.extent_agreement(pred_extent, true_extent)
     return {
         "share_mae": float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan"),
-        "share_mae_ci95_low": low, "share_mae_ci95_high": high,
-        "share_pearson": agreement.pearson(ps, ts), "share_spearman": agreement.spearman(ps, ts),
-        "share_bias": ba.bias, "share_loa_low": ba.lower, "share_loa_high": ba.upper,
-        "extent_exact": ext["exact"], "extent_within1": ext["within_1"], "extent_kappa": ext["kappa"],
+        "share_mae_ci95_low": low,
+        "share_mae_ci95_high": high,
+        "share_pearson": agreement.pearson(ps, ts),
+        "share_spearman": agreement.spearman(ps, ts),
+        "share_bias": ba.bias,
+        "share_loa_low": ba.lower,
+        "share_loa_high": ba.upper,
+        "extent_exact": ext["exact"],
+        "extent_within1": ext["within_1"],
+        "extent_kappa": ext["kappa"],
         "extent_confusion": agreement.confusion_matrix(pred_extent, true_extent, MAX_EXTENT).tolist(),
-        "lungs": int(present.sum()), "lungs_missed": int(missed.sum()),
+        "lungs": int(present.sum()),
+        "lungs_missed": int(missed.sum()),
         "infected_outside_lungs_pct_mean": float(pred["infected_outside_lungs_pct"].mean()),
     }
 
@@ -73,9 +89,17 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
 def constant_share_table(share_pct: float, n: int) -> pd.DataFrame:
     """The baseline's severity table: every lung of ``n`` images at ``share_pct`` percent."""
     lung_extent = int(extent_score(share_pct))
-    return pd.DataFrame({"right_pct": [share_pct] * n, "left_pct": [share_pct] * n, "lungs_pct": [share_pct] * n,
-                         "right_extent": [lung_extent] * n, "left_extent": [lung_extent] * n,
-                         "extent_score": [2 * lung_extent] * n, "infected_outside_lungs_pct": [0.0] * n})
+    return pd.DataFrame(
+        {
+            "right_pct": [share_pct] * n,
+            "left_pct": [share_pct] * n,
+            "lungs_pct": [share_pct] * n,
+            "right_extent": [lung_extent] * n,
+            "left_extent": [lung_extent] * n,
+            "extent_score": [2 * lung_extent] * n,
+            "infected_outside_lungs_pct": [0.0] * n,
+        }
+    )
 
 
 def median_lung_share(infection: np.ndarray, lungs: np.ndarray) -> float:
@@ -91,9 +115,16 @@ def lung_dice(pred_lungs: np.ndarray, true_lungs: np.ndarray) -> float:
     return float(np.nanmean(d)) if np.isfinite(d).any() else float("nan")
 
 
-def evaluate_severity(pred_infection: np.ndarray, pred_lungs: np.ndarray | None, true_infection: np.ndarray,
-                      true_lungs: np.ndarray, baseline_share: float, ids: list[str] | None = None, seed: int = 0,
-                      n_resamples: int = 1000) -> tuple[dict, dict, pd.DataFrame]:
+def evaluate_severity(
+    pred_infection: np.ndarray,
+    pred_lungs: np.ndarray | None,
+    true_infection: np.ndarray,
+    true_lungs: np.ndarray,
+    baseline_share: float,
+    ids: list[str] | None = None,
+    seed: int = 0,
+    n_resamples: int = 1000,
+) -> tuple[dict, dict, pd.DataFrame]:
     """Score severity on a split; all masks bool (N, H, W), ``pred_lungs`` None for a model without a lung head.
 
     Returns (headline: the :data:`HEADLINE` numbers of the model, NaN without a lung head;
@@ -104,26 +135,33 @@ def evaluate_severity(pred_infection: np.ndarray, pred_lungs: np.ndarray | None,
     oracle = severity_table(pred_infection, true_lungs)
     details: dict = {
         "policy": "a true lung the predictor does not find scores share 0 and extent 0 (counted in lungs_missed); "
-                  "shares in percent of the lung's pixels, errors in percentage points; intervals: bootstrap "
-                  f"over images, {n_resamples} resamples, seed {seed}",
-        "truth": {"share_mean": float(np.nanmean(_lung_shares(truth))),
-                  "share_median": float(np.nanmedian(_lung_shares(truth))),
-                  "extent_counts": np.bincount(truth["extent_score"], minlength=MAX_EXTENT + 1).tolist()},
+        "shares in percent of the lung's pixels, errors in percentage points; intervals: bootstrap "
+        f"over images, {n_resamples} resamples, seed {seed}",
+        "truth": {
+            "share_mean": float(np.nanmean(_lung_shares(truth))),
+            "share_median": float(np.nanmedian(_lung_shares(truth))),
+            "extent_counts": np.bincount(truth["extent_score"], minlength=MAX_EXTENT + 1).tolist(),
+        },
         "oracle_true_lungs": score_against_truth(oracle, truth, seed, n_resamples),
-        "baseline_constant_share": {"share_pct": baseline_share,
-                                    **score_against_truth(constant_share_table(baseline_share, len(truth)), truth,
-                                                          seed, n_resamples)},
+        "baseline_constant_share": {
+            "share_pct": baseline_share,
+            **score_against_truth(constant_share_table(baseline_share, len(truth)), truth, seed, n_resamples),
+        },
     }
     per = truth.rename(columns={c: f"true_{c}" for c in truth.columns if c != "image"})
     for c in ("right_pct", "left_pct", "extent_score"):
         per[f"oracle_{c}"] = oracle[c].to_numpy()
     if pred_lungs is None:
-        details["model"] = {"error": "the model has no lung head, so it cannot measure severity; retrain with "
-                                     "train.lung_aux_weight > 0"}
+        details["model"] = {
+            "error": "the model has no lung head, so it cannot measure severity; retrain with train.lung_aux_weight > 0"
+        }
         headline = dict.fromkeys(HEADLINE, float("nan"))
         return headline, details, per
     model = severity_table(pred_infection, pred_lungs)
-    details["model"] = {"lung_dice": lung_dice(pred_lungs, true_lungs), **score_against_truth(model, truth, seed, n_resamples)}
+    details["model"] = {
+        "lung_dice": lung_dice(pred_lungs, true_lungs),
+        **score_against_truth(model, truth, seed, n_resamples),
+    }
     for c in ("right_pct", "left_pct", "extent_score", "infected_outside_lungs_pct"):
         per[f"pred_{c}"] = model[c].to_numpy()
     headline = {k: details["model"][k] for k in HEADLINE}

@@ -9,8 +9,9 @@ parity checks), so every consumer runs the model exactly as it was calibrated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,18 +38,34 @@ class Calibration:
     flip_tta: bool = False
 
     @classmethod
-    def from_meta(cls, meta: dict[str, Any]) -> "Calibration":
+    def from_meta(cls, meta: dict[str, Any]) -> Calibration:
         """Read from a model file's metadata; keys it lacks keep the defaults above."""
-        return cls(temperature=float(meta.get("temperature", 1.0)),
-                   threshold=float(meta["threshold"]) if "threshold" in meta else None,
-                   lung_gate=bool(meta.get("lung_gate", False)), flip_tta=bool(meta.get("flip_tta", False)))
+        return cls(
+            temperature=float(meta.get("temperature", 1.0)),
+            threshold=float(meta["threshold"]) if "threshold" in meta else None,
+            lung_gate=bool(meta.get("lung_gate", False)),
+            flip_tta=bool(meta.get("flip_tta", False)),
+        )
 
 
-def calibrated_probabilities(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                             precision: str, calibration: Calibration, batch_size: int = 16) -> np.ndarray:
+def calibrated_probabilities(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    precision: str,
+    calibration: Calibration,
+    batch_size: int = 16,
+) -> np.ndarray:
     """float32 (N, S, S) probabilities for uint8 images (N, 1, S, S), with the flips, gating and temperature of ``calibration``."""
-    logits = predict_logits(model, images, device, precision, batch_size=batch_size,
-                            flip_tta=calibration.flip_tta, lung_gate=calibration.lung_gate)
+    logits = predict_logits(
+        model,
+        images,
+        device,
+        precision,
+        batch_size=batch_size,
+        flip_tta=calibration.flip_tta,
+        lung_gate=calibration.lung_gate,
+    )
     return probabilities(logits, calibration.temperature)
 
 
@@ -60,7 +77,9 @@ def _overlap_sums(prob: np.ndarray, truth: np.ndarray, threshold: float) -> dict
     return {"dice_sum": float(np.nansum(d)), "iou_sum": float(np.nansum(j)), "scored": float(np.sum(~np.isnan(d)))}
 
 
-def val_scores(logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, temperature: float = 1.0) -> dict[str, float]:
+def val_scores(
+    logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, temperature: float = 1.0
+) -> dict[str, float]:
     """Per-image Dice/IoU sums (empty-truth rule of :mod:`covidseg.evaluation.metrics`), and sums for RMSE.
 
     logits: float (N, S, S); masks: uint8 (N, 1, S, S) in {0, 1}. Returns ``dice_sum``, ``iou_sum``,
@@ -68,7 +87,10 @@ def val_scores(logits: torch.Tensor, masks: np.ndarray, threshold: float = 0.5, 
     """
     prob = torch.sigmoid(logits / temperature).numpy()
     truth = masks[:, 0].astype(bool)
-    return _overlap_sums(prob, truth, threshold) | {"sse": metrics.squared_error_sum(prob, truth), "pixels": float(truth.size)}
+    return _overlap_sums(prob, truth, threshold) | {
+        "sse": metrics.squared_error_sum(prob, truth),
+        "pixels": float(truth.size),
+    }
 
 
 def tune_threshold(logits: torch.Tensor, masks: np.ndarray, temperature: float) -> float:
@@ -101,9 +123,18 @@ def at_grid_edge(temperature: float) -> bool:
     return temperature in (float(TEMPERATURES[0]), float(TEMPERATURES[-1]))
 
 
-def fit_calibration(model: torch.nn.Module, val_images: np.ndarray, val_masks: np.ndarray, device: torch.device,
-                    precision: str, batch_size: int, flip_tta: bool, temperature_scaling: bool, with_lung_head: bool,
-                    log: Callable[[str], None] = print) -> tuple[Calibration, dict[str, float]]:
+def fit_calibration(
+    model: torch.nn.Module,
+    val_images: np.ndarray,
+    val_masks: np.ndarray,
+    device: torch.device,
+    precision: str,
+    batch_size: int,
+    flip_tta: bool,
+    temperature_scaling: bool,
+    with_lung_head: bool,
+    log: Callable[[str], None] = print,
+) -> tuple[Calibration, dict[str, float]]:
     """Choose on val: lung gating (with a lung head), then temperature, then threshold.
 
     val_images: uint8 (N, 1, S, S); val_masks: uint8 (N, 1, S, S) in {0, 1}. Returns (the
@@ -111,13 +142,17 @@ def fit_calibration(model: torch.nn.Module, val_images: np.ndarray, val_masks: n
     Dice at its own tuned threshold. A temperature at the edge of its grid is logged as a warning.
     """
     best = None
-    for gate in ((False, True) if with_lung_head else (False,)):
-        logits = predict_logits(model, val_images, device, precision, batch_size=batch_size, flip_tta=flip_tta, lung_gate=gate)
+    for gate in (False, True) if with_lung_head else (False,):
+        logits = predict_logits(
+            model, val_images, device, precision, batch_size=batch_size, flip_tta=flip_tta, lung_gate=gate
+        )
         temperature = tune_temperature(logits, val_masks) if temperature_scaling else 1.0
         if temperature_scaling and at_grid_edge(temperature):
-            log(f"warning: the tuned temperature {temperature:g} is at the edge of its grid "
+            log(
+                f"warning: the tuned temperature {temperature:g} is at the edge of its grid "
                 f"[{TEMPERATURES[0]:g}, {TEMPERATURES[-1]:g}]; the best value may lie outside, so val "
-                "probabilities stay miscalibrated (recorded as temperature_at_grid_edge in the metrics)")
+                "probabilities stay miscalibrated (recorded as temperature_at_grid_edge in the metrics)"
+            )
         threshold = tune_threshold(logits, val_masks, temperature)
         scores = val_scores(logits, val_masks, threshold, temperature)
         dice = scores["dice_sum"] / max(scores["scored"], 1)

@@ -35,7 +35,7 @@ def predict_logits(
     images = torch.as_tensor(images)
     out = []
     for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, torch.float32).div_(255.0)
+        x = images[start : start + batch_size].to(device, torch.float32).div_(255.0)
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x).float()

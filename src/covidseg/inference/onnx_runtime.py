@@ -57,13 +57,17 @@ class OnnxPredictor:
         if missing:
             raise OnnxModelError(f"{self.path}: not a covidseg ONNX model (metadata lacks {', '.join(missing)})")
         if self.metadata[FORMAT_KEY] != FORMAT_VERSION:
-            raise OnnxModelError(f"{self.path}: covidseg ONNX format version {self.metadata[FORMAT_KEY]!r}, "
-                                 f"this code reads {FORMAT_VERSION!r}")
+            raise OnnxModelError(
+                f"{self.path}: covidseg ONNX format version {self.metadata[FORMAT_KEY]!r}, "
+                f"this code reads {FORMAT_VERSION!r}"
+            )
         inputs = [i.name for i in self.session.get_inputs()]
         outputs = [o.name for o in self.session.get_outputs()]
         if inputs != [INPUT_NAME] or OUTPUT_NAMES[0] not in outputs:
-            raise OnnxModelError(f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAMES[0]!r}, "
-                                 f"got inputs {inputs} and outputs {outputs}")
+            raise OnnxModelError(
+                f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAMES[0]!r}, "
+                f"got inputs {inputs} and outputs {outputs}"
+            )
         self.size = int(self.metadata["covidseg.size"])
         threshold = self.metadata.get("covidseg.threshold", "")
         self.threshold: float | None = float(threshold) if threshold else None
@@ -71,10 +75,12 @@ class OnnxPredictor:
     @property
     def calibration(self) -> dict[str, Any]:
         """The calibration baked into the graph: temperature, lung_gate, flip_tta, threshold."""
-        return {"temperature": float(self.metadata["covidseg.temperature"]),
-                "lung_gate": json.loads(self.metadata["covidseg.lung_gate"]),
-                "flip_tta": json.loads(self.metadata["covidseg.flip_tta"]),
-                "threshold": self.threshold}
+        return {
+            "temperature": float(self.metadata["covidseg.temperature"]),
+            "lung_gate": json.loads(self.metadata["covidseg.lung_gate"]),
+            "flip_tta": json.loads(self.metadata["covidseg.flip_tta"]),
+            "threshold": self.threshold,
+        }
 
     def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """float32 (N, S, S) calibrated probabilities for uint8 (N, 1, S, S) grey levels 0..255."""
@@ -89,14 +95,16 @@ class OnnxPredictor:
         probs, logits = [], []
         for start in range(0, images.shape[0], batch_size):
             # Same float32 division as covidseg.inference.forward, so both see bit-identical inputs.
-            x = images[start:start + batch_size].astype(np.float32) / np.float32(255.0)
+            x = images[start : start + batch_size].astype(np.float32) / np.float32(255.0)
             p, lg = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
             probs.append(p)
             logits.append(lg)
         if not probs:
             n_out = self.session.get_outputs()[1].shape[1]
             return np.zeros((0, s, s), np.float32), np.zeros((0, n_out, s, s), np.float32)
-        return np.concatenate(probs).astype(np.float32, copy=False), np.concatenate(logits).astype(np.float32, copy=False)
+        return np.concatenate(probs).astype(np.float32, copy=False), np.concatenate(logits).astype(
+            np.float32, copy=False
+        )
 
     def masks(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         """bool (N, S, S): probability >= the file's threshold (an error when the file has none)."""

@@ -27,30 +27,40 @@ import csv
 import errno
 import glob
 import io
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
+from covidseg.data.arrays import resize_image
+from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.device import choose_device, choose_precision
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
-from covidseg.model.checkpoint import load_model
 from covidseg.inference.overlay import tint
-from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
-from covidseg.data.arrays import resize_image
+from covidseg.model.checkpoint import load_model
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
-CSV_COLUMNS = ("input", "stem", "width", "height", "infected_fraction", "mean_probability", "status", "error",
-               "warning")
+CSV_COLUMNS = (
+    "input",
+    "stem",
+    "width",
+    "height",
+    "infected_fraction",
+    "mean_probability",
+    "status",
+    "error",
+    "warning",
+)
 OUTPUT_FOLDERS = ("masks", "overlays", "probs")
 # Write errors that concern the whole output folder, not one image: the run stops on them.
-_FOLDER_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                            errno.ENOENT})
+_FOLDER_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT}
+)
 MOSTLY_INFECTED = 0.9  # an image with more of its pixels marked infected than this gets a warning
 
 
@@ -93,6 +103,7 @@ class Row:
     def as_csv(self) -> list[str]:
         def fmt(v):
             return "" if v is None else (f"{v:.6f}" if isinstance(v, float) else str(v))
+
         return [fmt(getattr(self, c)) for c in CSV_COLUMNS]
 
 
@@ -114,6 +125,7 @@ class Prepared:
 
 
 # ----------------------------------------------------------------------------- inputs
+
 
 def _is_image_name(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
@@ -186,6 +198,7 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
 
 # ----------------------------------------------------------------------------- images
 
+
 def load_grey(path: Path) -> np.ndarray:
     """uint8 (H, W) grey levels of any image file, converted as the pipeline converts its data.
 
@@ -228,8 +241,11 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """The per-image output files of ``stem``, keyed by folder (see the module doc)."""
-    return {"masks": out_dir / "masks" / f"{stem}.png", "overlays": out_dir / "overlays" / f"{stem}.png",
-            "probs": out_dir / "probs" / f"{stem}.npy"}
+    return {
+        "masks": out_dir / "masks" / f"{stem}.png",
+        "overlays": out_dir / "overlays" / f"{stem}.png",
+        "probs": out_dir / "probs" / f"{stem}.npy",
+    }
 
 
 def remove_outputs(out_dir: Path, stem: str, keep: Iterable[str] = ()) -> None:
@@ -243,8 +259,9 @@ def remove_outputs(out_dir: Path, stem: str, keep: Iterable[str] = ()) -> None:
                 pass
 
 
-def write_outputs(out_dir: Path, stem: str, grey: np.ndarray, prob: np.ndarray, threshold: float,
-                  save_probs: bool) -> tuple[float, float]:
+def write_outputs(
+    out_dir: Path, stem: str, grey: np.ndarray, prob: np.ndarray, threshold: float, save_probs: bool
+) -> tuple[float, float]:
     """Write mask, overlay (and probs) for one image; grey uint8 (H, W), prob float32 (H, W).
 
     Returns (infected fraction, mean probability) over the image's H * W pixels. All or
@@ -288,6 +305,7 @@ def _reason(exc: OSError) -> str:
 
 # ----------------------------------------------------------------------------- model
 
+
 def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
     """Load the model on the chosen device and read size, threshold and temperature from its file.
 
@@ -306,9 +324,15 @@ def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
         threshold, source = 0.5, "default"
     flip_tta = saved.flip_tta if options.flip_tta is None else options.flip_tta
     provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
-    return Prepared(model=model, device=device, precision=choose_precision(device, options.precision),
-                    size=int(meta["size"]), calibration=replace(saved, threshold=threshold, flip_tta=flip_tta),
-                    threshold_source=source, provenance=provenance)
+    return Prepared(
+        model=model,
+        device=device,
+        precision=choose_precision(device, options.precision),
+        size=int(meta["size"]),
+        calibration=replace(saved, threshold=threshold, flip_tta=flip_tta),
+        threshold_source=source,
+        provenance=provenance,
+    )
 
 
 def provenance_lines(prepared: Prepared) -> list[str]:
@@ -318,17 +342,22 @@ def provenance_lines(prepared: Prepared) -> list[str]:
         return ["model: the file records no provenance (data source, val Dice)"]
     counts = ", ".join(f"{k} {v}" for k, v in p.get("split_counts", {}).items())
     val = p.get("val_dice")
-    return [f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'}; "
-            f"{p.get('train_images', '?')} training images), val Dice {val:.3f}" if isinstance(val, float) else
-            f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'})",
-            f"model: covidseg {p.get('package_version', '?')}, training code {str(p.get('code_hash', '?'))[:12]}"]
+    return [
+        f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'}; "
+        f"{p.get('train_images', '?')} training images), val Dice {val:.3f}"
+        if isinstance(val, float)
+        else f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'})",
+        f"model: covidseg {p.get('package_version', '?')}, training code {str(p.get('code_hash', '?'))[:12]}",
+    ]
 
 
 def model_warnings(prepared: Prepared) -> list[str]:
     """Loud warnings about the model itself (printed even with --quiet)."""
     if prepared.provenance.get("synthetic"):
-        return ["WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
-                "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."]
+        return [
+            "WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
+            "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."
+        ]
     return []
 
 
@@ -338,14 +367,22 @@ def mostly_infected_warning(rows: Iterable[Row]) -> str | None:
     if not flagged:
         return None
     shown = ", ".join(flagged[:5]) + (f" and {len(flagged) - 5} more" if len(flagged) > 5 else "")
-    return (f"WARNING: {len(flagged)} image(s) have more than {MOSTLY_INFECTED:.0%} of their pixels marked infected "
-            f"({shown}); the model or the threshold does not suit these images")
+    return (
+        f"WARNING: {len(flagged)} image(s) have more than {MOSTLY_INFECTED:.0%} of their pixels marked infected "
+        f"({shown}); the model or the threshold does not suit these images"
+    )
 
 
 # ----------------------------------------------------------------------------- run
 
-def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared, options: PredictOptions,
-                  on_row: Callable[[Row], None] | None = None) -> list[Row]:
+
+def predict_files(
+    paths: Sequence[Path],
+    out_dir: str | Path,
+    prepared: Prepared,
+    options: PredictOptions,
+    on_row: Callable[[Row], None] | None = None,
+) -> list[Row]:
     """Predict every file in ``paths``; write per-image outputs and ``predictions.csv`` under ``out_dir``.
 
     Images are decoded ``options.batch_size`` at a time (so memory holds one batch of
@@ -376,8 +413,9 @@ def predict_files(paths: Sequence[Path], out_dir: str | Path, prepared: Prepared
             continue
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
-        probs = calibrated_probabilities(prepared.model, small, prepared.device, prepared.precision,
-                                         prepared.calibration, batch_size=step)  # float32 (n, S, S)
+        probs = calibrated_probabilities(
+            prepared.model, small, prepared.device, prepared.precision, prepared.calibration, batch_size=step
+        )  # float32 (n, S, S)
         for k, i in enumerate(order):
             grey = greys.pop(i)
             try:
@@ -415,8 +453,9 @@ def _write_csv_or_stop(path: Path, rows: list[Row]) -> None:
     try:
         write_csv(path, rows)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write the results table ({_reason(exc)}); "
-                          "the per-image files were written") from None
+        raise OutputError(
+            f"{path}: cannot write the results table ({_reason(exc)}); the per-image files were written"
+        ) from None
 
 
 def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
@@ -439,4 +478,3 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
     """The rows of a ``predictions.csv`` as dicts of strings (for tests and scripts)."""
     with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
-

@@ -37,8 +37,13 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
     The same weights and ``extra`` give the same bytes, whatever ``path`` is.
     """
     net = getattr(model, "module", model)
-    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "config": net.config.to_dict(),
-               "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, **extra}
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": net.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        **extra,
+    }
     buf = io.BytesIO()
     torch.save(payload, buf)
     with atomic_path(path) as tmp:
@@ -51,21 +56,27 @@ def _read(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: model file not found (run `dvc repro train` first)") from None
     except pickle.UnpicklingError:  # weights_only refused an object: not a file save_model wrote
-        raise ValueError(f"{path}: not a covidseg model file (it holds Python objects, not plain values and "
-                         f"tensors); give the models/model.pt written by `dvc repro train`") from None
+        raise ValueError(
+            f"{path}: not a covidseg model file (it holds Python objects, not plain values and "
+            f"tensors); give the models/model.pt written by `dvc repro train`"
+        ) from None
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
-        raise ValueError(f"{path}: not a covidseg model file ({reason}); "
-                         f"give the models/model.pt written by `dvc repro train`") from None
+        raise ValueError(
+            f"{path}: not a covidseg model file ({reason}); give the models/model.pt written by `dvc repro train`"
+        ) from None
     if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
-        raise ValueError(f"{path}: not a covidseg model file (missing config or state_dict); "
-                         f"give the models/model.pt written by `dvc repro train`")
+        raise ValueError(
+            f"{path}: not a covidseg model file (missing config or state_dict); "
+            f"give the models/model.pt written by `dvc repro train`"
+        )
     if payload.get("format", FORMAT) != FORMAT:
         raise ValueError(f"{path}: not a covidseg model file (format {payload.get('format')!r})")
     version = payload.get("format_version", 1)  # version 1 files had no format keys
     if version != FORMAT_VERSION:
-        raise ValueError(f"{path}: model file format version {version}, this covidseg reads version "
-                         f"{FORMAT_VERSION}; {_RETRAIN}")
+        raise ValueError(
+            f"{path}: model file format version {version}, this covidseg reads version {FORMAT_VERSION}; {_RETRAIN}"
+        )
     return payload
 
 
@@ -78,7 +89,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     path = Path(path)
     payload = _read(path)
     config = payload["config"]
-    unknown = sorted(set(config) - set(UNetConfig.__dataclass_fields__)) if isinstance(config, dict) else ["<not a dict>"]
+    unknown = (
+        sorted(set(config) - set(UNetConfig.__dataclass_fields__)) if isinstance(config, dict) else ["<not a dict>"]
+    )
     if unknown:
         raise ValueError(f"{path}: unknown model config key(s) {', '.join(map(str, unknown))}; {_RETRAIN}")
     try:

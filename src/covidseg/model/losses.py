@@ -7,7 +7,7 @@ averaged, with a smoothing term so that an empty target with an empty prediction
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,9 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
     return (alpha_t * (1 - p_t) ** gamma * bce).mean()
 
 
-def make_loss(name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(
+    name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss named by params ``train.loss``: bce, dice, bce_dice or focal."""
     if name == "bce":
         return lambda lg, t: bce_loss(lg, t, pos_weight)
@@ -59,8 +61,12 @@ def training_targets(masks: torch.Tensor, lungs: torch.Tensor, with_lungs: bool)
     return torch.cat([masks, lungs], 1).float() if with_lungs else masks.float()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                      lung_aux_weight: float) -> torch.Tensor:
+def segmentation_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    lung_aux_weight: float,
+) -> torch.Tensor:
     """The training loss: ``loss_fn`` on the infection channel + ``lung_aux_weight`` x pixel-mean BCE on the lung channel.
 
     logits, target: float (N, K, S, S), channel 0 infection, channel 1 lung (present when

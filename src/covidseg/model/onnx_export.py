@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -50,8 +50,15 @@ class CalibratedUNet(nn.Module):
         return torch.sigmoid(infection / self.temperature), logits
 
 
-def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[str, str],
-                opset: int = 18, calibration: Calibration = Calibration(), check: bool = True) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    size: int,
+    metadata: dict[str, str],
+    opset: int = 18,
+    calibration: Calibration = Calibration(),
+    check: bool = True,
+) -> Path:
     """Atomically write ``model`` (a covidseg ``UNet``, eval mode on CPU) with ``calibration`` baked in to ``path``.
 
     Args:
@@ -69,11 +76,15 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
     if opset < 17:
         raise ValueError(f"{path}: opset {opset} < 17 not supported")
     net = copy.deepcopy(getattr(model, "module", model)).float().cpu().eval()  # leave the caller's model as it is
-    own = {FORMAT_KEY: FORMAT_VERSION, "covidseg.size": str(size), "covidseg.config": json.dumps(net.config.to_dict()),
-           "covidseg.temperature": repr(float(calibration.temperature)),
-           "covidseg.lung_gate": json.dumps(bool(calibration.lung_gate and net.config.out_channels > 1)),
-           "covidseg.flip_tta": json.dumps(bool(calibration.flip_tta)),
-           "covidseg.threshold": "" if calibration.threshold is None else repr(float(calibration.threshold))}
+    own = {
+        FORMAT_KEY: FORMAT_VERSION,
+        "covidseg.size": str(size),
+        "covidseg.config": json.dumps(net.config.to_dict()),
+        "covidseg.temperature": repr(float(calibration.temperature)),
+        "covidseg.lung_gate": json.dumps(bool(calibration.lung_gate and net.config.out_channels > 1)),
+        "covidseg.flip_tta": json.dumps(bool(calibration.flip_tta)),
+        "covidseg.threshold": "" if calibration.threshold is None else repr(float(calibration.threshold)),
+    }
     clash = sorted(set(own) & set(metadata))
     if clash:
         raise ValueError(f"{path}: metadata keys {clash} are written by the exporter itself")
@@ -86,9 +97,16 @@ def export_onnx(model: nn.Module, path: str | Path, size: int, metadata: dict[st
     # torch's default (dynamo, torch.export-based) exporter, which needs onnxscript; it traces
     # the wrapper once, so the Python branches on calibration become a fixed graph.
     program = torch.onnx.export(
-        wrapper, (example,), f=None, dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES), dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
-        optimize=True, verbose=False,
+        wrapper,
+        (example,),
+        f=None,
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+        optimize=True,
+        verbose=False,
     )
     proto = program.model_proto
     del proto.metadata_props[:]
@@ -125,8 +143,13 @@ def parity(model_torch_fn: Callable[[np.ndarray], np.ndarray], onnx_path: str | 
     return float(np.abs(want - got).max()) if want.size else 0.0
 
 
-def check_parity(model_torch_fn: Callable[[np.ndarray], np.ndarray], onnx_path: str | Path, images: np.ndarray,
-                 tol: float = PARITY_TOL, name: str | Path | None = None) -> float:
+def check_parity(
+    model_torch_fn: Callable[[np.ndarray], np.ndarray],
+    onnx_path: str | Path,
+    images: np.ndarray,
+    tol: float = PARITY_TOL,
+    name: str | Path | None = None,
+) -> float:
     """:func:`parity`, raising :class:`ParityError` naming the file (``name``, default ``onnx_path``) when > ``tol``."""
     diff = parity(model_torch_fn, onnx_path, images)
     if not diff <= tol:

@@ -37,7 +37,9 @@ def intensity_luts(images: torch.Tensor, params: TrainParams, gen: torch.Generat
     return (((levels - mean) * contrast + mean + brightness).clamp(0, 1).clamp_min(1e-6) ** gamma).clamp(0, 1)
 
 
-def sampling_grid(angle: torch.Tensor, scale: torch.Tensor, flip: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def sampling_grid(
+    angle: torch.Tensor, scale: torch.Tensor, flip: torch.Tensor, height: int, width: int
+) -> torch.Tensor:
     """The ``grid_sample`` grid (N, H, W, 2) of a flip, then rotation by ``angle`` (radians) and zoom by ``scale``.
 
     Equal to ``F.affine_grid`` with align_corners=False, built by broadcasting (affine_grid's batched

@@ -51,9 +51,11 @@ class DistContext:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "DistContext":
+    def from_env(cls) -> DistContext:
         """Read RANK, WORLD_SIZE and LOCAL_RANK as set by ``torchrun``."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
 
     def init(self, device: torch.device) -> None:
         """Join the process group: nccl on CUDA (one GPU per process), gloo on the CPU."""
@@ -102,7 +104,7 @@ class DistContext:
             return indices
         total = -(-len(indices) // self.world_size) * self.world_size
         padded = indices.repeat(-(-total // len(indices)))[:total] if total > len(indices) else indices
-        return padded[self.rank:total:self.world_size]
+        return padded[self.rank : total : self.world_size]
 
     def barrier(self) -> None:
         if self.enabled:

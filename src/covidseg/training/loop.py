@@ -27,29 +27,28 @@ import json
 import math
 import sys
 import time
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from covidseg import __version__
-
 from covidseg.atomic import atomic_path, write_json, write_text
-from covidseg.training.augment import augment_batch
+from covidseg.data.arrays import load_source, load_split
 from covidseg.device import autocast, choose_device, choose_precision
-from covidseg.training.distributed import DistContext
-from covidseg.training.averaging import WeightAverage
-from covidseg.training.codehash import code_hash as _hash_sources
-from covidseg.training.selection import BestEpoch
 from covidseg.inference.calibration import at_grid_edge, fit_calibration, val_scores
 from covidseg.inference.forward import predict_logits
+from covidseg.model.checkpoint import save_model
 from covidseg.model.losses import make_loss, segmentation_loss, training_targets
 from covidseg.model.unet import UNet, UNetConfig
-from covidseg.model.checkpoint import save_model
 from covidseg.params import TrainParams
-from covidseg.data.arrays import load_source, load_split
+from covidseg.training.augment import augment_batch
+from covidseg.training.averaging import WeightAverage
+from covidseg.training.codehash import code_hash as _hash_sources
+from covidseg.training.distributed import DistContext
+from covidseg.training.selection import BestEpoch
 
 # val_dice/val_iou at threshold 0.5; val_rmse of the uncalibrated probabilities (temperature 1).
 CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr"]
@@ -59,7 +58,7 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def code_hash() -> str:
     """SHA-256 of the source of covidseg.training.loop and of every covidseg module it imports (names relative to src/)."""
     here = Path(__file__).resolve()
@@ -97,7 +96,9 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 def _format_time(seconds: float) -> str:
     seconds = int(round(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 EpochHook = Callable[["Trainer", dict], "bool | None"]
@@ -110,7 +111,9 @@ class Trainer:
     :meth:`_build_model`, :meth:`_maybe_resume`.
     """
 
-    def __init__(self, prepared_dir: Path, resume_dir: Path, params: TrainParams, seed: int, ctx: DistContext, log=print):
+    def __init__(
+        self, prepared_dir: Path, resume_dir: Path, params: TrainParams, seed: int, ctx: DistContext, log=print
+    ):
         self.params, self.seed, self.ctx, self.log = params, seed, ctx, log
         self.resume_path = Path(resume_dir) / "state.pt"
         self._setup_device()
@@ -152,7 +155,9 @@ class Trainer:
             self.log(f"train: using {p.max_train_images} of {total} training images (train.max_train_images)")
         if len(train["images"]) == 0 or len(val["images"]) == 0:
             raise ValueError(f"{prepared_dir}: train and val splits must not be empty")
-        self.fingerprint = _fingerprint(p, seed, {f"train_{k}": train[k] for k in ("images", "masks")} | {"val": val["images"]})
+        self.fingerprint = _fingerprint(
+            p, seed, {f"train_{k}": train[k] for k in ("images", "masks")} | {"val": val["images"]}
+        )
         self.train_x, self.train_m, self.train_l = (torch.from_numpy(train[k]) for k in ("images", "masks", "lungs"))
         self.val = val
 
@@ -161,12 +166,17 @@ class Trainer:
         p, ctx, device = self.params, self.ctx, self.device
         self.aux = p.lung_aux_weight > 0
         torch.manual_seed(self.seed)
-        self.model = UNet(UNetConfig(out_channels=2 if self.aux else 1, base_channels=p.base_channels, depth=p.depth,
-                                     downsample=p.downsample))
+        self.model = UNet(
+            UNetConfig(
+                out_channels=2 if self.aux else 1, base_channels=p.base_channels, depth=p.depth, downsample=p.downsample
+            )
+        )
         self.model.to(device).to(memory_format=torch.channels_last)
         self.net = self.model
         if ctx.enabled:
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.ema = WeightAverage(self.model, p.ema_decay) if p.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         self.loss_fn = make_loss(p.loss, p.pos_weight, p.focal_gamma)
@@ -180,12 +190,21 @@ class Trainer:
     def _state(self) -> dict:
         """Everything needed to continue after the last finished epoch (plain values and state_dicts)."""
         return {
-            "fingerprint": self.fingerprint, "code_hash": code_hash(), "world_size": self.ctx.world_size,
-            "epoch": len(self.rows), "rows": self.rows, "epoch_seconds": self.epoch_seconds,
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "fingerprint": self.fingerprint,
+            "code_hash": code_hash(),
+            "world_size": self.ctx.world_size,
+            "epoch": len(self.rows),
+            "rows": self.rows,
+            "epoch_seconds": self.epoch_seconds,
+            "model": self.model.state_dict(),
+            "opt": self.opt.state_dict(),
             "ema": self.ema.state_dict() if self.ema else None,
-            "best_score": self.best.score, "best_state": self.best_state, "best_epoch": self.best.epoch,
-            "since_best": self.best.since, "train_seconds": self.train_seconds, "train_images": self.train_images,
+            "best_score": self.best.score,
+            "best_state": self.best_state,
+            "best_epoch": self.best.epoch,
+            "since_best": self.best.since,
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
         }
 
     def _save_resume(self) -> None:
@@ -253,7 +272,7 @@ class Trainer:
         start = time.perf_counter()
         report_every = max(steps_per_epoch // 5, 1)
         for step in range(steps_per_epoch):
-            idx = order[step * p.batch_size:(step + 1) * p.batch_size]
+            idx = order[step * p.batch_size : (step + 1) * p.batch_size]
             y = training_targets(self.train_m[idx], self.train_l[idx], self.aux)
             if p.augment:
                 x, y = augment_batch(self.train_x[idx], y, p, aug_gen)
@@ -282,8 +301,12 @@ class Trainer:
             seen += n
             if ctx.is_main and ((step + 1) % report_every == 0 or step + 1 == steps_per_epoch):
                 rate = seen / max(time.perf_counter() - start, 1e-9)
-                print(f"  epoch {epoch} step {step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
-                      f"{rate * ctx.world_size:.1f} img/s", file=sys.stderr, flush=True)
+                print(
+                    f"  epoch {epoch} step {step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
+                    f"{rate * ctx.world_size:.1f} img/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         elapsed = time.perf_counter() - start
         loss_sum, sse, pixels, seen = ctx.all_sum([loss_sum, sse, pixels, seen])
         self.train_seconds += elapsed
@@ -295,14 +318,22 @@ class Trainer:
         ctx = self.ctx
         idx = np.arange(ctx.rank, len(self.val["images"]), ctx.world_size)  # each val image on one rank
         images, masks = self.val["images"][idx], self.val["masks"][idx]
-        logits = predict_logits(self.eval_model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8))
+        logits = predict_logits(
+            self.eval_model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8)
+        )
         target = torch.from_numpy(masks).float()
-        loss = float(self.loss_fn(logits[:, None], target)) * len(idx) if len(idx) else 0.0  # a rank may hold no val image
+        loss = (
+            float(self.loss_fn(logits[:, None], target)) * len(idx) if len(idx) else 0.0
+        )  # a rank may hold no val image
         s = val_scores(logits, masks)
         total = ctx.all_sum([loss, float(len(idx)), s["dice_sum"], s["iou_sum"], s["scored"], s["sse"], s["pixels"]])
         loss, n, dice_sum, iou_sum, scored, sse, pixels = total
-        return {"val_loss": loss / n, "val_rmse": math.sqrt(sse / pixels),
-                "val_dice": dice_sum / max(scored, 1), "val_iou": iou_sum / max(scored, 1)}
+        return {
+            "val_loss": loss / n,
+            "val_rmse": math.sqrt(sse / pixels),
+            "val_dice": dice_sum / max(scored, 1),
+            "val_iou": iou_sum / max(scored, 1),
+        }
 
     # ----- the run ------------------------------------------------------------------------
     def run(self, curves_path: Path, on_epoch_end: EpochHook | None = None) -> None:
@@ -325,16 +356,25 @@ class Trainer:
                 self.ctx.sync_buffers(self.ema.model)
             val = self._val_epoch()
             seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val["val_loss"], "train_rmse": train_rmse,
-                   "val_rmse": val["val_rmse"], "val_dice": val["val_dice"], "val_iou": val["val_iou"],
-                   "lr": self.opt.param_groups[0]["lr"]}
+            row = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val["val_loss"],
+                "train_rmse": train_rmse,
+                "val_rmse": val["val_rmse"],
+                "val_dice": val["val_dice"],
+                "val_iou": val["val_iou"],
+                "lr": self.opt.param_groups[0]["lr"],
+            }
             self._end_epoch(row, seconds, curves_path)
             if on_epoch_end is not None and on_epoch_end(self, dict(row)) is False:
                 self.log(f"stopped after epoch {epoch} by the end-of-epoch hook")
                 break
             if self.best.exhausted(p.patience):
-                self.log(f"early stop: val_dice@0.5 has not improved for {p.patience} epochs "
-                         f"(best {self.best.score:.4f} at epoch {self.best.epoch})")
+                self.log(
+                    f"early stop: val_dice@0.5 has not improved for {p.patience} epochs "
+                    f"(best {self.best.score:.4f} at epoch {self.best.epoch})"
+                )
                 break
 
     def _end_epoch(self, row: dict, seconds: float, curves_path: Path) -> None:
@@ -346,9 +386,11 @@ class Trainer:
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
         mean_epoch = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:])
         if self.ctx.is_main:
-            self.log(f"epoch {epoch}/{p.epochs} train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-                     f"val_rmse {row['val_rmse']:.4f} val_dice@0.5 {row['val_dice']:.4f} "
-                     f"({seconds:.0f}s, about {_format_time(mean_epoch * (p.epochs - epoch))} left)")
+            self.log(
+                f"epoch {epoch}/{p.epochs} train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+                f"val_rmse {row['val_rmse']:.4f} val_dice@0.5 {row['val_dice']:.4f} "
+                f"({seconds:.0f}s, about {_format_time(mean_epoch * (p.epochs - epoch))} left)"
+            )
             write_curves(curves_path, self.rows)
         self._save_resume()
 
@@ -360,36 +402,62 @@ class Trainer:
         """
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
-        self.log(f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f}); "
-                 "lung gating, temperature and threshold are then tuned on val")
+        self.log(
+            f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f}); "
+            "lung gating, temperature and threshold are then tuned on val"
+        )
         p = self.params
-        calibration, tuned = fit_calibration(self.model, self.val["images"], self.val["masks"], self.device, self.precision,
-                                             batch_size=max(p.batch_size, 8), flip_tta=p.flip_tta,
-                                             temperature_scaling=p.temperature_scaling, with_lung_head=self.aux, log=self.log)
+        calibration, tuned = fit_calibration(
+            self.model,
+            self.val["images"],
+            self.val["masks"],
+            self.device,
+            self.precision,
+            batch_size=max(p.batch_size, 8),
+            flip_tta=p.flip_tta,
+            temperature_scaling=p.temperature_scaling,
+            with_lung_head=self.aux,
+            log=self.log,
+        )
         chosen = dataclasses.asdict(calibration)
         val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
         summary = {
-            "epochs_run": len(self.rows), "best_epoch": self.best.epoch, "train_images": int(len(self.train_x)),
-            "val_dice_at_0.5": self.best.score, "val_dice_at_threshold": val_dice,
+            "epochs_run": len(self.rows),
+            "best_epoch": self.best.epoch,
+            "train_images": int(len(self.train_x)),
+            "val_dice_at_0.5": self.best.score,
+            "val_dice_at_threshold": val_dice,
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
-            **chosen, "temperature_at_grid_edge": at_grid_edge(calibration.temperature),
+            **chosen,
+            "temperature_at_grid_edge": at_grid_edge(calibration.temperature),
         }
         run_log = {
             "train_seconds": self.train_seconds,
             "train_images_per_second": self.train_images / max(self.train_seconds, 1e-9),
             "epoch_seconds": list(self.epoch_seconds),
-            "device": self.device.type, "precision": self.precision, "world_size": self.ctx.world_size,
+            "device": self.device.type,
+            "precision": self.precision,
+            "world_size": self.ctx.world_size,
         }
         if self.ctx.is_main:
-            save_model(model_path, self.model, {
-                **chosen, "size": int(self.train_x.shape[-1]), "best_epoch": self.best.epoch,
-                "train_params": dataclasses.asdict(self.params), "seed": self.seed,
-                "provenance": self._provenance(val_dice),
-            })
+            save_model(
+                model_path,
+                self.model,
+                {
+                    **chosen,
+                    "size": int(self.train_x.shape[-1]),
+                    "best_epoch": self.best.epoch,
+                    "train_params": dataclasses.asdict(self.params),
+                    "seed": self.seed,
+                    "provenance": self._provenance(val_dice),
+                },
+            )
             write_json(metrics_path, summary)
             write_json(log_path, run_log)
             self.resume_path.unlink(missing_ok=True)
-            write_text(self.resume_path.with_name("STATUS"), f"complete: {len(self.rows)} epochs; no resume state kept\n")
+            write_text(
+                self.resume_path.with_name("STATUS"), f"complete: {len(self.rows)} epochs; no resume state kept\n"
+            )
         self.ctx.barrier()
         return summary | run_log
 
@@ -416,9 +484,18 @@ def write_curves(path: str | Path, rows: list[dict]) -> None:
     write_text(path, buf.getvalue())
 
 
-def train(prepared_dir: str | Path, model_path: str | Path, resume_dir: str | Path, curves_path: str | Path,
-          metrics_path: str | Path, params: TrainParams, seed: int, log=print, log_path: str | Path | None = None,
-          on_epoch_end: EpochHook | None = None) -> dict:
+def train(
+    prepared_dir: str | Path,
+    model_path: str | Path,
+    resume_dir: str | Path,
+    curves_path: str | Path,
+    metrics_path: str | Path,
+    params: TrainParams,
+    seed: int,
+    log=print,
+    log_path: str | Path | None = None,
+    on_epoch_end: EpochHook | None = None,
+) -> dict:
     """Train end to end; returns the metrics written to ``metrics_path`` merged with the run log.
 
     ``log_path`` (timings, device, precision, world size) defaults to ``train_log.json`` beside the model.
