@@ -21,7 +21,16 @@ from covidseg.training.selection import BestEpoch
 from conftest import REPO, run
 
 TINY = TrainParams(
-    epochs=3, batch_size=4, base_channels=4, depth=3, lr=1e-3, augment=True, lung_aux_weight=0.5, loss="bce_dice"
+    epochs=3,
+    batch_size=4,
+    base_channels=4,
+    depth=3,
+    downsample=1,
+    lr=1e-3,
+    augment=True,
+    lung_aux_weight=0.5,
+    loss="bce_dice",
+    temperature_scaling=False,
 )
 
 
