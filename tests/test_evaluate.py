@@ -364,3 +364,46 @@ def test_missing_model_names_the_file(tmp_path):
             tmp_path / "p.npz",
             EvaluateParams(),
         )
+
+
+def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
+    """With a lung head: lungs predicted and saved, severity scored against the truth, headline numbers set."""
+    from covidseg.evaluation.severity import severity_table
+    from covidseg.evaluation.severity_eval import HEADLINE, lung_dice
+    from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
+
+    prepared = make_prepared(tmp_path / "prepared")
+    torch.manual_seed(0)
+    model_path = tmp_path / "model.pt"
+    save_model(
+        model_path,
+        UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)),
+        {"threshold": TUNED, "temperature": 1.0, "size": SIZE},
+    )
+    metrics_path = tmp_path / "metrics" / "test.json"
+    s = evaluate(model_path, prepared, metrics_path, tmp_path / "eval" / "per_image.csv", tmp_path / "eval",
+                 tmp_path / "pred.npz", EvaluateParams(bootstrap_resamples=200))
+    head = _strict_json(metrics_path)
+    model = s["severity"]["model"]
+    assert set(HEADLINE) <= set(head) and all(head[k] == model[k] for k in HEADLINE if model[k] == model[k])
+    # independent: the same lungs and infection, scored here
+    net, _ = load_model(model_path)
+    with np.load(prepared / "test.npz") as z:
+        images, masks, lungs = z["images"], z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool)
+    inf, lung = calibrated_outputs(net, images, torch.device("cpu"), "fp32", Calibration(threshold=TUNED))
+    assert model["lung_dice"] == pytest.approx(lung_dice(lung >= LUNG_THRESHOLD, lungs))
+    with np.load(tmp_path / "pred.npz") as z:
+        assert z["lungs"].shape == z["probs"].shape and np.array_equal(z["lungs"], np.round(lung * 255).astype(np.uint8))
+    per = pd.read_csv(tmp_path / "eval" / "severity.csv")
+    truth = severity_table(masks, lungs)
+    assert np.allclose(per["true_right_pct"], truth["right_pct"], equal_nan=True)
+    assert {"pred_right_pct", "pred_left_pct", "pred_extent_score", "oracle_extent_score"} <= set(per.columns)
+    assert s["severity"]["oracle_true_lungs"]["lungs"] == 2 * len(images)
+    assert s["severity"]["baseline_constant_share"]["share_pct"] >= 0
+    assert (inf >= 0).all()
+
+
+def test_severity_without_a_lung_head_is_null_with_a_reason(tiny):
+    head = _strict_json(tiny["metrics"])
+    assert head["share_mae"] is None and head["extent_kappa"] is None  # null, never a silent zero
+    assert "no lung head" in tiny["summary"]["severity"]["model"]["error"]

@@ -124,7 +124,7 @@ class TrainParams:
     loss: str = "bce"
     focal_gamma: float = 2.0
     pos_weight: float = 1.0
-    lung_aux_weight: float = 0.0
+    lung_aux_weight: float = 0.5
     base_channels: int = 16
     depth: int = 4
     downsample: int = 2
@@ -179,10 +179,12 @@ class EvaluateParams:
 
     threshold: float = 0.5
     calibration_bins: int = 15
+    bootstrap_resamples: int = 1000
 
     def validate(self) -> None:
         _check(0 < self.threshold < 1, "evaluate", "threshold must be in (0, 1)")
         _check(2 <= self.calibration_bins <= 100, "evaluate", "calibration_bins must be in [2, 100]")
+        _check(100 <= self.bootstrap_resamples <= 100_000, "evaluate", "bootstrap_resamples must be in [100, 100000]")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,10 @@
 
 Writes ``metrics_path`` (the headline numbers DVC compares, see :func:`headline`), ``details_path``
 (every number, read by the report), ``per_image_csv`` (one row per test image), ``curves_dir``
-(``pr.csv``, ``calibration.csv``) and ``predictions_path`` (``.npz``: ids, uint8 probabilities
-``round(255 p)`` of shape (N, S, S), the tuned ``threshold``) for the figures.
+(``pr.csv``, ``calibration.csv``, ``severity.csv``: per image, the true, predicted and oracle
+per-lung infected shares and extent scores) and ``predictions_path`` (``.npz``: ids, uint8
+probabilities ``round(255 p)`` of shape (N, S, S), the tuned ``threshold``, and with a lung head
+``lungs``, the lung probabilities stored the same way) for the figures.
 What each number means is written in ``docs/metrics.md``.
 """
 
@@ -20,6 +22,8 @@ from covidseg.atomic import atomic_path, details_path_for, write_json, write_tex
 from covidseg.data.arrays import load_split
 from covidseg.device import choose_device, choose_precision
 from covidseg.evaluation import metrics
+from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
+from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
 from covidseg.evaluation.metrics import (
     EMPTY_TRUTH_RULE,
     baselines,
@@ -28,7 +32,7 @@ from covidseg.evaluation.metrics import (
     pr_curve,
     threshold_metrics,
 )
-from covidseg.inference.calibration import Calibration, calibrated_probabilities
+from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 
@@ -38,11 +42,13 @@ def headline(summary: dict) -> dict:
 
     ``rmse``, ``dice`` and ``iou`` keep the report's protocol (calibrated probabilities; per-image
     mean at threshold 0.5); ``*_at_threshold`` use the val-tuned threshold; ``covid19_*`` are the
-    same over the COVID-19 images alone (equal to the headline when only COVID-19 is in the split).
-    Everything else is in the details file.
+    same over the COVID-19 images alone (equal to the headline when only COVID-19 is in the split);
+    ``lung_dice``, ``share_*`` and ``extent_*`` are the model's severity against the truth (null for a
+    model without a lung head). Everything else is in the details file.
     """
     fixed, tuned = summary["at_fixed_threshold"], summary["at_tuned_threshold"]
     covid = (summary.get("by_class") or {}).get("COVID-19") or {}
+    model_severity = (summary.get("severity") or {}).get("model") or {}
     return {
         "n_images": summary["n_images"],
         "rmse": summary["rmse"],
@@ -53,6 +59,7 @@ def headline(summary: dict) -> dict:
         "dice_at_threshold": tuned["dice_mean"],
         "dice_global": fixed["dice_global"],
         "hd95_median": fixed["hd95_median"],
+        **{k: model_severity.get(k, float("nan")) for k in SEVERITY_HEADLINE},
         "covid19_rmse": covid.get("rmse", float("nan")),
         "covid19_dice": covid.get("dice", float("nan")),
     }
@@ -78,7 +85,7 @@ def evaluate(
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
     calibration = Calibration.from_meta(meta)  # inference exactly as calibrated on val
-    prob = calibrated_probabilities(model, test["images"], device, choose_precision(device), calibration)
+    prob, lung_prob = calibrated_outputs(model, test["images"], device, choose_precision(device), calibration)
     truth = test["masks"][:, 0].astype(bool)
     tuned_threshold = params.threshold if calibration.threshold is None else calibration.threshold
 
@@ -86,6 +93,8 @@ def evaluate(
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
     lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
+    _, severity, severity_per = _severity(prob >= tuned_threshold, lung_prob, truth, lungs, test["ids"],
+                                                      prepared_dir, params)
     summary = {
         "n_images": int(len(prob)),
         "rmse": metrics.rmse(prob, truth),
@@ -101,6 +110,7 @@ def evaluate(
         "flip_tta": calibration.flip_tta,
         "lung_gate": calibration.lung_gate,
         "empty_truth_rule": EMPTY_TRUTH_RULE,
+        "severity": severity,
     }
     per = pd.DataFrame(
         {
@@ -119,12 +129,35 @@ def evaluate(
     _write_csv(per_image_csv, per)
     _write_csv(curves_dir / "pr.csv", pr_curve(prob, truth))
     _write_csv(curves_dir / "calibration.csv", calibration_table(count, psum, tsum))
+    _write_csv(curves_dir / "severity.csv", severity_per)
+    arrays = {"ids": test["ids"], "probs": np.round(prob * 255).astype(np.uint8), "threshold": tuned_threshold}
+    if lung_prob is not None:
+        arrays["lungs"] = np.round(lung_prob * 255).astype(np.uint8)
     with atomic_path(predictions_path) as tmp:
         with open(tmp, "wb") as f:
-            np.savez(f, ids=test["ids"], probs=np.round(prob * 255).astype(np.uint8), threshold=tuned_threshold)
+            np.savez(f, **arrays)
     write_json(details_path or details_path_for(metrics_path), summary)
     write_json(metrics_path, headline(summary))
     return summary
+
+
+def _severity(
+    pred_infection: np.ndarray,
+    lung_prob: np.ndarray | None,
+    truth: np.ndarray,
+    true_lungs: np.ndarray | None,
+    ids: np.ndarray,
+    prepared_dir: str | Path,
+    params: EvaluateParams,
+) -> tuple[dict, dict, pd.DataFrame]:
+    """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table."""
+    if true_lungs is None:
+        raise ValueError(f"{prepared_dir}/test.npz has no lung masks: severity needs them (rerun `dvc repro preprocess`)")
+    with np.load(Path(prepared_dir) / "train.npz") as z:
+        baseline = median_lung_share(z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool))
+    pred_lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
+    return evaluate_severity(pred_infection, pred_lungs, truth, true_lungs, baseline, ids=list(ids),
+                             n_resamples=params.bootstrap_resamples)
 
 
 def _train_prevalence(prepared_dir: str | Path) -> float:

@@ -12,24 +12,21 @@ from covidseg.device import autocast
 
 
 @torch.no_grad()
-def predict_logits(
+def predict_all_logits(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
     device: torch.device,
     precision: str = "fp32",
     batch_size: int = 16,
     flip_tta: bool = False,
-    lung_gate: bool = False,
 ) -> torch.Tensor:
-    """Infection logits for uint8 images.
+    """Every output channel's logits for uint8 images.
 
     Args:
         images: uint8 (N, 1, S, S) grey levels 0..255.
         flip_tta: also predict the left-right mirrored image and average the logits.
-        lung_gate: with a lung output (channel 1), cap the infection logit by the lung logit, so no
-            pixel is more likely infected than it is likely lung (infection lies inside the lungs).
     Returns:
-        float32 CPU tensor (N, S, S) of infection logits (channel 0 of the model output).
+        float32 CPU tensor (N, C, S, S): channel 0 infection, channel 1 (with a lung head) lungs.
     """
     model.eval()
     images = torch.as_tensor(images)
@@ -41,11 +38,33 @@ def predict_logits(
             logits = model(x).float()
             if flip_tta:
                 logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float().flip(dims=[3]))
-        if lung_gate and logits.shape[1] > 1:
-            out.append(torch.minimum(logits[:, 0], logits[:, 1]).cpu())
-        else:
-            out.append(logits[:, 0].cpu())
-    return torch.cat(out) if out else torch.zeros((0,) + tuple(images.shape[2:]))
+        out.append(logits.cpu())
+    channels = getattr(getattr(model, "config", None), "out_channels", 1)
+    return torch.cat(out) if out else torch.zeros((0, channels) + tuple(images.shape[2:]))
+
+
+def infection_logits(logits: torch.Tensor, lung_gate: bool = False) -> torch.Tensor:
+    """(N, S, S) infection logits from (N, C, S, S) outputs; ``lung_gate`` (with a lung channel) caps each
+    pixel's infection logit by its lung logit, so no pixel is more likely infected than it is likely lung."""
+    if lung_gate and logits.shape[1] > 1:
+        return torch.minimum(logits[:, 0], logits[:, 1])
+    return logits[:, 0]
+
+
+def predict_logits(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 16,
+    flip_tta: bool = False,
+    lung_gate: bool = False,
+) -> torch.Tensor:
+    """float32 CPU tensor (N, S, S) of infection logits for uint8 images (N, 1, S, S).
+
+    See :func:`predict_all_logits` (``flip_tta``) and :func:`infection_logits` (``lung_gate``).
+    """
+    return infection_logits(predict_all_logits(model, images, device, precision, batch_size, flip_tta), lung_gate)
 
 
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
