@@ -570,3 +570,15 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path, model
     result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in left) and no_temp_files(out)
+
+
+def test_outline_is_the_mask_boundary_by_hand():
+    from covidseg.inference.overlay import LUNG_OUTLINE, draw_outline, outline
+
+    mask = np.zeros((5, 6), bool)
+    mask[1:4, 1:5] = True  # 3 x 4 block: its 2 interior pixels are (2, 2) and (2, 3)
+    edge = outline(mask)
+    assert edge.sum() == 12 - 2 and not edge[2, 2] and not edge[2, 3] and edge[1, 1] and not edge[0, 0]
+    rgb = draw_outline(np.zeros((5, 6, 3), np.uint8), mask)
+    assert tuple(rgb[1, 1]) == tuple(round(255 * c) for c in LUNG_OUTLINE) and tuple(rgb[2, 2]) == (0, 0, 0)
+    assert not outline(np.zeros((3, 3), bool)).any()

@@ -109,6 +109,9 @@ def test_report_content(report):
     ):
         assert needle in text, needle
     assert "tiny/test &amp; &lt;data&gt;" in text, "user strings must be HTML-escaped"
+    # severity: the tiny model has no lung head, so the model row says why; the oracle row has numbers
+    assert "Severity: infected share of each lung" in text and "no lung head" in text
+    assert "oracle: predicted infection in the true lungs" in text and "Bland-Altman" in text
 
 
 def test_report_names_a_missing_input(tmp_path):

@@ -20,7 +20,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
 from covidseg.data.arrays import load_split  # noqa: E402
-from covidseg.inference.overlay import TINT, tint  # noqa: E402
+from covidseg.inference.calibration import LUNG_THRESHOLD  # noqa: E402
+from covidseg.inference.overlay import TINT, draw_outline, tint  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
 
 FIGURES = (
@@ -33,6 +34,8 @@ FIGURES = (
     "reliability.png",
     "dice_histogram.png",
     "gallery.png",
+    "bland_altman.png",
+    "extent_confusion.png",
 )
 REPORT_RMSE = 0.2288  # the student report's U-Net test RMSE on the real COVID-QU-Ex COVID-19 test split
 TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
@@ -180,6 +183,7 @@ def make_figures(
     with np.load(predictions_path) as z:
         probs = z["probs"].astype(np.float32) / 255.0
         threshold = float(z["threshold"])
+        lungs = z["lungs"] >= round(255 * LUNG_THRESHOLD) if "lungs" in z.files else None
     images, truth, ids = test["images"][:, 0], test["masks"][:, 0].astype(bool), test["ids"]
     if probs.shape != truth.shape:
         raise ValueError(
@@ -217,8 +221,10 @@ def make_figures(
 
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.3), squeeze=False)
     for c, i in enumerate(rows):
-        _show(axes[0, c], overlay(images[i], preds[i], color=PRED_COLOR), f"{ids[i]}")
-    fig.suptitle(f"predicted infection (yellow, p >= {threshold:g}) on the X-ray", fontsize=10)
+        shown = overlay(images[i], preds[i], color=PRED_COLOR)
+        _show(axes[0, c], shown if lungs is None else draw_outline(shown, lungs[i]), f"{ids[i]}")
+    lung_note = "" if lungs is None else ", predicted lungs outlined (blue)"
+    fig.suptitle(f"predicted infection (yellow, p >= {threshold:g}){lung_note} on the X-ray", fontsize=10)
     written.append(_save(fig, out_dir / "prediction_overlay.png", dpi))
 
     points = []
@@ -238,6 +244,27 @@ def make_figures(
     written.append(
         _save(gallery_figure(images, truth, preds, ids, per["dice_tuned"].to_numpy()), out_dir / "gallery.png", dpi)
     )
+    written += severity_figures(eval_dir / "severity.csv", summary.get("severity") or {}, out_dir, dpi)
+    return written
+
+
+def severity_figures(severity_csv: Path, severity: dict, out_dir: Path, dpi: int) -> list[Path]:
+    """Bland-Altman of per-lung shares and the extent-score confusion matrix: of the model when it has a
+    lung head, else of the true-lungs oracle (the title says which). ``severity`` is the details block."""
+    if not severity_csv.is_file():
+        return []
+    table = pd.read_csv(severity_csv)
+    who = "pred" if "pred_right_pct" in table.columns else "oracle"
+    label = "model (predicted lungs)" if who == "pred" else "oracle: predicted infection in the true lungs (no lung head)"
+    pred, true = per_lung_shares(table, who)
+    written = [_save(bland_altman_figure(pred, true, f"Per-lung infected share, {label}"), out_dir / "bland_altman.png", dpi)]
+    block = severity.get("model" if who == "pred" else "oracle_true_lungs") or {}
+    matrix = block.get("extent_confusion")
+    if matrix is None:  # details file absent: count from the table
+        matrix = np.zeros((9, 9), int)
+        np.add.at(matrix, (table["true_extent_score"].to_numpy(), table[f"{who}_extent_score"].to_numpy()), 1)
+    title = f"Extent score (0-8), {label}"
+    written.append(_save(extent_confusion_figure(np.asarray(matrix), title), out_dir / "extent_confusion.png", dpi))
     return written
 
 

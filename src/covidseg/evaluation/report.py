@@ -37,6 +37,10 @@ FIGURE_CAPTIONS = {
     "dice_histogram.png": "Per-image Dice at the tuned threshold.",
     "gallery.png": "Best, median and worst test images by per-image Dice: input, truth, prediction, and the errors "
     "(true positives green, false positives red, false negatives blue).",
+    "bland_altman.png": "Bland-Altman plot of each lung's infected share: predicted minus true (percentage points) "
+    "against their mean, with the bias and the 95 % limits of agreement.",
+    "extent_confusion.png": "Extent score (0-8: each lung 0-4 by infected share) of every test image, true (rows) "
+    "against predicted (columns).",
 }
 
 DEFINITIONS = (
@@ -144,6 +148,32 @@ def metrics_table(test: dict) -> str:
         ],
     ]
     return _table(["metric", *col], rows, "metrics")
+
+
+SEVERITY_ROWS = (
+    ("model", "model: predicted infection in predicted lungs"),
+    ("oracle_true_lungs", "oracle: predicted infection in the true lungs"),
+    ("baseline_constant_share", "baseline: every lung at the train median share"),
+)
+
+
+def severity_table(test: dict) -> str:
+    """Severity against the truth for the model, the true-lungs oracle and the constant baseline."""
+    severity = test.get("severity") or {}
+    rows = []
+    for key, label in SEVERITY_ROWS:
+        b = severity.get(key) or {}
+        if "error" in b:
+            rows.append([label, html.escape(b["error"]), *[""] * 6])
+            continue
+        mae = f"{_fmt(b.get('share_mae'), 1)} [{_fmt(b.get('share_mae_ci95_low'), 1)}, {_fmt(b.get('share_mae_ci95_high'), 1)}]"
+        loa = f"{_fmt(b.get('share_bias'), 1)} ({_fmt(b.get('share_loa_low'), 1)} to {_fmt(b.get('share_loa_high'), 1)})"
+        rows.append([label, _fmt(b.get("lung_dice"), 3), mae, loa, _fmt(b.get("share_spearman"), 3),
+                     f"{_fmt(b.get('extent_exact'), 3)} / {_fmt(b.get('extent_within1'), 3)}",
+                     _fmt(b.get("extent_kappa"), 3), _fmt(b.get("lungs_missed"))])
+    header = ["predictor", "lung Dice", "share MAE (points) [95 % CI]", "bias (limits of agreement)", "Spearman",
+              "extent exact / within 1", "extent kappa (quadratic)", "lungs missed"]
+    return _table(header, rows, "severity") if severity else "<p>No severity block in the metrics.</p>"
 
 
 def baselines_table(test: dict) -> str:
@@ -262,6 +292,11 @@ are the same in both columns.</p>
 {baselines_table(test)}
 <p class="note">The references were measured on the real COVID-QU-Ex COVID-19 test split (583 images, 256 px);
 compare with them only when this run used that data. Per-image Dice is the comparable number.</p>
+<h2>Severity: infected share of each lung</h2>
+{severity_table(test)}
+<p class="note">Share: infected pixels inside the lung / the lung's pixels (%), the image's left lung being the
+patient's right. Extent score: each lung 0 (none), 1 (under 25 %), 2 (25-50 %), 3 (50-75 %), 4 (75 % or more),
+summed to 0-8 (Wong et al., Radiology 2020). A lung the predictor misses scores 0 and is counted.</p>
 <h2>Figures</h2>
 {"".join(figs)}
 <h2>Definitions</h2>
