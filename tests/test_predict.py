@@ -582,3 +582,46 @@ def test_outline_is_the_mask_boundary_by_hand():
     rgb = draw_outline(np.zeros((5, 6, 3), np.uint8), mask)
     assert tuple(rgb[1, 1]) == tuple(round(255 * c) for c in LUNG_OUTLINE) and tuple(rgb[2, 2]) == (0, 0, 0)
     assert not outline(np.zeros((3, 3), bool)).any()
+
+
+def test_severity_of_by_hand():
+    from covidseg.inference.predict import severity_of
+
+    lungs = np.zeros((10, 20), bool)
+    lungs[2:8, 2:8] = True  # image-left lung = patient's right, 36 px
+    lungs[2:8, 12:18] = True  # image-right lung = patient's left, 36 px
+    infection = np.zeros_like(lungs)
+    infection[2:8, 2:5] = True  # right lung 18/36 = 50 %
+    infection[0, 0] = True  # one infected pixel outside the lungs
+    s = severity_of(infection, lungs)
+    assert s["right_lung_infected_pct"] == pytest.approx(50.0) and s["left_lung_infected_pct"] == 0.0
+    assert s["lungs_infected_pct"] == pytest.approx(25.0)
+    assert (s["right_extent"], s["left_extent"], s["extent_score"]) == (3, 0, 3)
+    assert s["infected_outside_lungs_pct"] == pytest.approx(100 / 19)
+
+
+def test_lungs_and_severity_columns_match_the_files_written(tmp_path):
+    """A model with a lung head: lungs/<stem>.png at the input's size, the overlay outlines them, and the
+    CSV's severity columns equal what the written masks give."""
+    from PIL import Image
+
+    from covidseg.inference.overlay import LUNG_OUTLINE, outline
+    from covidseg.inference.predict import severity_of
+
+    torch.manual_seed(3)
+    model = tmp_path / "m.pt"
+    save_model(model, UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)), {"threshold": 0.5, "size": 32})
+    src = save_image(tmp_path / "in" / "x.png", "grey", 48, 40)
+    result = invoke(src, "--model", model, "--out", tmp_path / "out", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    lungs = np.asarray(Image.open(tmp_path / "out" / "lungs" / "x.png"))
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "x.png"))
+    assert lungs.shape == (40, 48) and set(np.unique(lungs)) <= {0, 255}
+    row = read_csv(tmp_path / "out" / "predictions.csv")[0]
+    expected = severity_of(mask == 255, lungs == 255)
+    for column, value in expected.items():
+        assert row[column] == ("" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value)))
+    overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / "x.png"))
+    edge = outline(lungs == 255)
+    if edge.any():
+        assert (overlay[edge] == np.round(255 * np.asarray(LUNG_OUTLINE))).all()

@@ -18,9 +18,12 @@ PROVENANCE = {
 }
 
 
-def _model(path, **provenance):
+def _model(path, out_channels=2, **provenance):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(base_channels=4, depth=2)).eval()
+    net = UNet(UNetConfig(base_channels=4, depth=2, out_channels=out_channels)).eval()
+    with torch.no_grad():  # nothing infected, everything lung: no warning about the predictions themselves
+        net.head.weight.zero_()
+        net.head.bias.copy_(torch.tensor([-3.0, 3.0][:out_channels]))
     save_model(path, net, {"threshold": 0.5, "size": 32, "provenance": PROVENANCE | provenance})
     return path
 
@@ -68,3 +71,15 @@ def test_a_model_file_of_another_version_exits_2_with_a_short_message(tmp_path):
         result = invoke(src, "--model", path, "--out", tmp_path / "out", *FAST)
         assert result.exit_code == 2
         assert str(path) in result.stderr and words in result.stderr and "weights_only" not in result.stderr
+
+
+def test_a_model_without_a_lung_head_is_warned_about_and_severity_stays_empty(tmp_path):
+    from covidseg.inference.predict import read_csv
+
+    src = save_image(tmp_path / "x.png", "grey", 40, 30)
+    result = invoke(src, "--model", _model(tmp_path / "m.pt", out_channels=1), "--out", tmp_path / "out", "-q", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "no lung head" in result.stderr and "lung_aux_weight" in result.stderr
+    row = read_csv(tmp_path / "out" / "predictions.csv")[0]
+    assert row["extent_score"] == "" and row["right_lung_infected_pct"] == "" and row["status"] == "ok"
+    assert not (tmp_path / "out" / "lungs").exists() or not any((tmp_path / "out" / "lungs").iterdir())

@@ -3,7 +3,9 @@
 For every input image the outputs in ``out_dir`` are
 
     masks/<stem>.png      uint8 mode L (H, W), 0 = clear, 255 = predicted infected
-    overlays/<stem>.png   uint8 RGB (H, W, 3), the grey X-ray with the predicted region tinted
+    lungs/<stem>.png      uint8 mode L (H, W), 0 = not lung, 255 = predicted lung (models with a lung head)
+    overlays/<stem>.png   uint8 RGB (H, W, 3), the grey X-ray with the predicted region tinted and the
+                          predicted lungs outlined
     probs/<stem>.npy      float32 (H, W) probabilities in [0, 1] (only with ``save_probs``)
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
@@ -39,8 +41,9 @@ from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.device import choose_device, choose_precision
-from covidseg.inference.calibration import Calibration, calibrated_probabilities
-from covidseg.inference.overlay import tint
+from covidseg.evaluation.severity import extent_score, lung_shares, split_lungs
+from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
+from covidseg.inference.overlay import draw_outline, tint
 from covidseg.model.checkpoint import load_model
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
@@ -52,11 +55,27 @@ CSV_COLUMNS = (
     "height",
     "infected_fraction",
     "mean_probability",
+    "right_lung_infected_pct",
+    "left_lung_infected_pct",
+    "lungs_infected_pct",
+    "right_extent",
+    "left_extent",
+    "extent_score",
+    "infected_outside_lungs_pct",
     "status",
     "error",
     "warning",
 )
-OUTPUT_FOLDERS = ("masks", "overlays", "probs")
+OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs")
+SEVERITY_COLUMNS = {  # CSV column: key of covidseg.evaluation.severity.lung_shares / extent scores
+    "right_lung_infected_pct": "right_pct",
+    "left_lung_infected_pct": "left_pct",
+    "lungs_infected_pct": "lungs_pct",
+    "right_extent": "right_extent",
+    "left_extent": "left_extent",
+    "extent_score": "extent_score",
+    "infected_outside_lungs_pct": "infected_outside_lungs_pct",
+}
 # Write errors that concern the whole output folder, not one image: the run stops on them.
 _FOLDER_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT}
@@ -96,6 +115,13 @@ class Row:
     height: int | None = None
     infected_fraction: float | None = None
     mean_probability: float | None = None
+    right_lung_infected_pct: float | None = None  # percent of that lung's pixels (image left = patient's right)
+    left_lung_infected_pct: float | None = None
+    lungs_infected_pct: float | None = None
+    right_extent: int | None = None  # 0-4 per lung, summed to extent_score 0-8
+    left_extent: int | None = None
+    extent_score: int | None = None
+    infected_outside_lungs_pct: float | None = None  # percent of the infected pixels
     status: str = "ok"  # "ok", "error" or "not_run" (the run stopped before this input)
     error: str = ""
     warning: str = ""  # e.g. almost no contrast after decoding; the row is still "ok"
@@ -243,6 +269,7 @@ def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
     """The per-image output files of ``stem``, keyed by folder (see the module doc)."""
     return {
         "masks": out_dir / "masks" / f"{stem}.png",
+        "lungs": out_dir / "lungs" / f"{stem}.png",
         "overlays": out_dir / "overlays" / f"{stem}.png",
         "probs": out_dir / "probs" / f"{stem}.npy",
     }
@@ -260,27 +287,51 @@ def remove_outputs(out_dir: Path, stem: str, keep: Iterable[str] = ()) -> None:
 
 
 def write_outputs(
-    out_dir: Path, stem: str, grey: np.ndarray, prob: np.ndarray, threshold: float, save_probs: bool
-) -> tuple[float, float]:
-    """Write mask, overlay (and probs) for one image; grey uint8 (H, W), prob float32 (H, W).
+    out_dir: Path,
+    stem: str,
+    grey: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+    save_probs: bool,
+    lung_prob: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Write mask, lungs, overlay (and probs) for one image; grey uint8 (H, W), prob and lung_prob float32 (H, W).
 
-    Returns (infected fraction, mean probability) over the image's H * W pixels. All or
-    nothing: on an error every file of ``stem`` (also older ones) is removed before it is
-    raised; without ``save_probs`` an older ``probs/<stem>.npy`` is removed.
+    Returns the infected fraction and mean probability over the image's H * W pixels and, with
+    ``lung_prob``, the severity measures of :func:`severity_of` (the CSV's severity columns). All
+    or nothing: on an error every file of ``stem`` (also older ones) is removed before it is raised;
+    files this run does not make (probs without ``save_probs``, lungs without a lung head) are removed.
     """
     paths = output_paths(out_dir, stem)
     mask = prob >= threshold
+    lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
+    made = ["masks", "overlays"] + (["lungs"] if lungs is not None else []) + (["probs"] if save_probs else [])
+    overlay = tint(grey, mask)
     try:
         _save_png(paths["masks"], np.where(mask, 255, 0).astype(np.uint8))
-        _save_png(paths["overlays"], tint(grey, mask))
+        if lungs is not None:
+            _save_png(paths["lungs"], np.where(lungs, 255, 0).astype(np.uint8))
+            overlay = draw_outline(overlay, lungs)
+        _save_png(paths["overlays"], overlay)
         if save_probs:
             _save_npy(paths["probs"], prob)
     except BaseException:
         remove_outputs(out_dir, stem)
         raise
-    if not save_probs:
-        remove_outputs(out_dir, stem, keep=("masks", "overlays"))
-    return float(mask.mean()), float(prob.mean(dtype=np.float64))
+    remove_outputs(out_dir, stem, keep=made)
+    measures = {"infected_fraction": float(mask.mean()), "mean_probability": float(prob.mean(dtype=np.float64))}
+    return measures | (severity_of(mask, lungs) if lungs is not None else {})
+
+
+def severity_of(infection: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
+    """The CSV's severity columns from bool (H, W) infection and lung masks: per-lung and both-lung
+    infected share (percent), extent scores (0-4 per lung, 0-8 summed) and the share of the infected
+    pixels outside the lungs (percent). A lung not found has an empty share and extent 0."""
+    right, left = split_lungs(lungs)
+    shares = lung_shares(infection, right, left)
+    r, le = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
+    values = {**shares, "right_extent": r, "left_extent": le, "extent_score": r + le}
+    return {column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()}
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
@@ -353,12 +404,18 @@ def provenance_lines(prepared: Prepared) -> list[str]:
 
 def model_warnings(prepared: Prepared) -> list[str]:
     """Loud warnings about the model itself (printed even with --quiet)."""
+    warnings = []
     if prepared.provenance.get("synthetic"):
-        return [
+        warnings.append(
             "WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
             "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."
-        ]
-    return []
+        )
+    if getattr(getattr(prepared.model, "config", None), "out_channels", 1) < 2:
+        warnings.append(
+            "WARNING: this model has no lung head, so it cannot measure severity: no lungs/ masks are written and "
+            "the severity columns of predictions.csv stay empty. Retrain with train.lung_aux_weight > 0."
+        )
+    return warnings
 
 
 def mostly_infected_warning(rows: Iterable[Row]) -> str | None:
@@ -413,14 +470,17 @@ def predict_files(
             continue
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
-        probs = calibrated_probabilities(
+        probs, lung_probs = calibrated_outputs(
             prepared.model, small, prepared.device, prepared.precision, prepared.calibration, batch_size=step
-        )  # float32 (n, S, S)
+        )  # float32 (n, S, S) each; lung_probs None without a lung head
         for k, i in enumerate(order):
             grey = greys.pop(i)
             try:
                 prob = resize_probs(probs[k], grey.shape[1], grey.shape[0])
-                frac, mean = write_outputs(out_dir, stems[i], grey, prob, prepared.threshold, options.save_probs)
+                lung = None if lung_probs is None else resize_probs(lung_probs[k], grey.shape[1], grey.shape[0])
+                measures = write_outputs(
+                    out_dir, stems[i], grey, prob, prepared.threshold, options.save_probs, lung_prob=lung
+                )
             except OSError as exc:
                 message = f"{paths[i]}: cannot write outputs ({_reason(exc)})"
                 if exc.errno in _FOLDER_ERRNOS:
@@ -428,7 +488,8 @@ def predict_files(
                     _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(exc)})")
                 _fail(rows[i], message, on_row)
                 continue
-            rows[i].infected_fraction, rows[i].mean_probability = frac, mean
+            for name, value in measures.items():
+                setattr(rows[i], name, value)
             if on_row:
                 on_row(rows[i])
     _write_csv_or_stop(out_dir / "predictions.csv", rows)
@@ -460,7 +521,8 @@ def _write_csv_or_stop(path: Path, rows: list[Row]) -> None:
 
 def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
     row.status, row.error = "error", message
-    row.infected_fraction = row.mean_probability = None
+    for name in ("infected_fraction", "mean_probability", *SEVERITY_COLUMNS):
+        setattr(row, name, None)
     if on_row:
         on_row(row)
 
