@@ -20,8 +20,10 @@ repro: $(STAMP)
 	$(BIN)/dvc repro
 
 # The real-data preset (docs/results.md): `make real DATA=/path/to/covidqu[.zip]`. The params live
-# in presets/real.yaml (one copy, checked by `covidseg preset` before the run starts).
-PRESET ?= presets/real.yaml
+# in presets/*.yaml (one copy each, checked by `covidseg preset` before the run starts).
+# presets/gpu.yaml (full resolution, wider, longer, bf16) when CUDA is present, else presets/real.yaml
+# (sized for 2 CPU cores); `make real PRESET=presets/real.yaml` chooses by hand.
+PRESET ?= $(shell $(BIN)/python -c "import torch; print('presets/gpu.yaml' if torch.cuda.is_available() else 'presets/real.yaml')" 2>/dev/null || echo presets/real.yaml)
 
 real: $(STAMP)
 	@test -n "$(DATA)" || { echo "make real needs DATA=/path/to/covidqu (the Kaggle folder or .zip)"; exit 2; }
