@@ -194,3 +194,15 @@ def test_extent_agreement_by_hand():
     assert r["kappa"] == pytest.approx(quadratic_weighted_kappa([0, 2, 4, 8], [0, 3, 6, 8]))
     with pytest.raises(ValueError, match="non-negative integer"):
         extent_agreement([-1], [0])
+
+
+def test_bootstrap_index_ci_resamples_whole_images_by_hand():
+    from covidseg.evaluation.agreement import bootstrap_index_ci
+
+    values = np.array([0.0, 1.0])
+    low, high = bootstrap_index_ci(2, lambda idx: float(values[idx].mean()), n_resamples=4000, seed=1)
+    assert (low, high) == (0.0, 1.0)  # means 0, 0.5, 1 with chances 1/4, 1/2, 1/4
+    same = bootstrap_index_ci(5, lambda idx: 3.0, n_resamples=100)
+    assert same == (3.0, 3.0)
+    assert all(np.isnan(bootstrap_index_ci(3, lambda idx: float("nan"), n_resamples=50)))  # undefined everywhere
+    assert all(np.isnan(bootstrap_index_ci(0, lambda idx: 1.0)))

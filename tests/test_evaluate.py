@@ -163,7 +163,7 @@ def test_headline_metrics_are_few_flat_numbers_taken_from_the_details(tiny):
     head, details = _strict_json(tiny["metrics"]), _strict_json(tiny["details"])
     # numbers, or null where undefined (NaN is written as null)
     assert all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in head.values()), head
-    assert len(head) <= 20
+    assert len(head) <= 30
     for key in ("n_images", "rmse", "dice", "iou", "ece"):
         assert head[key] == details[key], key
     tuned, fixed = details["at_tuned_threshold"], details["at_fixed_threshold"]
@@ -407,3 +407,24 @@ def test_severity_without_a_lung_head_is_null_with_a_reason(tiny):
     head = _strict_json(tiny["metrics"])
     assert head["share_mae"] is None and head["extent_kappa"] is None  # null, never a silent zero
     assert "no lung head" in tiny["summary"]["severity"]["model"]["error"]
+
+
+def test_headline_intervals_bracket_the_point_values(tiny):
+    head, details = _strict_json(tiny["metrics"]), _strict_json(tiny["details"])
+    assert details["intervals"]["resamples"] == EvaluateParams().bootstrap_resamples
+    assert head["rmse_ci95_low"] <= head["rmse"] <= head["rmse_ci95_high"]
+    assert head["rmse_ci95_low"] < head["rmse_ci95_high"]  # 4 images with different errors
+    for key in ("dice", "iou"):  # the tiny untrained model scores 0 on every image: the interval is the point
+        assert head[f"{key}_ci95_low"] <= head[key] <= head[f"{key}_ci95_high"]
+
+
+def test_rmse_interval_by_hand(tmp_path):
+    """Two images, per-image MSE 0 and 1: resampled pooled RMSE is sqrt(0), sqrt(1/2) or sqrt(1)."""
+    from covidseg.evaluation.evaluate import _intervals
+
+    prob = np.stack([np.zeros((2, 2)), np.ones((2, 2))]).astype(np.float32)
+    truth = np.zeros((2, 2, 2), bool)
+    per = pd.DataFrame({"dice": [np.nan, 0.0], "iou": [np.nan, 0.0]})
+    out = _intervals(prob, truth, per, n_resamples=2000)
+    assert (out["rmse_ci95_low"], out["rmse_ci95_high"]) == (0.0, 1.0)  # each end has probability 1/4 > 2.5 %
+    assert (out["dice_ci95_low"], out["dice_ci95_high"]) == (0.0, 0.0)  # the NaN image is dropped, as in the mean

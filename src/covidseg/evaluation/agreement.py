@@ -70,6 +70,27 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def bootstrap_index_ci(
+    n: int, statistic: Callable[[np.ndarray], float], n_resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of several per-image arrays at once.
+
+    ``statistic(idx)`` computes the statistic on the images ``idx`` (int array, with repeats), so
+    paired measures (kappa, correlation, pooled RMSE) resample whole images. Resamples whose
+    statistic is NaN (e.g. kappa of one category) are left out. (NaN, NaN) for n = 0.
+    """
+    if n == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, size=n)) for _ in range(n_resamples)], dtype=float)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return float("nan"), float("nan")
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 class PairedDiff(NamedTuple):
     """Result of :func:`paired_bootstrap_diff`: statistic of ``a - b``, its interval, and n pairs used."""
 

@@ -21,7 +21,7 @@ import pandas as pd
 from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
 from covidseg.data.arrays import load_split
 from covidseg.device import choose_device, choose_precision
-from covidseg.evaluation import metrics
+from covidseg.evaluation import agreement, metrics
 from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
 from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
 from covidseg.evaluation.metrics import (
@@ -35,6 +35,9 @@ from covidseg.evaluation.metrics import (
 from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
+
+
+INTERVAL_KEYS = ("dice_ci95_low", "dice_ci95_high", "iou_ci95_low", "iou_ci95_high", "rmse_ci95_low", "rmse_ci95_high")
 
 
 def headline(summary: dict) -> dict:
@@ -59,6 +62,7 @@ def headline(summary: dict) -> dict:
         "dice_at_threshold": tuned["dice_mean"],
         "dice_global": fixed["dice_global"],
         "hd95_median": fixed["hd95_median"],
+        **{k: (summary.get("intervals") or {}).get(k, float("nan")) for k in INTERVAL_KEYS},
         **{k: model_severity.get(k, float("nan")) for k in SEVERITY_HEADLINE},
         "covid19_rmse": covid.get("rmse", float("nan")),
         "covid19_dice": covid.get("dice", float("nan")),
@@ -112,6 +116,7 @@ def evaluate(
         "empty_truth_rule": EMPTY_TRUTH_RULE,
         "severity": severity,
     }
+    summary["intervals"] = _intervals(prob, truth, per_fixed, params.bootstrap_resamples)
     per = pd.DataFrame(
         {
             "id": test["ids"],
@@ -139,6 +144,23 @@ def evaluate(
     write_json(details_path or details_path_for(metrics_path), summary)
     write_json(metrics_path, headline(summary))
     return summary
+
+
+def _intervals(prob: np.ndarray, truth: np.ndarray, per_fixed: pd.DataFrame, n_resamples: int) -> dict:
+    """95 % percentile-bootstrap intervals (images resampled, seed 0) of the headline dice, iou and rmse.
+
+    Dice and IoU: mean of the per-image values at the fixed threshold (NaN images dropped, as in the
+    mean); RMSE: root of the mean per-image squared error (every image has the same pixel count, so
+    this is the pooled RMSE of the resampled images).
+    """
+    mse = ((prob - truth) ** 2).mean((1, 2), dtype=np.float64)
+    out = {"resamples": n_resamples, "seed": 0, "level": 0.95}
+    for key in ("dice", "iou"):
+        low, high = agreement.bootstrap_ci(per_fixed[key].to_numpy(float), np.mean, n_resamples=n_resamples)
+        out[f"{key}_ci95_low"], out[f"{key}_ci95_high"] = low, high
+    low, high = agreement.bootstrap_index_ci(len(mse), lambda idx: float(np.sqrt(mse[idx].mean())), n_resamples)
+    out["rmse_ci95_low"], out["rmse_ci95_high"] = low, high
+    return out
 
 
 def _severity(
