@@ -55,6 +55,9 @@ def test_share_error_and_extent_by_hand():
     assert s["share_bias"] == pytest.approx(-25 / 4)  # differences -25, 0, 0, 0
     assert s["extent_confusion"][3][2] == 1 and s["extent_confusion"][4][4] == 1  # rows true, columns predicted
     assert 0 <= s["share_mae_ci95_low"] <= 6.25 <= s["share_mae_ci95_high"] <= 12.5
+    # two images, one exact: resampled exact-agreement shares are 0, 0.5 or 1
+    assert (s["extent_exact_ci95_low"], s["extent_exact_ci95_high"]) == (0.0, 1.0)
+    assert s["extent_within1_ci95_low"] == s["extent_within1_ci95_high"] == 1.0
 
 
 def test_a_lung_the_model_misses_scores_zero_and_is_counted():

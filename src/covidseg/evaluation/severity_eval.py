@@ -49,7 +49,9 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
     lungs) with its 95 % bootstrap interval, Pearson and Spearman of the per-lung shares, the
     Bland-Altman bias and limits (predicted minus true share), exact and within-one agreement and
     quadratic-weighted kappa of the 0-8 extent score, its confusion matrix (rows true, columns
-    predicted), and how many true lungs the predictor missed.
+    predicted), and how many true lungs the predictor missed; every measure but the confusion
+    matrix and the counts also as a 95 % bootstrap interval (``*_ci95_low``/``*_ci95_high``, images
+    resampled with both their lungs).
     """
     if len(pred) != len(truth):
         raise ValueError(f"severity tables differ in length: {len(pred)} predicted, {len(truth)} true")
@@ -67,7 +69,21 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
     pred_extent = np.where(missed, 0, pred[["right_extent", "left_extent"]].to_numpy()).sum(1)
     true_extent = truth["extent_score"].to_numpy()
     ext = agreement.extent_agreement(pred_extent, true_extent)
+    def lungs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        keep = present[idx]
+        return p[idx][keep], t[idx][keep]
+
+    cis = {}
+    for key, stat in (
+        ("share_pearson", lambda idx: agreement.pearson(*lungs_of(idx))),
+        ("share_spearman", lambda idx: agreement.spearman(*lungs_of(idx))),
+        ("extent_exact", lambda idx: float(np.mean(pred_extent[idx] == true_extent[idx]))),
+        ("extent_within1", lambda idx: float(np.mean(np.abs(pred_extent[idx] - true_extent[idx]) <= 1))),
+        ("extent_kappa", lambda idx: agreement.quadratic_weighted_kappa(pred_extent[idx], true_extent[idx])),
+    ):
+        cis[f"{key}_ci95_low"], cis[f"{key}_ci95_high"] = agreement.bootstrap_index_ci(len(t), stat, n_resamples, seed)
     return {
+        **cis,
         "share_mae": float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan"),
         "share_mae_ci95_low": low,
         "share_mae_ci95_high": high,
@@ -158,8 +174,12 @@ def evaluate_severity(
         headline = dict.fromkeys(HEADLINE, float("nan"))
         return headline, details, per
     model = severity_table(pred_infection, pred_lungs)
+    per_image_lung_dice = dice(confusion(pred_lungs, true_lungs))
+    low, high = agreement.bootstrap_ci(per_image_lung_dice, np.mean, n_resamples=n_resamples, seed=seed)
     details["model"] = {
         "lung_dice": lung_dice(pred_lungs, true_lungs),
+        "lung_dice_ci95_low": low,
+        "lung_dice_ci95_high": high,
         **score_against_truth(model, truth, seed, n_resamples),
     }
     for c in ("right_pct", "left_pct", "extent_score", "infected_outside_lungs_pct"):
