@@ -111,6 +111,9 @@ def test_report_content(report):
     assert "tiny/test &amp; &lt;data&gt;" in text, "user strings must be HTML-escaped"
     # severity: the tiny model has no lung head, so the model row says why; the oracle row has numbers
     assert "Severity: infected share of each lung" in text and "no lung head" in text
+    details = json.loads((report.parent / "metrics" / "test_details.json").read_text())
+    rmse_ci = f"RMSE [{details['intervals']['rmse_ci95_low']:.4f}, {details['intervals']['rmse_ci95_high']:.4f}]"
+    assert "95 % intervals" in text and rmse_ci in text
     assert "oracle: predicted infection in the true lungs" in text and "Bland-Altman" in text
 
 

@@ -179,6 +179,30 @@ def predict(
 
 
 @app.command()
+def compare(
+    a: str = typer.Argument(..., help="Run A: per_image.csv, a folder, a git revision or a DVC experiment name."),
+    b: str = typer.Argument(..., help="Run B, named the same ways."),
+    metric: str = typer.Option("dice_tuned", help="Per-image column of plots/eval/per_image.csv to compare."),
+    resamples: int = typer.Option(1000, min=100, help="Bootstrap resamples of the images."),
+    repo: Path = typer.Option(Path("."), help="The git repository that revisions and experiment names refer to."),
+) -> None:
+    """Paired difference A - B of a per-image metric on the same test images, with its 95 % bootstrap interval.
+
+    An interval that holds 0 is a tie. Example: `covidseg compare exp-a exp-b --metric rmse`.
+    """
+    from covidseg.evaluation.compare import CompareError, compare as run_compare, read_run
+
+    try:
+        result = run_compare(read_run(a, repo), read_run(b, repo), metric, resamples)
+    except CompareError as exc:
+        _die(_stderr_console(), str(exc))
+    typer.echo(
+        f"{metric} over {result.n} images: A {result.mean_a:.4f}, B {result.mean_b:.4f}; "
+        f"A - B {result.diff:+.4f}, 95 % interval [{result.low:+.4f}, {result.high:+.4f}]: {result.verdict}"
+    )
+
+
+@app.command()
 def preset(
     path: Path = typer.Argument(..., help="A preset file of params overrides, e.g. presets/real.yaml."),
     params: Path = typer.Option(Path("params.yaml"), help="The params file the preset is checked against."),

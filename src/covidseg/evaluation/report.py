@@ -121,6 +121,16 @@ def _table(header: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _intervals(block: dict) -> str:
+    """The headline intervals as one cell: 'RMSE [lo, hi]; Dice [lo, hi]; IoU [lo, hi]'."""
+    if not block:
+        return "n/a"
+    return "; ".join(
+        f"{name} [{_fmt(block.get(f'{key}_ci95_low'))}, {_fmt(block.get(f'{key}_ci95_high'))}]"
+        for name, key in (("RMSE", "rmse"), ("Dice", "dice"), ("IoU", "iou"))
+    )
+
+
 def metrics_table(test: dict) -> str:
     """The model's test metrics at the fixed and the tuned threshold, as an HTML table."""
     fixed, tuned = test.get("at_fixed_threshold") or {}, test.get("at_tuned_threshold") or {}
@@ -128,6 +138,7 @@ def metrics_table(test: dict) -> str:
     same = lambda v: [v, v]  # noqa: E731 - threshold-free rows
     rows = [
         ["RMSE (all pixels)", *same(_fmt(test.get("rmse")))],
+        ["RMSE, Dice, IoU (0.5): 95 % intervals", *same(_intervals(test.get("intervals") or {}))],
         ["Brier score", *same(_fmt(test.get("brier")))],
         [f"ECE ({_fmt(test.get('ece_bins'))} bins)", *same(_fmt(test.get("ece")))],
         ["Dice, per-image mean &plusmn; std", _pm(fixed, "dice"), _pm(tuned, "dice")],

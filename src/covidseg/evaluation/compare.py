@@ -1,0 +1,122 @@
+"""Paired comparison of two runs on the same test images (``covidseg compare A B``).
+
+Two runs evaluated on the same split differ image by image; the question is whether the mean
+difference is larger than what resampling the images could give. The per-image tables
+(``plots/eval/per_image.csv``) are joined on ``id``, the per-image differences ``A - B`` of one
+column are bootstrapped (images resampled with replacement, fixed seed), and the 95 % interval
+says whether the difference excludes zero. An interval that holds 0 is a tie: choose on val, not
+on this.
+
+A run is named by a per-image CSV, a folder holding ``plots/eval/per_image.csv`` (a checkout or an
+experiment's temporary copy) or ``per_image.csv``, a git revision, or a DVC experiment name (its
+ref under ``refs/exps/``), read with ``git show`` from the repository in ``repo``.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidseg.evaluation.agreement import paired_bootstrap_diff
+
+PER_IMAGE = "plots/eval/per_image.csv"
+# Per-image columns where lower is better (the verdict's direction); every other one: higher is better.
+LOWER_IS_BETTER = ("rmse", "hd95_fixed", "hd95_tuned")
+
+
+class CompareError(ValueError):
+    """A run cannot be found or read, or the two runs did not score the same images."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``metric`` means of A and B over the shared images, A - B with its interval, and the verdict."""
+
+    metric: str
+    n: int
+    mean_a: float
+    mean_b: float
+    diff: float
+    low: float
+    high: float
+    excludes_zero: bool
+
+    @property
+    def verdict(self) -> str:
+        if not self.excludes_zero:
+            return "tie: the interval holds 0"
+        a_better = (self.diff < 0) if self.metric in LOWER_IS_BETTER else (self.diff > 0)
+        return "A is better" if a_better else "B is better"
+
+
+def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+
+
+def _experiment_ref(repo: Path, name: str) -> str | None:
+    """The git ref of DVC experiment ``name`` (``refs/exps/xx/yyyy.../name``), or None."""
+    refs = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+    found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
+    return found[0] if found else None
+
+
+def read_run(spec: str, repo: str | Path = ".") -> pd.DataFrame:
+    """The per-image table of a run named by ``spec`` (see the module doc); CompareError if none."""
+    path, repo = Path(spec), Path(repo)
+    if path.is_file():
+        return _read_csv(path.read_text(encoding="utf-8"), spec)
+    if path.is_dir():
+        for candidate in (path / PER_IMAGE, path / "per_image.csv"):
+            if candidate.is_file():
+                return _read_csv(candidate.read_text(encoding="utf-8"), str(candidate))
+        raise CompareError(f"{spec}: folder holds neither {PER_IMAGE} nor per_image.csv")
+    ref = _experiment_ref(repo, spec)
+    rev = ref or spec
+    shown = _git(repo, "show", f"{rev}:{PER_IMAGE}")
+    if shown.returncode != 0:
+        raise CompareError(
+            f"{spec}: not a file, a folder, a git revision or a DVC experiment of {repo.resolve()} "
+            f"holding {PER_IMAGE} ({shown.stderr.strip().splitlines()[-1] if shown.stderr.strip() else 'not found'})"
+        )
+    return _read_csv(shown.stdout, f"{rev}:{PER_IMAGE}")
+
+
+def _read_csv(text: str, name: str) -> pd.DataFrame:
+    try:
+        table = pd.read_csv(io.StringIO(text))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CompareError(f"{name}: not a per-image table ({exc})") from None
+    if "id" not in table.columns:
+        raise CompareError(f"{name}: no 'id' column, so not a per-image table of `evaluate`")
+    return table
+
+
+def compare(a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice_tuned", n_resamples: int = 1000,
+            seed: int = 0) -> Comparison:
+    """Paired bootstrap of ``metric`` (a per-image column) between runs A and B on the images they share.
+
+    Images must match exactly (same ids): two runs on different splits are not comparable and raise
+    CompareError. Images where either run has no value (NaN, e.g. Dice of an empty truth and an
+    empty prediction) are left out of both means, as in the runs' own per-image means.
+    """
+    for name, table in (("A", a), ("B", b)):
+        if metric not in table.columns:
+            numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+            raise CompareError(f"run {name} has no per-image column {metric!r}; choose one of {numeric}")
+    ids_a, ids_b = set(a["id"]), set(b["id"])
+    if ids_a != ids_b:
+        raise CompareError(
+            f"the runs scored different images ({len(ids_a - ids_b)} only in A, {len(ids_b - ids_a)} only in B): "
+            "compare runs on the same test split"
+        )
+    joined = a[["id", metric]].merge(b[["id", metric]], on="id", suffixes=("_a", "_b"))
+    va, vb = joined[f"{metric}_a"].to_numpy(float), joined[f"{metric}_b"].to_numpy(float)
+    keep = ~(np.isnan(va) | np.isnan(vb))
+    d = paired_bootstrap_diff(va, vb, np.mean, n_resamples=n_resamples, seed=seed)
+    return Comparison(metric, d.n, float(va[keep].mean()) if keep.any() else float("nan"),
+                      float(vb[keep].mean()) if keep.any() else float("nan"), d.diff, d.low, d.high, d.excludes_zero)
