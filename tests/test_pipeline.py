@@ -15,6 +15,12 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     test = json.loads((tiny_repo / "metrics" / "test.json").read_text())
     for key in ("rmse", "dice", "iou"):
         assert 0 <= test[key] <= 1
+    # severity (the lung head is on by default) and the intervals reach the headline
+    for key in ("lung_dice", "share_mae", "extent_kappa", "dice_ci95_low", "rmse_ci95_high", "share_mae_ci95_low"):
+        assert key in test, key
+    assert test["rmse_ci95_low"] <= test["rmse"] <= test["rmse_ci95_high"]
+    assert (tiny_repo / "plots" / "eval" / "severity.csv").is_file()
+    assert (tiny_repo / "plots" / "figures" / "bland_altman.png").is_file()
     details = json.loads((tiny_repo / "metrics" / "test_details.json").read_text())
     assert test["rmse"] == details["rmse"] and details["baselines"]["all_background"]["dice_mean"] == 0.0
     data = json.loads((tiny_repo / "metrics" / "data.json").read_text())
