@@ -52,19 +52,34 @@ def run_preset(preset: Path, prepared: Path, out: Path, minutes: float, seed: in
         return True
 
     start = time.perf_counter()
-    summary = train(prepared, run / "model.pt", run / "resume", run / "curves.tsv", run / "train.json", params, seed,
-                    on_epoch_end=budget)
+    summary = train(
+        prepared,
+        run / "model.pt",
+        run / "resume",
+        run / "curves.tsv",
+        run / "train.json",
+        params,
+        seed,
+        on_epoch_end=budget,
+    )
     train_wall = time.perf_counter() - start
-    test = evaluate(run / "model.pt", prepared, run / "test.json", run / "per_image.csv", run, run / "pred.npz",
-                    EvaluateParams())
+    test = evaluate(
+        run / "model.pt", prepared, run / "test.json", run / "per_image.csv", run, run / "pred.npz", EvaluateParams()
+    )
     head = json.loads((run / "test.json").read_text())
     return {
-        "preset": preset.as_posix(), "params": dataclasses.asdict(params),
-        "epochs_run": summary["epochs_run"], "stopped_by_time_budget_after_epoch": stopped.get("epoch"),
-        "train_wall_s": train_wall, "train_images_per_second": summary["train_images_per_second"],
-        "device": summary["device"], "precision": summary["precision"],
-        "val_dice_at_threshold": summary["val_dice_at_threshold"], "val_dice_at_0.5": summary["val_dice_at_0.5"],
-        "test": head, "test_by_class": test["by_class"],
+        "preset": preset.as_posix(),
+        "params": dataclasses.asdict(params),
+        "epochs_run": summary["epochs_run"],
+        "stopped_by_time_budget_after_epoch": stopped.get("epoch"),
+        "train_wall_s": train_wall,
+        "train_images_per_second": summary["train_images_per_second"],
+        "device": summary["device"],
+        "precision": summary["precision"],
+        "val_dice_at_threshold": summary["val_dice_at_threshold"],
+        "val_dice_at_0.5": summary["val_dice_at_0.5"],
+        "test": head,
+        "test_by_class": test["by_class"],
     }
 
 
@@ -79,10 +94,14 @@ def main() -> None:
     prepared = args.out / "prepared"
     counts = preprocess(args.extracted, prepared, PreprocessParams(image_size=256))
     results = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "cpu_threads": torch.get_num_threads()},
-        "split_counts": counts, "runs": [],
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_threads": torch.get_num_threads(),
+        },
+        "split_counts": counts,
+        "runs": [],
     }
     for preset in args.preset:
         results["runs"].append(run_preset(preset, prepared, args.out, args.minutes, args.seed))

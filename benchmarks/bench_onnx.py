@@ -74,10 +74,13 @@ def main() -> None:
         rows = []
         for batch in (1, 16):
             x = images[:batch]
-            torch_fn = lambda b, n=batch: calibrated_probabilities(
-                model, b, torch.device("cpu"), "fp32", cal, batch_size=n
-            )  # noqa: E731
-            onnx_fn = lambda b, n=batch: runner.predict(b, batch_size=n)  # noqa: E731
+
+            def torch_fn(b, n=batch):
+                return calibrated_probabilities(model, b, torch.device("cpu"), "fp32", cal, batch_size=n)
+
+            def onnx_fn(b, n=batch):
+                return runner.predict(b, batch_size=n)
+
             for engine, fn in (("torch", torch_fn), ("onnxruntime", onnx_fn)):
                 rows.append({"engine": engine, "batch": batch, **rate(fn, x, args.seconds)})
                 print(rows[-1], flush=True)

@@ -368,9 +368,9 @@ def test_missing_model_names_the_file(tmp_path):
 
 def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
     """With a lung head: lungs predicted and saved, severity scored against the truth, headline numbers set."""
-    from covidseg.evaluation.severity import severity_table
+    from covidseg.evaluation.severity import LUNG_THRESHOLD, severity_table
     from covidseg.evaluation.severity_eval import HEADLINE, lung_dice
-    from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
+    from covidseg.inference.calibration import Calibration, calibrated_outputs
 
     prepared = make_prepared(tmp_path / "prepared")
     torch.manual_seed(0)
@@ -381,8 +381,15 @@ def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
         {"threshold": TUNED, "temperature": 1.0, "size": SIZE},
     )
     metrics_path = tmp_path / "metrics" / "test.json"
-    s = evaluate(model_path, prepared, metrics_path, tmp_path / "eval" / "per_image.csv", tmp_path / "eval",
-                 tmp_path / "pred.npz", EvaluateParams(bootstrap_resamples=200))
+    s = evaluate(
+        model_path,
+        prepared,
+        metrics_path,
+        tmp_path / "eval" / "per_image.csv",
+        tmp_path / "eval",
+        tmp_path / "pred.npz",
+        EvaluateParams(bootstrap_resamples=200),
+    )
     head = _strict_json(metrics_path)
     model = s["severity"]["model"]
     assert set(HEADLINE) <= set(head) and all(head[k] == model[k] for k in HEADLINE if model[k] == model[k])
@@ -393,7 +400,9 @@ def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
     inf, lung = calibrated_outputs(net, images, torch.device("cpu"), "fp32", Calibration(threshold=TUNED))
     assert model["lung_dice"] == pytest.approx(lung_dice(lung >= LUNG_THRESHOLD, lungs))
     with np.load(tmp_path / "pred.npz") as z:
-        assert z["lungs"].shape == z["probs"].shape and np.array_equal(z["lungs"], np.round(lung * 255).astype(np.uint8))
+        assert z["lungs"].shape == z["probs"].shape and np.array_equal(
+            z["lungs"], np.round(lung * 255).astype(np.uint8)
+        )
     per = pd.read_csv(tmp_path / "eval" / "severity.csv")
     truth = severity_table(masks, lungs)
     assert np.allclose(per["true_right_pct"], truth["right_pct"], equal_nan=True)

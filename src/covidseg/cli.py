@@ -190,7 +190,8 @@ def compare(
 
     An interval that holds 0 is a tie. Example: `covidseg compare exp-a exp-b --metric rmse`.
     """
-    from covidseg.evaluation.compare import CompareError, compare as run_compare, read_run
+    from covidseg.evaluation.compare import CompareError, read_run
+    from covidseg.evaluation.compare import compare as run_compare
 
     try:
         result = run_compare(read_run(a, repo), read_run(b, repo), metric, resamples)

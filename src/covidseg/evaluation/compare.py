@@ -96,8 +96,9 @@ def _read_csv(text: str, name: str) -> pd.DataFrame:
     return table
 
 
-def compare(a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice_tuned", n_resamples: int = 1000,
-            seed: int = 0) -> Comparison:
+def compare(
+    a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice_tuned", n_resamples: int = 1000, seed: int = 0
+) -> Comparison:
     """Paired bootstrap of ``metric`` (a per-image column) between runs A and B on the images they share.
 
     Images must match exactly (same ids): two runs on different splits are not comparable and raise
@@ -118,5 +119,13 @@ def compare(a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice_tuned", n_resa
     va, vb = joined[f"{metric}_a"].to_numpy(float), joined[f"{metric}_b"].to_numpy(float)
     keep = ~(np.isnan(va) | np.isnan(vb))
     d = paired_bootstrap_diff(va, vb, np.mean, n_resamples=n_resamples, seed=seed)
-    return Comparison(metric, d.n, float(va[keep].mean()) if keep.any() else float("nan"),
-                      float(vb[keep].mean()) if keep.any() else float("nan"), d.diff, d.low, d.high, d.excludes_zero)
+    return Comparison(
+        metric,
+        d.n,
+        float(va[keep].mean()) if keep.any() else float("nan"),
+        float(vb[keep].mean()) if keep.any() else float("nan"),
+        d.diff,
+        d.low,
+        d.high,
+        d.excludes_zero,
+    )

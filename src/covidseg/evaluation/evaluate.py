@@ -22,8 +22,6 @@ from covidseg.atomic import atomic_path, details_path_for, write_json, write_tex
 from covidseg.data.arrays import load_split
 from covidseg.device import choose_device, choose_precision
 from covidseg.evaluation import agreement, metrics
-from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
-from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
 from covidseg.evaluation.metrics import (
     EMPTY_TRUTH_RULE,
     baselines,
@@ -32,10 +30,12 @@ from covidseg.evaluation.metrics import (
     pr_curve,
     threshold_metrics,
 )
-from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
+from covidseg.evaluation.severity import LUNG_THRESHOLD
+from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
+from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
+from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
-
 
 INTERVAL_KEYS = ("dice_ci95_low", "dice_ci95_high", "iou_ci95_low", "iou_ci95_high", "rmse_ci95_low", "rmse_ci95_high")
 
@@ -97,8 +97,9 @@ def evaluate(
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
     lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
-    _, severity, severity_per = _severity(prob >= tuned_threshold, lung_prob, truth, lungs, test["ids"],
-                                                      prepared_dir, params)
+    _, severity, severity_per = _severity(
+        prob >= tuned_threshold, lung_prob, truth, lungs, test["ids"], prepared_dir, params
+    )
     summary = {
         "n_images": int(len(prob)),
         "rmse": metrics.rmse(prob, truth),
@@ -174,12 +175,15 @@ def _severity(
 ) -> tuple[dict, dict, pd.DataFrame]:
     """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table."""
     if true_lungs is None:
-        raise ValueError(f"{prepared_dir}/test.npz has no lung masks: severity needs them (rerun `dvc repro preprocess`)")
+        raise ValueError(
+            f"{prepared_dir}/test.npz has no lung masks: severity needs them (rerun `dvc repro preprocess`)"
+        )
     with np.load(Path(prepared_dir) / "train.npz") as z:
         baseline = median_lung_share(z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool))
     pred_lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
-    return evaluate_severity(pred_infection, pred_lungs, truth, true_lungs, baseline, ids=list(ids),
-                             n_resamples=params.bootstrap_resamples)
+    return evaluate_severity(
+        pred_infection, pred_lungs, truth, true_lungs, baseline, ids=list(ids), n_resamples=params.bootstrap_resamples
+    )
 
 
 def _train_prevalence(prepared_dir: str | Path) -> float:

@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
 from covidseg.data.arrays import load_split  # noqa: E402
-from covidseg.inference.calibration import LUNG_THRESHOLD  # noqa: E402
+from covidseg.evaluation.severity import LUNG_THRESHOLD  # noqa: E402
 from covidseg.inference.overlay import TINT, draw_outline, tint  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
 
@@ -255,9 +255,13 @@ def severity_figures(severity_csv: Path, severity: dict, out_dir: Path, dpi: int
         return []
     table = pd.read_csv(severity_csv)
     who = "pred" if "pred_right_pct" in table.columns else "oracle"
-    label = "model (predicted lungs)" if who == "pred" else "oracle: predicted infection in the true lungs (no lung head)"
+    label = (
+        "model (predicted lungs)" if who == "pred" else "oracle: predicted infection in the true lungs (no lung head)"
+    )
     pred, true = per_lung_shares(table, who)
-    written = [_save(bland_altman_figure(pred, true, f"Per-lung infected share, {label}"), out_dir / "bland_altman.png", dpi)]
+    written = [
+        _save(bland_altman_figure(pred, true, f"Per-lung infected share, {label}"), out_dir / "bland_altman.png", dpi)
+    ]
     block = severity.get("model" if who == "pred" else "oracle_true_lungs") or {}
     matrix = block.get("extent_confusion")
     if matrix is None:  # details file absent: count from the table

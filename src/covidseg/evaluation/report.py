@@ -178,12 +178,31 @@ def severity_table(test: dict) -> str:
             rows.append([label, html.escape(b["error"]), *[""] * 6])
             continue
         mae = f"{_fmt(b.get('share_mae'), 1)} [{_fmt(b.get('share_mae_ci95_low'), 1)}, {_fmt(b.get('share_mae_ci95_high'), 1)}]"
-        loa = f"{_fmt(b.get('share_bias'), 1)} ({_fmt(b.get('share_loa_low'), 1)} to {_fmt(b.get('share_loa_high'), 1)})"
-        rows.append([label, _fmt(b.get("lung_dice"), 3), mae, loa, _fmt(b.get("share_spearman"), 3),
-                     f"{_fmt(b.get('extent_exact'), 3)} / {_fmt(b.get('extent_within1'), 3)}",
-                     _fmt(b.get("extent_kappa"), 3), _fmt(b.get("lungs_missed"))])
-    header = ["predictor", "lung Dice", "share MAE (points) [95 % CI]", "bias (limits of agreement)", "Spearman",
-              "extent exact / within 1", "extent kappa (quadratic)", "lungs missed"]
+        loa = (
+            f"{_fmt(b.get('share_bias'), 1)} ({_fmt(b.get('share_loa_low'), 1)} to {_fmt(b.get('share_loa_high'), 1)})"
+        )
+        rows.append(
+            [
+                label,
+                _fmt(b.get("lung_dice"), 3),
+                mae,
+                loa,
+                _fmt(b.get("share_spearman"), 3),
+                f"{_fmt(b.get('extent_exact'), 3)} / {_fmt(b.get('extent_within1'), 3)}",
+                _fmt(b.get("extent_kappa"), 3),
+                _fmt(b.get("lungs_missed")),
+            ]
+        )
+    header = [
+        "predictor",
+        "lung Dice",
+        "share MAE (points) [95 % CI]",
+        "bias (limits of agreement)",
+        "Spearman",
+        "extent exact / within 1",
+        "extent kappa (quadratic)",
+        "lungs missed",
+    ]
     return _table(header, rows, "severity") if severity else "<p>No severity block in the metrics.</p>"
 
 

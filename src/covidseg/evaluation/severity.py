@@ -32,6 +32,9 @@ _EIGHT = np.ones((3, 3), dtype=bool)
 EXTENT_EDGES = (25.0, 50.0, 75.0)  # share (%) at which the per-lung score steps up to 2, 3, 4
 
 
+LUNG_THRESHOLD = 0.5  # a pixel is lung when the lung head's probability is at least this (not tuned)
+
+
 def _as_mask(a: np.ndarray, name: str, ndim: int) -> np.ndarray:
     """``a`` as a bool array of ``ndim`` dimensions; 0/1 numbers are accepted, other values refused."""
     a = np.asarray(a)

@@ -69,6 +69,7 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
     pred_extent = np.where(missed, 0, pred[["right_extent", "left_extent"]].to_numpy()).sum(1)
     true_extent = truth["extent_score"].to_numpy()
     ext = agreement.extent_agreement(pred_extent, true_extent)
+
     def lungs_of(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         keep = present[idx]
         return p[idx][keep], t[idx][keep]

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from covidseg.evaluation import metrics
 from covidseg.inference.forward import infection_logits, predict_all_logits, predict_logits, probabilities
 
-LUNG_THRESHOLD = 0.5  # a pixel is lung when the lung head's probability is at least this (not tuned)
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.025), 3)
 TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.1), np.log(10.0), 81)), 4)  # ratio 1.059 per step; includes 1
 
@@ -62,7 +61,7 @@ def calibrated_outputs(
     Returns (float32 (N, S, S) infection probabilities with the flips, gating and temperature of
     ``calibration``; float32 (N, S, S) lung probabilities, sigmoid of the lung logit with the same
     flips and no temperature, or None for a model without a lung head). A pixel is lung where the
-    lung probability is at least :data:`LUNG_THRESHOLD`.
+    lung probability is at least :data:`covidseg.evaluation.severity.LUNG_THRESHOLD`.
     """
     logits = predict_all_logits(model, images, device, precision, batch_size=batch_size, flip_tta=calibration.flip_tta)
     infection = probabilities(infection_logits(logits, calibration.lung_gate), calibration.temperature)

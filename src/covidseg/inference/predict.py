@@ -41,8 +41,8 @@ from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.device import choose_device, choose_precision
-from covidseg.evaluation.severity import extent_score, lung_shares, split_lungs
-from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration, calibrated_outputs
+from covidseg.evaluation.severity import LUNG_THRESHOLD, extent_score, lung_shares, split_lungs
+from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.inference.overlay import draw_outline, tint
 from covidseg.model.checkpoint import load_model
 
