@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from covidseg.model.losses import bce_loss, focal_loss, make_loss, segmentation_loss, soft_dice_loss, training_targets
+from covidseg.params import LOSSES
 
 
 def test_bce_hand_checked():
@@ -36,7 +37,7 @@ def test_focal_reduces_easy_pixels_and_matches_weighted_bce_at_gamma_zero():
     assert focal_loss(logits, target, gamma=2.0).item() < focal_loss(logits, target, gamma=0.0).item()
 
 
-@pytest.mark.parametrize("name", ["bce", "dice", "bce_dice", "focal"])
+@pytest.mark.parametrize("name", LOSSES)
 def test_every_loss_is_finite_and_differentiable(name):
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
     target = (torch.rand(2, 1, 8, 8) > 0.7).float()
@@ -73,3 +74,25 @@ def test_segmentation_loss_adds_the_weighted_lung_bce_by_hand():
         math.log(2), rel=1e-6
     )  # no lung head term
     assert segmentation_loss(logits[:, :1], target[:, :1], bce, 0.0).item() == pytest.approx(math.log(2), rel=1e-6)
+
+
+def test_tversky_by_hand():
+    """Confident predictions: TP = 2, FP = 1, FN = 1 on one image (smooth 0)."""
+    from covidseg.model.losses import soft_dice_loss, tversky_loss
+
+    big = 50.0
+    logits = torch.tensor([big, big, big, -big, -big]).reshape(1, 1, 1, 5)
+    target = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0]).reshape(1, 1, 1, 5)
+    # TI = 2 / (2 + 0.7 * 1 + 0.3 * 1) = 2 / 3
+    assert tversky_loss(logits, target, alpha=0.7, smooth=0.0).item() == pytest.approx(1 / 3, abs=1e-6)
+    # focal: (1 - 2/3) ** 0.5
+    assert tversky_loss(logits, target, 0.7, gamma=0.5, smooth=0.0).item() == pytest.approx((1 / 3) ** 0.5, abs=1e-6)
+    # alpha 0.5 is the soft Dice (without smoothing): 2 * 2 / (2 * 2 + 1 + 1)
+    assert tversky_loss(logits, target, 0.5, smooth=0.0).item() == pytest.approx(
+        soft_dice_loss(logits, target, smooth=0.0).item(), abs=1e-6
+    )
+    # more false positives cost more than as many false negatives when alpha > 0.5
+    fp_heavy = torch.tensor([big, big, big, big, -big]).reshape(1, 1, 1, 5)
+    target_fp = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 5)
+    target_fn = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0]).reshape(1, 1, 1, 5)
+    assert tversky_loss(fp_heavy, target_fp, 0.7).item() > tversky_loss(fp_heavy, target_fn, 0.7).item()

@@ -20,7 +20,7 @@ import yaml
 T = TypeVar("T")
 
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
-LOSSES = ("bce", "dice", "bce_dice", "focal")
+LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -123,6 +123,8 @@ class TrainParams:
     warmup_epochs: int = 0
     loss: str = "bce"
     focal_gamma: float = 2.0
+    tversky_alpha: float = 0.7
+    tversky_gamma: float = 0.75
     pos_weight: float = 1.0
     lung_aux_weight: float = 0.5
     base_channels: int = 16
@@ -154,6 +156,12 @@ class TrainParams:
         _check(0 <= self.warmup_epochs < self.epochs, s, "warmup_epochs must be in [0, epochs)")
         _check(self.loss in LOSSES, s, f"loss must be one of {list(LOSSES)}")
         _check(self.focal_gamma >= 0, s, "focal_gamma must be >= 0")
+        _check(
+            0 < self.tversky_alpha < 1,
+            s,
+            "tversky_alpha must be in (0, 1) (0.5: soft Dice; > 0.5 charges false positives more)",
+        )
+        _check(0 < self.tversky_gamma <= 3, s, "tversky_gamma must be in (0, 3] (1: plain Tversky; < 1: focal Tversky)")
         _check(self.pos_weight > 0, s, "pos_weight must be > 0")
         _check(self.lung_aux_weight >= 0, s, "lung_aux_weight must be >= 0")
         for problem in architecture_problems(self.base_channels, self.depth, self.downsample):

@@ -30,6 +30,24 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1.0 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
+def tversky_loss(
+    logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.7, gamma: float = 1.0, smooth: float = 1.0
+) -> torch.Tensor:
+    """Mean over images of (1 - TI)^gamma, TI = (TP + s) / (TP + alpha FP + (1 - alpha) FN + s) on soft counts.
+
+    Tversky (Salehi et al. 2017): ``alpha`` > 0.5 charges false positives more than false
+    negatives (the fix for over-marked small infections); alpha = 0.5 is the soft Dice. ``gamma``
+    < 1 is the focal Tversky loss (Abraham & Khan 2019), which weights hard images more.
+    """
+    prob = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    tp = (prob * target).sum(1)
+    fp = (prob * (1 - target)).sum(1)
+    fn = ((1 - prob) * target).sum(1)
+    index = (tp + smooth) / (tp + alpha * fp + (1 - alpha) * fn + smooth)
+    return ((1.0 - index).clamp_min(0) ** gamma).mean()
+
+
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
     """Binary focal loss (Lin et al. 2017): BCE scaled by (1 - p_t)^gamma, positives by alpha."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -39,9 +57,13 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
 
 
 def make_loss(
-    name: str, pos_weight: float = 1.0, focal_gamma: float = 2.0
+    name: str,
+    pos_weight: float = 1.0,
+    focal_gamma: float = 2.0,
+    tversky_alpha: float = 0.7,
+    tversky_gamma: float = 0.75,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss named by params ``train.loss``: bce, dice, bce_dice or focal."""
+    """The loss named by params ``train.loss``: bce, dice, bce_dice, focal, bce_tversky or bce_focal_tversky."""
     if name == "bce":
         return lambda lg, t: bce_loss(lg, t, pos_weight)
     if name == "dice":
@@ -50,6 +72,10 @@ def make_loss(
         return lambda lg, t: bce_loss(lg, t, pos_weight) + soft_dice_loss(lg, t)
     if name == "focal":
         return lambda lg, t: focal_loss(lg, t, focal_gamma)
+    if name == "bce_tversky":
+        return lambda lg, t: bce_loss(lg, t, pos_weight) + tversky_loss(lg, t, tversky_alpha)
+    if name == "bce_focal_tversky":
+        return lambda lg, t: bce_loss(lg, t, pos_weight) + tversky_loss(lg, t, tversky_alpha, tversky_gamma)
     raise ValueError(f"unknown loss {name!r}; choose from {list(LOSSES)}")
 
 
