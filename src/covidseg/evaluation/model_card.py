@@ -89,9 +89,9 @@ def failure_modes(per_image_csv: str | Path, details: dict) -> list[str]:
         ratio = sum(float(r["pred_fraction"]) for r in small) / true_area
         cut = 100 * float(small[-1]["true_fraction"])
         lines.append(
-            f"Small infections: on the {len(small)} test images with the smallest infected area "
+            f"Small infections: on the {len(small)} test image(s) with the smallest infected area "
             f"(the smallest fifth, up to {cut:.1f} % of the image infected) the model marks {ratio:.2f} times "
-            f"the true area (predicted / true pixels at threshold 0.5)."
+            f"the true area (predicted / true pixels at the tuned threshold)."
         )
     for cls in NEGATIVE_CLASSES:
         block = details.get("by_class", {}).get(cls)
