@@ -11,7 +11,11 @@ def _ran(output: str) -> set[str]:
 
 def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     first = dvc(tiny_repo, "repro").stdout
-    assert _ran(first) == {"check", "synthesize", "extract", "preprocess", "train", "evaluate", "plots"}
+    assert _ran(first) == {"check", "synthesize", "extract", "preprocess", "train", "evaluate", "export", "card", "plots"}
+    assert (tiny_repo / "models" / "model.onnx").stat().st_size > 0
+    export = json.loads((tiny_repo / "metrics" / "export.json").read_text())
+    assert export["parity_images"] == 3 and 0 <= export["parity_max_abs_diff"] <= export["parity_tolerance"] == 1e-4
+    assert "## Known failure modes" in (tiny_repo / "models" / "MODEL_CARD.md").read_text()
     test = json.loads((tiny_repo / "metrics" / "test.json").read_text())
     for key in ("rmse", "dice", "iou"):
         assert 0 <= test[key] <= 1
@@ -49,9 +53,9 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     run(["git", "add", "-A"], tiny_repo)
     run(["git", "commit", "-qm", "first run"], tiny_repo)
     forced = dvc(tiny_repo, "repro", "-f").stdout
-    assert "train" in _ran(forced) and "plots" in _ran(forced), forced
+    assert {"train", "export", "card", "plots"} <= _ran(forced), forced
     assert run(["git", "status", "--porcelain"], tiny_repo).stdout == ""
 
     set_params(tiny_repo, {"train": {"lr": 0.0005}})
     third = dvc(tiny_repo, "repro").stdout
-    assert _ran(third) == {"check", "train", "evaluate", "plots"}, third  # check: constant stamp, nothing else reruns
+    assert _ran(third) == {"check", "train", "evaluate", "export", "card", "plots"}, third  # check: constant stamp, nothing else reruns

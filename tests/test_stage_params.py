@@ -66,6 +66,7 @@ CHANGES = [
     ({"preprocess": {"image_size": 32}}, "preprocess", "data/prepared"),
     ({"train": {"lr": 0.003}}, "train", "models/model.pt"),
     ({"evaluate": {"calibration_bins": 5}}, "evaluate", "plots/eval/calibration.csv"),
+    ({"export": {"opset": 17}}, "export", "models/model.onnx"),
     ({"plots": {"dpi": 60}}, "plots", "plots/figures"),
 ]
 

@@ -209,6 +209,20 @@ class PlotsParams:
         _check(50 <= self.dpi <= 300, "plots", "dpi must be in [50, 300]")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportParams:
+    """ONNX export: opset, and the fp32 parity check against torch on the test images."""
+
+    opset: int = 18
+    parity_tolerance: float = 0.0001
+    parity_images: int = 0
+
+    def validate(self) -> None:
+        _check(self.opset >= 17, "export", "opset must be >= 17 (older Resize does not match torch's bilinear)")
+        _check(0 < self.parity_tolerance <= 0.01, "export", "parity_tolerance must be in (0, 0.01]")
+        _check(self.parity_images >= 0, "export", "parity_images must be >= 0 (0: every test image)")
+
+
 SECTIONS: dict[str, type] = {
     "launch": LaunchParams,
     "synth": SynthParams,
@@ -216,6 +230,7 @@ SECTIONS: dict[str, type] = {
     "preprocess": PreprocessParams,
     "train": TrainParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
     "plots": PlotsParams,
 }
 TOP_LEVEL = ("seed", *SECTIONS)

@@ -1,0 +1,78 @@
+"""The ``export`` stage: models/model.pt -> models/model.onnx, checked against torch on the test images.
+
+The graph and its metadata are :func:`covidseg.model.onnx_export.export_onnx`'s; this adds the
+model file's provenance to the metadata and a parity check on the real test split (uint8
+(N, 1, S, S) from ``data/prepared/test.npz``) that must pass before the file appears.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidseg.atomic import atomic_path, write_json
+from covidseg.data.arrays import load_split
+from covidseg.inference.calibration import Calibration, calibrated_probabilities
+from covidseg.model.checkpoint import load_model
+from covidseg.model.onnx_export import ParityError, export_onnx, parity
+from covidseg.params import ExportParams
+
+
+def export_stage(
+    model_pt: str | Path,
+    prepared_dir: str | Path,
+    onnx_path: str | Path,
+    params: ExportParams,
+    summary_path: str | Path | None = None,
+) -> dict:
+    """Export ``model_pt`` to ``onnx_path`` atomically; fail when ONNX and torch disagree on the test images.
+
+    Returns (and writes to ``summary_path`` as JSON when given) ``{"opset", "parity_images",
+    "parity_max_abs_diff", "parity_tolerance", "onnx_bytes"}``; ``parity_max_abs_diff`` is
+    max |p_torch - p_onnx| over every pixel of the checked images, fp32 calibrated probabilities.
+
+    Raises:
+        ParityError: the difference exceeds ``params.parity_tolerance`` (names the file and the number).
+        ValueError: the test images do not have the model's input size (names both files).
+    """
+    model_pt, onnx_path = Path(model_pt), Path(onnx_path)
+    net, meta = load_model(model_pt)
+    calibration = Calibration.from_meta(meta)
+    images = load_split(prepared_dir, "test")["images"]
+    if params.parity_images:
+        images = images[: params.parity_images]
+    size = int(meta.get("size", images.shape[-1]))
+    if images.shape[1:] != (1, size, size):
+        raise ValueError(
+            f"{Path(prepared_dir) / 'test.npz'}: images {images.shape[1:]} do not fit {model_pt} "
+            f"(input 1x{size}x{size}); rerun preprocess and train together"
+        )
+    metadata = {
+        "covidseg.source_model_sha256": hashlib.sha256(model_pt.read_bytes()).hexdigest(),
+        "covidseg.provenance": json.dumps(meta.get("provenance", {}), sort_keys=True),
+    }
+    with atomic_path(onnx_path) as tmp:
+        # export_onnx's own check uses two random images; the one that gates the stage is below.
+        export_onnx(net, tmp, size, metadata, opset=params.opset, calibration=calibration, check=False)
+        want = lambda x: calibrated_probabilities(net, x, torch.device("cpu"), "fp32", calibration)  # noqa: E731
+        diff = parity(want, tmp, images)
+        if not diff <= params.parity_tolerance:
+            raise ParityError(
+                f"{onnx_path}: ONNX probabilities differ from torch's by {diff:.3g} (max abs, fp32) "
+                f"> {params.parity_tolerance:g} on {len(images)} test images; the file was not written"
+            )
+        n_bytes = tmp.stat().st_size
+    summary = {
+        "opset": params.opset,
+        "parity_images": int(len(images)),
+        "parity_max_abs_diff": float(np.float32(diff)),
+        "parity_tolerance": params.parity_tolerance,
+        "onnx_bytes": int(n_bytes),
+    }
+    if summary_path is not None:
+        write_json(summary_path, summary)
+    return summary

@@ -1,0 +1,29 @@
+"""DVC stage export: models/model.pt -> models/model.onnx (calibration baked in), parity-checked on the test images."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this checkout's library, not the venv's
+
+import typer  # noqa: E402
+
+from covidseg.model.export import export_stage  # noqa: E402
+from covidseg.params import ExportParams, load_section  # noqa: E402
+
+
+def main(
+    model: str = "models/model.pt",
+    prepared: str = "data/prepared",
+    onnx: str = "models/model.onnx",
+    metrics: str = "metrics/export.json",
+    params: str = "params.yaml",
+) -> None:
+    s = export_stage(model, prepared, onnx, load_section(ExportParams, "export", params), summary_path=metrics)
+    typer.echo(
+        f"export: {onnx} (opset {s['opset']}, {s['onnx_bytes'] / 2**20:.1f} MiB), max |p_torch - p_onnx| "
+        f"{s['parity_max_abs_diff']:.2g} <= {s['parity_tolerance']:g} on {s['parity_images']} test images"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
