@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from test_predict import FAST, invoke, save_image
 
-from covidseg.inference import backends
 from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration
 from covidseg.inference.predict import CSV_COLUMNS, read_csv
 from covidseg.model.checkpoint import save_model
@@ -53,6 +52,8 @@ def inputs(tmp_path_factory) -> list[Path]:
 
 
 def test_backend_is_picked_by_bytes_then_suffix(models, tmp_path):
+    from covidseg.inference import backends
+
     pt, onnx_file = models
     assert backends.model_backend(pt) == "torch" and backends.model_backend(onnx_file) == "onnx"
     renamed = tmp_path / "model.bin"
@@ -64,6 +65,8 @@ def test_backend_is_picked_by_bytes_then_suffix(models, tmp_path):
 
 
 def test_lung_threshold_agrees_with_calibration():
+    from covidseg.inference import backends
+
     assert backends.LUNG_THRESHOLD == LUNG_THRESHOLD
 
 
@@ -120,7 +123,8 @@ finally:
 
 
 def _run_without_torch(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
+    # the caller's PYTHONPATH first (it may point at the source under test), then this checkout's
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO / "src")]))}
     return subprocess.run(
         [sys.executable, "-c", _NO_TORCH, *map(str, args)], capture_output=True, text=True, env=env, timeout=300
     )
