@@ -10,11 +10,12 @@ For every input image the outputs in ``out_dir`` are
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
 where (H, W) is the input's own size. Preprocessing matches training exactly: the file is
-decoded to 8-bit grey by :func:`covidseg.data.decode.decode_grey`, resized to the model's
+decoded to 8-bit grey by :func:`covidseg.data.decode.decode_grey` (DICOM files, recognised by
+their ``DICM`` marker, by :func:`covidseg.data.dicom.decode_dicom`), resized to the model's
 ``size`` x ``size`` by :func:`covidseg.data.preprocess.resize_image` (PIL bilinear), divided by 255
-inside :func:`covidseg.inference.forward.predict_logits`, and the probabilities
-``sigmoid(logit / temperature)`` are resized back to (H, W) bilinearly before thresholding
-(``probability >= threshold`` is infected, as in evaluation).
+and run by the model's backend (:mod:`covidseg.inference.backends`: torch for ``model.pt``,
+onnxruntime without torch for ``model.onnx``), and the calibrated probabilities are resized back
+to (H, W) bilinearly before thresholding (``probability >= threshold`` is infected, as in evaluation).
 
 After a run, each row of ``predictions.csv`` describes exactly the files of its stem: an
 ``ok`` row has its mask and overlay (and probs with ``save_probs``), an ``error`` row has
