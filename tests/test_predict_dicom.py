@@ -76,9 +76,7 @@ def test_window_is_applied(tmp_path, model, grey):
     stored = (1500 + 4 * grey.astype(np.uint16)).astype(np.uint16)
     grey = grey.copy()
     grey[:3, :3], stored[:3, :3] = 0, 100  # below the window: clipped to black
-    windowed = write_dicom(
-        tmp_path / "win.dcm", stored, bits_stored=12, WindowCenter="2010.5", WindowWidth="1021"
-    )
+    windowed = write_dicom(tmp_path / "win.dcm", stored, bits_stored=12, WindowCenter="2010.5", WindowWidth="1021")
     result, rows = predict(tmp_path, model, png(tmp_path / "ref.png", grey), windowed)
     assert result.exit_code == 0, result.output
     assert_same_prediction(tmp_path / "out", "win", "ref")

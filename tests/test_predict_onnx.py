@@ -137,7 +137,9 @@ def test_predict_from_onnx_runs_with_torch_unimportable(models, inputs, tmp_path
     assert done.returncode == 0, done.stderr
     rows = read_csv(out / "predictions.csv")
     assert [r["status"] for r in rows] == ["ok"] * len(inputs)
-    assert all((out / "masks" / f"{p.stem}.png").is_file() and (out / "lungs" / f"{p.stem}.png").is_file() for p in inputs)
+    assert all(
+        (out / "masks" / f"{p.stem}.png").is_file() and (out / "lungs" / f"{p.stem}.png").is_file() for p in inputs
+    )
     # the same prelude really blocks torch: the torch model cannot load there
     blocked = _run_without_torch("predict", inputs[0], "--model", pt, "--out", tmp_path / "pt", "--quiet")
     assert blocked.returncode != 0 and "torch" in blocked.stderr

@@ -63,8 +63,13 @@ def predict(
         help="X-ray files (PNG, JPEG, ..., DICOM), folders (their image and DICOM files) or quoted glob patterns "
         "such as 'scans/**/*.png'.",
     ),
-    model: Path = typer.Option(..., "--model", "-m", help="Trained model file: models/model.pt from `dvc repro` (torch), or an exported .onnx "
-        "(onnxruntime on the CPU, no torch needed).",),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Trained model file: models/model.pt from `dvc repro` (torch), or an exported .onnx "
+        "(onnxruntime on the CPU, no torch needed).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; files of the same name are replaced)."),
     threshold: float | None = typer.Option(
         None,
