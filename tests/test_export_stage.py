@@ -61,7 +61,9 @@ def test_parity_failure_fails_naming_the_file_and_the_difference_and_keeps_the_o
 ):
     onnx_path = tmp_path / "model.onnx"
     onnx_path.write_bytes(b"previous")
-    with pytest.raises(ParityError, match=r"model\.onnx: ONNX probabilities differ from torch's by [0-9.e+-]+ \(max abs"):
+    with pytest.raises(
+        ParityError, match=r"model\.onnx: ONNX probabilities differ from torch's by [0-9.e+-]+ \(max abs"
+    ):
         export_stage(model_pt, tiny_prepared, onnx_path, ExportParams(parity_tolerance=1e-30))
     assert onnx_path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".model.onnx")] == []
@@ -79,7 +81,11 @@ def test_test_images_of_another_size_are_refused_by_name(model_pt, tiny_prepared
 
 @pytest.mark.parametrize(
     "raw, message",
-    [({"opset": 16}, "opset must be >= 17"), ({"parity_tolerance": 0.0}, "parity_tolerance"), ({"parity_images": -1}, "parity_images")],
+    [
+        ({"opset": 16}, "opset must be >= 17"),
+        ({"parity_tolerance": 0.0}, "parity_tolerance"),
+        ({"parity_images": -1}, "parity_images"),
+    ],
 )
 def test_bad_export_params_are_refused(raw, message):
     with pytest.raises(ParamsError, match=message):

@@ -15,16 +15,34 @@ TEST = {"n_images": 10, "rmse": 0.1234567, "dice": 0.7654321, "iou": 0.6543210, 
         "dice_at_threshold": 0.77}  # fmt: skip
 DETAILS = {
     "severity": {
-        "model": {"lung_dice": 0.95, "share_mae": 9.87, "share_mae_ci95_low": 7.11, "share_mae_ci95_high": 12.34,
-                  "share_bias": 8.76, "extent_kappa": 0.612},  # fmt: skip
+        "model": {
+            "lung_dice": 0.95,
+            "share_mae": 9.87,
+            "share_mae_ci95_low": 7.11,
+            "share_mae_ci95_high": 12.34,
+            "share_bias": 8.76,
+            "extent_kappa": 0.612,
+        },  # fmt: skip
         "oracle_true_lungs": {"share_mae": 5.5},
         "baseline_constant_share": {"share_mae": 15.5},
     },
     "by_class": {
-        "COVID-19": {"n_images": 5, "rmse": 0.2, "dice": 0.7, "iou": 0.6, "empty_truth_images": 0,
-                     "empty_truth_false_positive_images": 0},  # fmt: skip
-        "Normal": {"n_images": 5, "rmse": 0.05, "dice": 0.0, "iou": 0.0, "empty_truth_images": 5,
-                   "empty_truth_false_positive_images": 3},  # fmt: skip
+        "COVID-19": {
+            "n_images": 5,
+            "rmse": 0.2,
+            "dice": 0.7,
+            "iou": 0.6,
+            "empty_truth_images": 0,
+            "empty_truth_false_positive_images": 0,
+        },  # fmt: skip
+        "Normal": {
+            "n_images": 5,
+            "rmse": 0.05,
+            "dice": 0.0,
+            "iou": 0.0,
+            "empty_truth_images": 5,
+            "empty_truth_false_positive_images": 3,
+        },  # fmt: skip
     },
 }
 TRAIN = {"best_epoch": 3, "epochs_run": 4}

@@ -11,7 +11,17 @@ def _ran(output: str) -> set[str]:
 
 def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
     first = dvc(tiny_repo, "repro").stdout
-    assert _ran(first) == {"check", "synthesize", "extract", "preprocess", "train", "evaluate", "export", "card", "plots"}
+    assert _ran(first) == {
+        "check",
+        "synthesize",
+        "extract",
+        "preprocess",
+        "train",
+        "evaluate",
+        "export",
+        "card",
+        "plots",
+    }
     assert (tiny_repo / "models" / "model.onnx").stat().st_size > 0
     export = json.loads((tiny_repo / "metrics" / "export.json").read_text())
     assert export["parity_images"] == 3 and 0 <= export["parity_max_abs_diff"] <= export["parity_tolerance"] == 1e-4
@@ -58,4 +68,6 @@ def test_repro_end_to_end_then_nothing_then_only_downstream_of_lr(tiny_repo):
 
     set_params(tiny_repo, {"train": {"lr": 0.0005}})
     third = dvc(tiny_repo, "repro").stdout
-    assert _ran(third) == {"check", "train", "evaluate", "export", "card", "plots"}, third  # check: constant stamp, nothing else reruns
+    assert _ran(third) == {"check", "train", "evaluate", "export", "card", "plots"}, (
+        third
+    )  # check: constant stamp, nothing else reruns

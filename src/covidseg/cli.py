@@ -60,9 +60,16 @@ def predict(
         ...,
         metavar="INPUT",
         show_default=False,
-        help="X-ray files, folders (their image files) or quoted glob patterns such as 'scans/**/*.png'.",
+        help="X-ray files (PNG, JPEG, ..., DICOM), folders (their image and DICOM files) or quoted glob patterns "
+        "such as 'scans/**/*.png'.",
     ),
-    model: Path = typer.Option(..., "--model", "-m", help="Trained model file (models/model.pt from `dvc repro`)."),
+    model: Path = typer.Option(
+        ...,
+        "--model",
+        "-m",
+        help="Trained model file: models/model.pt from `dvc repro` (torch), or an exported .onnx "
+        "(onnxruntime on the CPU, no torch needed).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; files of the same name are replaced)."),
     threshold: float | None = typer.Option(
         None,
@@ -74,28 +81,35 @@ def predict(
     save_probs: bool = typer.Option(
         False, "--save-probs", help="Also write `probs/<stem>.npy`: float32 (H, W) in [0, 1]."
     ),
-    device: Device = typer.Option(Device.auto, help="Where to run: auto picks the GPU when there is one."),
+    device: Device = typer.Option(
+        Device.auto, help="Where a torch model runs: auto picks the GPU when there is one. (.onnx: always the CPU.)"
+    ),
     precision: Precision = typer.Option(
-        Precision.auto, help="Numeric precision; auto uses bf16 only where the hardware has it natively."
+        Precision.auto,
+        help="Numeric precision of a torch model; auto uses bf16 only where the hardware has it natively. "
+        "(.onnx: always fp32.)",
     ),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
     flip_tta: bool | None = typer.Option(
         None,
         "--flip-tta/--no-flip-tta",
         show_default=False,
-        help="Average with the left-right mirrored prediction. [default: as the model was calibrated on val]",
+        help="Average with the left-right mirrored prediction. [default: as the model was calibrated on val; "
+        "fixed inside an .onnx]",
     ),
     recursive: bool = typer.Option(
         False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
 ) -> None:
-    """Segment infection on X-rays of any size and mode (grey, RGB, RGBA, 16-bit, palette; PNG, JPEG, ...).
+    """Segment infection on X-rays of any size and mode (grey, RGB, RGBA, 16-bit, palette; PNG, JPEG, ...; DICOM).
 
     Writes, at each input's own size: `OUT/masks/<stem>.png` (0/255 grey), `OUT/overlays/<stem>.png`
     (the X-ray with the predicted region tinted), with `--save-probs` `OUT/probs/<stem>.npy`, and
-    `OUT/predictions.csv` (one row per input: input, stem, width, height, infected_fraction,
-    mean_probability, status, error). Two inputs with the same name get `<stem>-1`, `<stem>-2`, ...
+    `OUT/predictions.csv` (one row per input: input, stem, width, height, sop_instance_uid (DICOM),
+    infected_fraction, mean_probability, severity, status, error). Two inputs with the same name get
+    `<stem>-1`, `<stem>-2`, ... DICOM files are recognised by their `DICM` marker whatever their name;
+    multi-frame, colour and undecodable compressed DICOMs are refused by name.
 
     Exit status: 0 when every input was processed; 1 when one or more inputs failed (an
     unreadable, truncated or non-image file: the message names it, its CSV row has status

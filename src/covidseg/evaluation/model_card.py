@@ -247,8 +247,6 @@ def write_card(
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
     export = read(export_json) if export_json else None
-    text = render_card(
-        params_path, meta, read(test_json), read(details_json), read(train_json), per_image_csv, export
-    )
+    text = render_card(params_path, meta, read(test_json), read(details_json), read(train_json), per_image_csv, export)
     write_text(out_path, text)
     return text

@@ -10,11 +10,12 @@ For every input image the outputs in ``out_dir`` are
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
 where (H, W) is the input's own size. Preprocessing matches training exactly: the file is
-decoded to 8-bit grey by :func:`covidseg.data.decode.decode_grey`, resized to the model's
+decoded to 8-bit grey by :func:`covidseg.data.decode.decode_grey` (DICOM files, recognised by
+their ``DICM`` marker, by :func:`covidseg.data.dicom.decode_dicom`), resized to the model's
 ``size`` x ``size`` by :func:`covidseg.data.preprocess.resize_image` (PIL bilinear), divided by 255
-inside :func:`covidseg.inference.forward.predict_logits`, and the probabilities
-``sigmoid(logit / temperature)`` are resized back to (H, W) bilinearly before thresholding
-(``probability >= threshold`` is infected, as in evaluation).
+and run by the model's backend (:mod:`covidseg.inference.backends`: torch for ``model.pt``,
+onnxruntime without torch for ``model.onnx``), and the calibrated probabilities are resized back
+to (H, W) bilinearly before thresholding (``probability >= threshold`` is infected, as in evaluation).
 
 After a run, each row of ``predictions.csv`` describes exactly the files of its stem: an
 ``ok`` row has its mask and overlay (and probs with ``save_probs``), an ``error`` row has
@@ -30,29 +31,35 @@ import errno
 import glob
 import io
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
-from covidseg.device import choose_device, choose_precision
-from covidseg.evaluation.severity import LUNG_THRESHOLD, extent_score, lung_shares, split_lungs
-from covidseg.inference.calibration import Calibration, calibrated_outputs
+from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
+from covidseg.evaluation.severity import extent_score, lung_shares, split_lungs
+from covidseg.inference import backends
+from covidseg.inference.backends import LUNG_THRESHOLD, Prepared, model_warnings, provenance_lines
 from covidseg.inference.overlay import draw_outline, tint
-from covidseg.model.checkpoint import load_model
+
+__all__ = ["Prepared", "model_warnings", "provenance_lines", "prepare_model", "predict_files", "collect_inputs"]
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm"})
+# Files with no suffix are taken from a folder or pattern when their header says DICOM.
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".pgm", ".ppm", ".pnm", ".dcm", ".dicom"}
+)
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})  # always decoded as DICOM (a file without the marker is refused)
 CSV_COLUMNS = (
     "input",
     "stem",
     "width",
     "height",
+    "sop_instance_uid",
     "infected_fraction",
     "mean_probability",
     "right_lung_infected_pct",
@@ -94,7 +101,8 @@ class OutputError(OSError):
 @dataclass(frozen=True)
 class PredictOptions:
     """How to run: ``threshold`` None means the model's val-tuned threshold (0.5 if it has none);
-    ``flip_tta`` None means as the model was calibrated (its saved ``flip_tta``, off if it has none)."""
+    ``flip_tta`` None means as the model was calibrated (its saved ``flip_tta``, off if it has none).
+    ``device`` and ``precision`` apply to a torch model only (onnxruntime runs on the CPU in fp32)."""
 
     threshold: float | None = None
     save_probs: bool = False
@@ -113,6 +121,7 @@ class Row:
     stem: str
     width: int | None = None
     height: int | None = None
+    sop_instance_uid: str = ""  # DICOM inputs that have one; empty otherwise
     infected_fraction: float | None = None
     mean_probability: float | None = None
     right_lung_infected_pct: float | None = None  # percent of that lung's pixels (image left = patient's right)
@@ -133,39 +142,30 @@ class Row:
         return [fmt(getattr(self, c)) for c in CSV_COLUMNS]
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A model ready to run and the settings read from its file."""
-
-    model: torch.nn.Module
-    device: torch.device
-    precision: str
-    size: int
-    calibration: Calibration  # the model file's, with the options applied (threshold always set)
-    threshold_source: str  # "option", "model" or "default"
-    provenance: dict = field(default_factory=dict)  # the model file's, as written by training ({} for none)
-
-    @property
-    def threshold(self) -> float:
-        return self.calibration.threshold
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
 def _is_image_name(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """An image suffix, or no suffix and a DICOM header (the ``DICM`` marker after the 128-byte preamble)."""
+    if path.suffix:
+        return path.suffix.lower() in IMAGE_SUFFIXES
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(DICM_OFFSET + 4))
+    except OSError:
+        return False
 
 
 def _folder_images(folder: Path, recursive: bool) -> list[Path]:
     found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in found if p.is_file() and _is_image_name(p) and not p.name.startswith("."))
+    return sorted(p for p in found if p.is_file() and not p.name.startswith(".") and _is_image_name(p))
 
 
 def collect_inputs(inputs: Sequence[str], recursive: bool = False) -> list[Path]:
     """Expand INPUT arguments (files, folders, glob patterns) into a list of files, in order.
 
-    A file is taken whatever its name; a folder gives its image files (by suffix, sorted;
+    A file is taken whatever its name; a folder gives its image files (by suffix, DICOM also
+    without a suffix, sorted;
     with ``recursive`` also those in subfolders); a pattern (``*``, ``?``, ``[...]``, ``**``)
     gives the image files it matches and the images of folders it matches. A file reached
     twice is kept once. Raises InputError listing every INPUT that yields nothing.
@@ -226,23 +226,38 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
 
 
 def load_grey(path: Path) -> np.ndarray:
-    """uint8 (H, W) grey levels of any image file, converted as the pipeline converts its data.
+    """uint8 (H, W) grey levels of any image file (see :func:`load_input`)."""
+    return load_input(path)[0]
 
-    Raises BadImageError naming ``path`` when it cannot be read or decoded.
+
+def load_input(path: Path) -> tuple[np.ndarray, str]:
+    """(uint8 (H, W) grey levels, SOPInstanceUID or "") of an image or DICOM file.
+
+    A file with the DICOM marker (whatever its name) or a ``.dcm``/``.dicom`` suffix is read by
+    :func:`covidseg.data.dicom.decode_dicom`; any other by :func:`covidseg.data.decode.decode_grey`,
+    as the pipeline converts its data. Raises BadImageError naming ``path`` when it cannot be
+    read or decoded (also for the DICOMs refused: multi-frame, colour, no image, compressed).
     """
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise BadImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+    uid = ""
     try:
-        grey, _ = decode_grey(data, str(path))
+        if is_dicom(data) or path.suffix.lower() in DICOM_SUFFIXES:
+            grey, info = decode_dicom(data, str(path))
+            uid = info.get("SOPInstanceUID", "")
+        else:
+            grey, _ = decode_grey(data, str(path))
+    except DicomError as exc:
+        raise BadImageError(str(exc)) from None
     except BadImageError:
         raise
     except Exception as exc:  # e.g. PIL's DecompressionBombError, odd modes numpy cannot map
         raise BadImageError(f"{path}: cannot decode image ({exc})") from None
     if grey.ndim != 2 or grey.size == 0:
         raise BadImageError(f"{path}: decoded to shape {grey.shape}, expected one 2-D image")
-    return grey
+    return grey, uid
 
 
 def resize_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -358,64 +373,19 @@ def _reason(exc: OSError) -> str:
 
 
 def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
-    """Load the model on the chosen device and read size, threshold and temperature from its file.
+    """Load a ``model.pt`` (torch) or ``model.onnx`` (onnxruntime, no torch) with ``options`` applied.
 
-    Raises FileNotFoundError / ValueError naming the model file, RuntimeError for an unusable device.
+    See :func:`covidseg.inference.backends.prepare_model`; raises FileNotFoundError / ValueError
+    naming the model file, RuntimeError for an unusable device.
     """
-    device = choose_device(options.device)
-    model, meta = load_model(model_path, device)
-    if "size" not in meta:
-        raise ValueError(f"{model_path}: model file has no 'size' (the input size it was trained on)")
-    saved = Calibration.from_meta(meta)
-    if options.threshold is not None:
-        threshold, source = float(options.threshold), "option"
-    elif saved.threshold is not None:
-        threshold, source = saved.threshold, "model"
-    else:
-        threshold, source = 0.5, "default"
-    flip_tta = saved.flip_tta if options.flip_tta is None else options.flip_tta
-    provenance = meta.get("provenance") if isinstance(meta.get("provenance"), dict) else {}
-    return Prepared(
-        model=model,
-        device=device,
-        precision=choose_precision(device, options.precision),
-        size=int(meta["size"]),
-        calibration=replace(saved, threshold=threshold, flip_tta=flip_tta),
-        threshold_source=source,
-        provenance=provenance,
+    return backends.prepare_model(
+        model_path,
+        threshold=options.threshold,
+        flip_tta=options.flip_tta,
+        device=options.device,
+        precision=options.precision,
+        batch_size=max(1, options.batch_size),
     )
-
-
-def provenance_lines(prepared: Prepared) -> list[str]:
-    """What the model was trained on, for the user: one line, or a note that the file does not say."""
-    p = prepared.provenance
-    if not p:
-        return ["model: the file records no provenance (data source, val Dice)"]
-    counts = ", ".join(f"{k} {v}" for k, v in p.get("split_counts", {}).items())
-    val = p.get("val_dice")
-    return [
-        f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'}; "
-        f"{p.get('train_images', '?')} training images), val Dice {val:.3f}"
-        if isinstance(val, float)
-        else f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'})",
-        f"model: covidseg {p.get('package_version', '?')}, training code {str(p.get('code_hash', '?'))[:12]}",
-    ]
-
-
-def model_warnings(prepared: Prepared) -> list[str]:
-    """Loud warnings about the model itself (printed even with --quiet)."""
-    warnings = []
-    if prepared.provenance.get("synthetic"):
-        warnings.append(
-            "WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
-            "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."
-        )
-    if getattr(getattr(prepared.model, "config", None), "out_channels", 1) < 2:
-        warnings.append(
-            "WARNING: this model has no lung head, so it cannot measure severity: no lungs/ masks are written and "
-            "the severity columns of predictions.csv stay empty. Retrain with train.lung_aux_weight > 0."
-        )
-    return warnings
 
 
 def mostly_infected_warning(rows: Iterable[Row]) -> str | None:
@@ -460,7 +430,7 @@ def predict_files(
         greys: dict[int, np.ndarray] = {}
         for i in batch:
             try:
-                greys[i] = load_grey(paths[i])
+                greys[i], rows[i].sop_instance_uid = load_input(paths[i])
                 rows[i].height, rows[i].width = greys[i].shape
                 rows[i].warning = low_range_warning(greys[i], str(paths[i])) or ""
             except BadImageError as exc:
@@ -470,9 +440,7 @@ def predict_files(
             continue
         order = list(greys)
         small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
-        probs, lung_probs = calibrated_outputs(
-            prepared.model, small, prepared.device, prepared.precision, prepared.calibration, batch_size=step
-        )  # float32 (n, S, S) each; lung_probs None without a lung head
+        probs, lung_probs = prepared.run(small)  # float32 (n, S, S) each; lung_probs None without a lung head
         for k, i in enumerate(order):
             grey = greys.pop(i)
             try:

@@ -1,0 +1,200 @@
+"""The model behind ``covidseg predict``: a torch checkpoint (``model.pt``) or an exported ``model.onnx``.
+
+Both become a :class:`Prepared`, whose ``run`` maps uint8 images (n, 1, S, S) to calibrated
+infection probabilities float32 (n, S, S) and lung probabilities float32 (n, S, S) (None without a
+lung head), so the image and output code of :mod:`covidseg.inference.predict` is shared.
+
+The ONNX path imports no torch (tests check it): torch, the checkpoint reader and the device
+helpers are imported inside :func:`_prepare_torch` only. onnxruntime runs on the CPU; ``device``
+and ``precision`` apply to the torch backend only.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
+_ONNX_FIRST_BYTE = b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version), a varint
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A model ready to run and the settings read from its file.
+
+    ``run``: uint8 (n, 1, S, S) -> (float32 (n, S, S) calibrated infection probabilities,
+    float32 (n, S, S) lung probabilities or None for a model without a lung head).
+    """
+
+    run: Runner
+    size: int  # S, the square input side in pixels
+    threshold: float  # the option's, else the model file's val-tuned one, else 0.5
+    threshold_source: str  # "option", "model" or "default"
+    backend: str  # "torch" or "onnx"
+    has_lung_head: bool
+    provenance: dict = field(default_factory=dict)  # as written by training ({} when the file has none)
+    description: str = ""  # how it runs, e.g. "torch on cpu, fp32"
+
+
+def model_backend(path: str | Path) -> str:
+    """``"onnx"`` or ``"torch"`` for a model file: by its first bytes (a zip is a torch checkpoint,
+    a protobuf starting with ir_version is ONNX), else by its suffix (``.onnx``), else torch."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        head = b""  # the backend's loader reports the missing or unreadable file
+    if head.startswith(_ZIP_MAGIC):
+        return "torch"
+    if path.suffix.lower() == ".onnx" or head.startswith(_ONNX_FIRST_BYTE):
+        return "onnx"
+    return "torch"
+
+
+def prepare_model(
+    model_path: str | Path,
+    threshold: float | None = None,
+    flip_tta: bool | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 8,
+) -> Prepared:
+    """Load ``model_path`` with the backend :func:`model_backend` picks.
+
+    ``threshold`` None: the model's val-tuned threshold (0.5 if it has none); ``flip_tta`` None: as
+    the model was calibrated. Raises FileNotFoundError / ValueError naming the model file,
+    RuntimeError for an unusable device.
+    """
+    if model_backend(model_path) == "onnx":
+        return _prepare_onnx(Path(model_path), threshold, flip_tta, batch_size)
+    return _prepare_torch(Path(model_path), threshold, flip_tta, device, precision, batch_size)
+
+
+def _pick_threshold(option: float | None, saved: float | None) -> tuple[float, str]:
+    if option is not None:
+        return float(option), "option"
+    if saved is not None:
+        return float(saved), "model"
+    return 0.5, "default"
+
+
+def _prepare_torch(
+    path: Path, threshold: float | None, flip_tta: bool | None, device: str, precision: str, batch_size: int
+) -> Prepared:
+    from dataclasses import replace
+
+    from covidseg.device import choose_device, choose_precision
+    from covidseg.inference.calibration import Calibration, calibrated_outputs
+    from covidseg.model.checkpoint import load_model
+
+    torch_device = choose_device(device)
+    model, meta = load_model(path, torch_device)
+    if "size" not in meta:
+        raise ValueError(f"{path}: model file has no 'size' (the input size it was trained on)")
+    saved = Calibration.from_meta(meta)
+    value, source = _pick_threshold(threshold, saved.threshold)
+    calibration = replace(saved, threshold=value, flip_tta=saved.flip_tta if flip_tta is None else flip_tta)
+    chosen = choose_precision(torch_device, precision)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        return calibrated_outputs(model, images, torch_device, chosen, calibration, batch_size=batch_size)
+
+    provenance = meta.get("provenance")
+    return Prepared(
+        run=run,
+        size=int(meta["size"]),
+        threshold=value,
+        threshold_source=source,
+        backend="torch",
+        has_lung_head=getattr(getattr(model, "config", None), "out_channels", 1) > 1,
+        provenance=provenance if isinstance(provenance, dict) else {},
+        description=f"torch on {torch_device.type}, {chosen}",
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """float32 sigmoid, without overflow warnings for large negative inputs."""
+    x = x.astype(np.float32, copy=False)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
+
+
+def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, batch_size: int) -> Prepared:
+    from covidseg.inference.onnx_runtime import OnnxPredictor
+
+    predictor = OnnxPredictor(path)  # FileNotFoundError, or OnnxModelError (a ValueError) naming the file
+    baked = bool(predictor.calibration["flip_tta"])
+    if flip_tta is not None and flip_tta != baked:
+        raise ValueError(
+            f"{path}: flip TTA is {'on' if baked else 'off'} inside this ONNX graph and cannot be switched "
+            f"{'off' if baked else 'on'}; drop --{'no-' if baked else ''}flip-tta or use the torch model file"
+        )
+    value, source = _pick_threshold(threshold, predictor.threshold)
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        probs, logits = predictor.run(images, batch_size=batch_size)
+        # The graph's logits are already flip-averaged; the lung probability has no temperature, as in torch.
+        return probs, (_sigmoid(logits[:, 1]) if logits.shape[1] > 1 else None)
+
+    channels = predictor.session.get_outputs()[1].shape[1]
+    if not isinstance(channels, int):  # not fixed in the graph: read it from the recorded config
+        channels = int(json.loads(predictor.metadata.get("covidseg.config", "{}")).get("out_channels", 1))
+    return Prepared(
+        run=run,
+        size=predictor.size,
+        threshold=value,
+        threshold_source=source,
+        backend="onnx",
+        has_lung_head=channels > 1,
+        provenance=_onnx_provenance(predictor.metadata),
+        description="onnxruntime on cpu, fp32",
+    )
+
+
+def _onnx_provenance(metadata: dict[str, str]) -> dict:
+    """The training provenance an exporter stored as JSON under ``covidseg.provenance`` ({} when absent or bad)."""
+    try:
+        value = json.loads(metadata.get("covidseg.provenance", "{}"))
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def provenance_lines(prepared: Prepared) -> list[str]:
+    """What the model was trained on, for the user: one or two lines, or a note that the file does not say."""
+    p = prepared.provenance
+    if not p:
+        return [f"model: the file records no provenance (data source, val Dice); runs with {prepared.description}"]
+    counts = ", ".join(f"{k} {v}" for k, v in p.get("split_counts", {}).items())
+    val = p.get("val_dice")
+    return [
+        f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'}; "
+        f"{p.get('train_images', '?')} training images), val Dice {val:.3f}"
+        if isinstance(val, float)
+        else f"model: trained on {p.get('data_source', 'unknown')} ({counts or 'split sizes unknown'})",
+        f"model: covidseg {p.get('package_version', '?')}, training code {str(p.get('code_hash', '?'))[:12]}; "
+        f"runs with {prepared.description}",
+    ]
+
+
+def model_warnings(prepared: Prepared) -> list[str]:
+    """Loud warnings about the model itself (printed even with --quiet)."""
+    warnings = []
+    if prepared.provenance.get("synthetic"):
+        warnings.append(
+            "WARNING: this model was trained on the built-in SYNTHETIC data set, not on real X-rays: "
+            "its masks mean nothing clinically. Set data.source to the COVID-QU-Ex data and rerun `dvc repro`."
+        )
+    if not prepared.has_lung_head:
+        warnings.append(
+            "WARNING: this model has no lung head, so it cannot measure severity: no lungs/ masks are written and "
+            "the severity columns of predictions.csv stay empty. Retrain with train.lung_aux_weight > 0."
+        )
+    return warnings
