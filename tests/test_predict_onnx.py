@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 from test_predict import FAST, invoke, save_image
 
-from covidseg.inference.calibration import LUNG_THRESHOLD, Calibration
+from covidseg.evaluation.severity import LUNG_THRESHOLD
+from covidseg.inference.calibration import Calibration
 from covidseg.inference.predict import CSV_COLUMNS, read_csv
 from covidseg.model.checkpoint import save_model
 from covidseg.model.onnx_export import export_onnx
@@ -64,10 +65,10 @@ def test_backend_is_picked_by_bytes_then_suffix(models, tmp_path):
     assert backends.model_backend(zipped_onnx) == "torch"  # a torch zip whatever its suffix
 
 
-def test_both_backends_use_the_one_lung_threshold():
-    from covidseg.inference import backends
+def test_predict_uses_the_one_lung_threshold_of_the_severity_code():
+    from covidseg.inference import predict
 
-    assert backends.LUNG_THRESHOLD is LUNG_THRESHOLD == 0.5
+    assert predict.LUNG_THRESHOLD is LUNG_THRESHOLD == 0.5
 
 
 def test_onnx_gives_the_same_files_and_csv_as_the_torch_model(models, inputs, tmp_path):

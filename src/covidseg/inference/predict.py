@@ -41,9 +41,9 @@ from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
-from covidseg.evaluation.severity import extent_score, lung_shares, split_lungs
+from covidseg.evaluation.severity import LUNG_THRESHOLD, extent_score, lung_shares, split_lungs
 from covidseg.inference import backends
-from covidseg.inference.backends import LUNG_THRESHOLD, Prepared, model_warnings, provenance_lines
+from covidseg.inference.backends import Prepared, model_warnings, provenance_lines
 from covidseg.inference.overlay import draw_outline, tint
 
 __all__ = ["Prepared", "model_warnings", "provenance_lines", "prepare_model", "predict_files", "collect_inputs"]
