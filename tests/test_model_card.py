@@ -11,7 +11,7 @@ from covidseg.params import SECTIONS, from_dict, read_params
 
 from conftest import REPO, set_params
 
-TEST = {"n_images": 10, "rmse": 0.1234567, "dice": 0.7654321, "iou": 0.6543210, "threshold": 0.45,
+TEST = {"n_images": 10, "rmse_ci95_low": 0.11, "rmse_ci95_high": 0.14, "rmse": 0.1234567, "dice": 0.7654321, "iou": 0.6543210, "threshold": 0.45,
         "dice_at_threshold": 0.77}  # fmt: skip
 DETAILS = {
     "severity": {
@@ -75,6 +75,9 @@ def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
                     "Per class", "Calibration", "Known failure modes", "How it was made"):  # fmt: skip
         assert f"## {heading}" in card, heading
     assert "not for diagnosis" in card
+    assert (
+        "| rmse | 0.1235 | 0.1100 to 0.1400 |" in card and "| dice | 0.7654 | n/a |" in card
+    )  # no dice interval given
     assert "| rmse | 0.1235 |" in card and "| dice | 0.7654 |" in card and "| iou | 0.6543 |" in card
     assert "| share_mae | 9.87 | 7.11 to 12.34 |" in card
     assert "| Normal | 5 | 0.0000 | 0.0000 | 0.0500 | 3 of 5 |" in card

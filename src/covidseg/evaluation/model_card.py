@@ -71,6 +71,14 @@ def licence_text(provenance: dict) -> tuple[str, str]:
     return data, weights
 
 
+def _ci(block: dict, key: str, digits: int = 4) -> str:
+    """'low to high' of ``key``'s 95 % bootstrap interval in ``block`` (``{key}_ci95_low``/``_high``), or n/a."""
+    low, high = block.get(f"{key}_ci95_low"), block.get(f"{key}_ci95_high")
+    if low is None or high is None:
+        return "n/a"
+    return f"{_num(low, digits)} to {_num(high, digits)}"
+
+
 def _num(x: Any, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -163,19 +171,19 @@ def render_card(
         "",
         "| metric | value | 95 % interval | definition |",
         "|---|---|---|---|",
-        f"| rmse | {_num(test.get('rmse'))} | n/a | sqrt of the mean squared error of the calibrated probability "
+        f"| rmse | {_num(test.get('rmse'))} | {_ci(test, 'rmse')} | sqrt of the mean squared error of the calibrated probability "
         "against the 0/1 truth over all pixels |",
-        f"| dice | {_num(test.get('dice'))} | n/a | mean per-image Dice at threshold 0.5 (images with an empty "
+        f"| dice | {_num(test.get('dice'))} | {_ci(test, 'dice')} | mean per-image Dice at threshold 0.5 (images with an empty "
         "truth and an empty prediction left out) |",
-        f"| iou | {_num(test.get('iou'))} | n/a | mean per-image IoU at threshold 0.5, same rule |",
+        f"| iou | {_num(test.get('iou'))} | {_ci(test, 'iou')} | mean per-image IoU at threshold 0.5, same rule |",
         f"| dice_at_threshold | {_num(test.get('dice_at_threshold'))} | n/a | mean per-image Dice at the tuned "
         f"threshold {test.get('threshold', '?')} |",
-        f"| lung_dice | {_num(model_sev.get('lung_dice'))} | n/a | mean Dice of the lung head's lungs |",
+        f"| lung_dice | {_num(model_sev.get('lung_dice'))} | {_ci(model_sev, 'lung_dice')} | mean Dice of the lung head's lungs |",
         f"| share_mae | {_num(model_sev.get('share_mae'), 2)} | "
         f"{_num(model_sev.get('share_mae_ci95_low'), 2)} to {_num(model_sev.get('share_mae_ci95_high'), 2)} | "
         "mean absolute error of the infected share per lung, percentage points (interval: bootstrap over images) |",
         f"| share_bias | {_num(model_sev.get('share_bias'), 2)} | n/a | mean predicted minus true share per lung, points |",
-        f"| extent_kappa | {_num(model_sev.get('extent_kappa'), 3)} | n/a | quadratic-weighted kappa of the 0-8 extent score |",
+        f"| extent_kappa | {_num(model_sev.get('extent_kappa'), 3)} | {_ci(model_sev, 'extent_kappa', 3)} | quadratic-weighted kappa of the 0-8 extent score |",
         "",
         f"Baselines for share_mae: true lungs with the model's infection "
         f"{_num(sev.get('oracle_true_lungs', {}).get('share_mae'), 2)}, one constant share "
