@@ -104,7 +104,7 @@ def test_ddp_writes_what_one_process_writes(runs):
     assert "models/resume/state.pt" not in _files(ddp)  # removed once training completes
     for d in (single, ddp):
         model, meta = load_model(d / "models" / "model.pt")
-        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
+        assert model(torch.zeros(1, 1, 64, 64)).shape == (1, 2, 64, 64)  # infection + lung head (on by default)
         assert {"threshold", "temperature", "size", "best_epoch", "train_params", "seed"} <= set(meta)
     m_single = json.loads((single / "metrics" / "train.json").read_text())
     m_ddp = json.loads((ddp / "metrics" / "train.json").read_text())

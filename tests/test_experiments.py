@@ -9,7 +9,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from conftest import TINY_PARAMS, dvc, make_repo_copy
+
+pytestmark = pytest.mark.slow  # 2 minutes each on 2 cores: `make test-all` runs them
 
 LRS = ("0.001", "0.003")
 

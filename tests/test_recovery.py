@@ -55,7 +55,7 @@ def test_bad_params_and_sources_stop_at_check_then_a_valid_lr_change_reruns_only
     (tiny_repo / "params.yaml").write_text(text.split("trian:")[0] + "\n")
     set_params(tiny_repo, {"train": {"lr": 0.0005}})
     out = dvc(tiny_repo, "repro").stdout
-    assert _ran(out) == {"check", "train", "evaluate", "plots"}, out
+    assert _ran(out) == {"check", "train", "evaluate", "export", "card", "plots"}, out
     assert "up to date" in dvc(tiny_repo, "status").stdout
 
 

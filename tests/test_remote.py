@@ -13,7 +13,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import TINY_PARAMS, dvc, make_repo_copy, run
+
+pytestmark = pytest.mark.slow  # 2 minutes each on 2 cores: `make test-all` runs them
 
 TINY_TRAIN = {"epochs": 1}  # on top of TINY_PARAMS: one epoch is enough to move data around
 

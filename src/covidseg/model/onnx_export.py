@@ -109,6 +109,7 @@ def export_onnx(
         verbose=False,
     )
     proto = program.model_proto
+    _strip_source_locations(proto)
     del proto.metadata_props[:]
     for key, value in sorted({**metadata, **own}.items()):
         entry = proto.metadata_props.add()
@@ -123,6 +124,25 @@ def export_onnx(
             images = np.random.default_rng(0).integers(0, 256, (2, 1, size, size), dtype=np.uint8)
             check_parity(lambda x: _torch_probabilities(net, calibration, x), tmp, images, name=path)
     return path
+
+
+def _strip_source_locations(proto) -> None:
+    """Drop the exporter's per-node debug metadata (Python stack traces with absolute source paths, FX
+    node text), so the same weights give the same bytes from any clone or folder. The graph is untouched."""
+
+    def clean(nodes) -> None:
+        for node in nodes:
+            del node.metadata_props[:]
+            node.doc_string = ""
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    clean(attr.g.node)
+                for graph in attr.graphs:
+                    clean(graph.node)
+
+    clean(proto.graph.node)
+    for function in proto.functions:
+        clean(function.node)
 
 
 def _torch_probabilities(net: nn.Module, calibration: Calibration, images: np.ndarray) -> np.ndarray:
