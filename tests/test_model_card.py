@@ -136,6 +136,6 @@ def test_s_line_recreates_the_run_params(tmp_path):
 
 def test_default_params_say_so(tmp_path):
     assert recipe_flags(_params(tmp_path)) == []
-    assert "(none: the params.yaml defaults)" in render_card(
+    assert "`dvc repro` with the params.yaml defaults (no `-S` overrides)" in render_card(
         _params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path)
     )

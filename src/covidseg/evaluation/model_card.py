@@ -136,7 +136,11 @@ def render_card(
     sev = details.get("severity", {})
     model_sev = sev.get("model", {})
     flags = recipe_flags(params_path)
-    s_line = " ".join(f"-S {f}" for f in flags) if flags else "(none: the params.yaml defaults)"
+    s_line = (
+        f"`dvc exp run {' '.join(f'-S {f}' for f in flags)}`"
+        if flags
+        else "`dvc repro` with the params.yaml defaults (no `-S` overrides)"
+    )
     out = [
         "# Model card: covidseg U-Net",
         "",
@@ -221,7 +225,7 @@ def render_card(
         "",
         "## How it was made",
         "",
-        f"`dvc exp run {s_line}`",
+        s_line,
         "",
         f"Seed {model_meta.get('seed', '?')}, best epoch {train.get('best_epoch', '?')} of "
         f"{train.get('epochs_run', '?')}, covidseg {prov.get('package_version', '?')}, "
