@@ -97,8 +97,16 @@ def evaluate(
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
     lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
+    train_masks, train_lungs = _train_masks(prepared_dir)  # read once: prevalence and the severity baseline
     _, severity, severity_per = _severity(
-        prob >= tuned_threshold, lung_prob, truth, lungs, test["ids"], prepared_dir, params
+        prob >= tuned_threshold,
+        lung_prob,
+        truth,
+        lungs,
+        test["ids"],
+        prepared_dir,
+        params,
+        baseline_share=median_lung_share(train_masks, train_lungs),
     )
     summary = {
         "n_images": int(len(prob)),
@@ -110,7 +118,7 @@ def evaluate(
         "ece_bins": params.calibration_bins,
         "at_fixed_threshold": fixed,
         "at_tuned_threshold": tuned,
-        "baselines": baselines(truth, lungs, _train_prevalence(prepared_dir)),
+        "baselines": baselines(truth, lungs, float(train_masks.mean(dtype=np.float64))),
         "temperature": calibration.temperature,
         "flip_tta": calibration.flip_tta,
         "lung_gate": calibration.lung_gate,
@@ -172,29 +180,35 @@ def _severity(
     ids: np.ndarray,
     prepared_dir: str | Path,
     params: EvaluateParams,
+    baseline_share: float,
 ) -> tuple[dict, dict, pd.DataFrame]:
-    """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table."""
+    """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table.
+
+    ``baseline_share``: the constant per-lung share (percent) of the trivial baseline, the train split's median.
+    """
     if true_lungs is None:
         raise ValueError(
             f"{prepared_dir}/test.npz has no lung masks: severity needs them (rerun `dvc repro preprocess`)"
         )
-    with np.load(Path(prepared_dir) / "train.npz") as z:
-        baseline = median_lung_share(z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool))
     pred_lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
     return evaluate_severity(
-        pred_infection, pred_lungs, truth, true_lungs, baseline, ids=list(ids), n_resamples=params.bootstrap_resamples
+        pred_infection,
+        pred_lungs,
+        truth,
+        true_lungs,
+        baseline_share,
+        ids=list(ids),
+        n_resamples=params.bootstrap_resamples,
     )
 
 
-def _train_prevalence(prepared_dir: str | Path) -> float:
-    """Share of infected pixels in the training split (the constant-prior baseline's probability)."""
+def _train_masks(prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """The train split's infection and lung masks, bool (N, S, S) each: the baselines' prevalence and median share."""
     path = Path(prepared_dir) / "train.npz"
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: the train split is missing (the constant-prior baseline needs its prevalence)"
-        )
+        raise FileNotFoundError(f"{path}: the train split is missing (the baselines need its infection and lung masks)")
     with np.load(path) as z:
-        return float(z["masks"].mean(dtype=np.float64))
+        return z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool)
 
 
 def _write_csv(path: str | Path, frame: pd.DataFrame) -> None:

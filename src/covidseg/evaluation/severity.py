@@ -178,6 +178,28 @@ def extent_score(share_pct: ArrayLike) -> np.ndarray | int:
     return int(score) if score.ndim == 0 else score
 
 
+SEVERITY_KEYS = (
+    "right_pct",
+    "left_pct",
+    "lungs_pct",
+    "right_extent",
+    "left_extent",
+    "extent_score",
+    "infected_outside_lungs_pct",
+)
+
+
+def image_severity(infection: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
+    """The :data:`SEVERITY_KEYS` of one image from bool (H, W) infection and lung masks.
+
+    The lungs are split by :func:`split_lungs`; shares as :func:`lung_shares` (percent, NaN for a
+    lung not found), extent scores by :func:`extent_score` (0-4 per lung, their sum 0-8).
+    """
+    shares = lung_shares(infection, *split_lungs(lungs))
+    right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
+    return {**shares, "right_extent": right, "left_extent": left, "extent_score": right + left}
+
+
 def severity_table(
     infection_masks: np.ndarray, lung_masks: np.ndarray, ids: Sequence[str] | None = None
 ) -> pd.DataFrame:
@@ -196,31 +218,8 @@ def severity_table(
         )
     if ids is not None and len(ids) != len(lung_masks):
         raise ValueError(f"ids has {len(ids)} names for {len(lung_masks)} images")
-    rows = []
-    for infection, lungs in zip(infection_masks, lung_masks):
-        shares = lung_shares(infection, *split_lungs(lungs))
-        right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
-        rows.append(
-            {
-                "right_pct": shares["right_pct"],
-                "left_pct": shares["left_pct"],
-                "lungs_pct": shares["lungs_pct"],
-                "right_extent": right,
-                "left_extent": left,
-                "extent_score": right + left,
-                "infected_outside_lungs_pct": shares["infected_outside_lungs_pct"],
-            }
-        )
-    columns = [
-        "right_pct",
-        "left_pct",
-        "lungs_pct",
-        "right_extent",
-        "left_extent",
-        "extent_score",
-        "infected_outside_lungs_pct",
-    ]
-    table = pd.DataFrame(rows, columns=columns)
+    rows = [image_severity(infection, lungs) for infection, lungs in zip(infection_masks, lung_masks)]
+    table = pd.DataFrame(rows, columns=SEVERITY_KEYS)
     table[["right_extent", "left_extent", "extent_score"]] = table[
         ["right_extent", "left_extent", "extent_score"]
     ].astype(np.int64)

@@ -77,17 +77,9 @@ def calibrated_probabilities(
     calibration: Calibration,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """float32 (N, S, S) probabilities for uint8 images (N, 1, S, S), with the flips, gating and temperature of ``calibration``."""
-    logits = predict_logits(
-        model,
-        images,
-        device,
-        precision,
-        batch_size=batch_size,
-        flip_tta=calibration.flip_tta,
-        lung_gate=calibration.lung_gate,
-    )
-    return probabilities(logits, calibration.temperature)
+    """float32 (N, S, S) probabilities for uint8 images (N, 1, S, S), with the flips, gating and temperature of
+    ``calibration``: the infection half of :func:`calibrated_outputs`."""
+    return calibrated_outputs(model, images, device, precision, calibration, batch_size)[0]
 
 
 # ----- fitting on val ------------------------------------------------------------------------

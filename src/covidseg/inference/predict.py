@@ -41,7 +41,7 @@ from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
-from covidseg.evaluation.severity import LUNG_THRESHOLD, extent_score, lung_shares, split_lungs
+from covidseg.evaluation.severity import LUNG_THRESHOLD, image_severity
 from covidseg.inference import backends
 from covidseg.inference.backends import Prepared, model_warnings, provenance_lines
 from covidseg.inference.overlay import draw_outline, tint
@@ -342,10 +342,7 @@ def severity_of(infection: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
     """The CSV's severity columns from bool (H, W) infection and lung masks: per-lung and both-lung
     infected share (percent), extent scores (0-4 per lung, 0-8 summed) and the share of the infected
     pixels outside the lungs (percent). A lung not found has an empty share and extent 0."""
-    right, left = split_lungs(lungs)
-    shares = lung_shares(infection, right, left)
-    r, le = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
-    values = {**shares, "right_extent": r, "left_extent": le, "extent_score": r + le}
+    values = image_severity(infection, lungs)
     return {column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()}
 
 
