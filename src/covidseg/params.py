@@ -127,6 +127,7 @@ class TrainParams:
     tversky_gamma: float = 0.75
     pos_weight: float = 1.0
     lung_aux_weight: float = 0.5
+    lung_crop: bool = False
     base_channels: int = 16
     depth: int = 4
     downsample: int = 2
@@ -164,6 +165,11 @@ class TrainParams:
         _check(0 < self.tversky_gamma <= 3, s, "tversky_gamma must be in (0, 3] (1: plain Tversky; < 1: focal Tversky)")
         _check(self.pos_weight > 0, s, "pos_weight must be > 0")
         _check(self.lung_aux_weight >= 0, s, "lung_aux_weight must be >= 0")
+        _check(
+            not self.lung_crop or self.lung_aux_weight > 0,
+            s,
+            "lung_crop needs the lung head to find the lungs: set lung_aux_weight > 0",
+        )
         for problem in architecture_problems(self.base_channels, self.depth, self.downsample):
             _check(False, s, problem)
         _check(0 <= self.rotate_deg <= 45, s, "rotate_deg must be in [0, 45]")

@@ -6,6 +6,7 @@ A model file is a ``torch.save`` zip archive of one dict::
     format_version  FORMAT_VERSION
     config          the UNetConfig as a dict
     state_dict      CPU tensors
+    lung_crop       (optional) True: the network runs as a lung-region cascade (covidseg.model.cascade)
     ...             e.g. threshold, temperature, size, provenance (see covidseg.training.loop)
 
 Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from covidseg.atomic import atomic_path
+from covidseg.model.cascade import LungCascade
 from covidseg.model.unet import UNet, UNetConfig
 
 FORMAT = "covidseg-model"
@@ -37,11 +39,14 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
     The same weights and ``extra`` give the same bytes, whatever ``path`` is.
     """
     net = getattr(model, "module", model)
+    cascade = isinstance(net, LungCascade)
+    net = net.net if cascade else net
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": net.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        **({"lung_crop": True} if cascade else {}),
         **extra,
     }
     buf = io.BytesIO()
@@ -80,8 +85,10 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Rebuild the U-Net from a file written by :func:`save_model`; returns (model in eval mode, metadata).
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild the model from a file written by :func:`save_model`; returns (model in eval mode, metadata).
+
+    The model is the U-Net, or the U-Net inside a :class:`LungCascade` for a file with ``lung_crop``.
 
     Raises FileNotFoundError, or ValueError naming the file and what to do for anything that is
     not a model file of this format version (including unknown config keys or mismatched weights).
@@ -100,6 +107,10 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ValueError(f"{path}: model config and weights do not fit ({reason}); {_RETRAIN}") from None
+    if payload.get("lung_crop", False):
+        model = LungCascade(model)
     model.to(device).to(memory_format=torch.channels_last).eval()
-    meta = {k: v for k, v in payload.items() if k not in ("format", "format_version", "config", "state_dict")}
+    meta = {
+        k: v for k, v in payload.items() if k not in ("format", "format_version", "config", "state_dict", "lung_crop")
+    }
     return model, meta

@@ -40,6 +40,7 @@ from covidseg.data.arrays import load_source, load_split
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.inference.calibration import at_grid_edge, fit_calibration, val_scores
 from covidseg.inference.forward import predict_logits
+from covidseg.model.cascade import LungCascade, crop_batch
 from covidseg.model.checkpoint import save_model
 from covidseg.model.losses import make_loss, segmentation_loss, training_targets
 from covidseg.model.unet import UNet, UNetConfig
@@ -183,8 +184,12 @@ class Trainer:
 
     @property
     def eval_model(self) -> torch.nn.Module:
-        """What validation, best-epoch selection and saving use: the weight average when there is one."""
+        """The weights validation, best-epoch selection and saving use: the weight average when there is one."""
         return self.ema.model if self.ema else self.model
+
+    def inference_model(self, net: torch.nn.Module) -> torch.nn.Module:
+        """``net`` as it predicts: wrapped in the two-pass lung-region cascade with ``train.lung_crop``."""
+        return LungCascade(net) if self.params.lung_crop else net
 
     # ----- resume -------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -278,6 +283,8 @@ class Trainer:
                 x, y = augment_batch(self.train_x[idx], y, p, aug_gen)
             else:
                 x = self.train_x[idx].float().div_(255.0)
+            if p.lung_crop:
+                x, y = crop_batch(x, y, aug_gen)
             x = x.to(self.device).contiguous(memory_format=torch.channels_last)
             y = y.to(self.device)
             for group in self.opt.param_groups:
@@ -319,7 +326,11 @@ class Trainer:
         idx = np.arange(ctx.rank, len(self.val["images"]), ctx.world_size)  # each val image on one rank
         images, masks = self.val["images"][idx], self.val["masks"][idx]
         logits = predict_logits(
-            self.eval_model, images, self.device, self.precision, batch_size=max(self.params.batch_size, 8)
+            self.inference_model(self.eval_model),
+            images,
+            self.device,
+            self.precision,
+            batch_size=max(self.params.batch_size, 8),
         )
         target = torch.from_numpy(masks).float()
         loss = (
@@ -407,8 +418,9 @@ class Trainer:
             "lung gating, temperature and threshold are then tuned on val"
         )
         p = self.params
+        model = self.inference_model(self.model)
         calibration, tuned = fit_calibration(
-            self.model,
+            model,
             self.val["images"],
             self.val["masks"],
             self.device,
@@ -442,7 +454,7 @@ class Trainer:
         if self.ctx.is_main:
             save_model(
                 model_path,
-                self.model,
+                model,
                 {
                     **chosen,
                     "size": int(self.train_x.shape[-1]),
