@@ -94,10 +94,10 @@ def _payload(tmp_path, **changes):
                     "base_channels": 4,
                     "depth": 2,
                     "downsample": 1,
-                    "attention": True,
+                    "dropout": 0.1,
                 }
             },
-            r"m.pt: unknown model config key\(s\) attention; retrain it with `dvc repro train`",
+            r"m.pt: unknown model config key\(s\) dropout; retrain it with `dvc repro train`",
         ),
     ],
 )

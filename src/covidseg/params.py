@@ -20,7 +20,7 @@ import yaml
 T = TypeVar("T")
 
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
-LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky")
+LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -131,6 +131,7 @@ class TrainParams:
     base_channels: int = 16
     depth: int = 4
     downsample: int = 2
+    attention: bool = False
     augment: bool = False
     flip: bool = True
     rotate_deg: float = 10.0

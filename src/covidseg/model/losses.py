@@ -56,6 +56,43 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, a
     return (alpha_t * (1 - p_t) ** gamma * bce).mean()
 
 
+def lovasz_grad(gt_sorted: torch.Tensor) -> torch.Tensor:
+    """Gradient of the Lovasz extension of the Jaccard loss, per row.
+
+    gt_sorted: float (N, P) labels in {0, 1}, each row sorted by decreasing error. Returns
+    float (N, P): entry k is Delta_J(first k+1 pixels wrong) - Delta_J(first k pixels wrong),
+    where Delta_J(M) = 1 - |T minus M| / |T union M| is the Jaccard loss when the pixels M are
+    mispredicted (Berman et al., CVPR 2018, eq. 8-9). With an empty T the Jaccard loss is 1 as soon
+    as one pixel is wrong, so the gradient is (1, 0, ..., 0).
+    """
+    gts = gt_sorted.sum(1, keepdim=True)
+    intersection = gts - gt_sorted.cumsum(1)
+    union = gts + (1 - gt_sorted).cumsum(1)
+    jaccard = 1.0 - intersection / union
+    return torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+
+
+def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of the Lovasz hinge (Berman et al., CVPR 2018): a convex surrogate of 1 - IoU.
+
+    logits, target: (N, 1, H, W) (any shape with images on dim 0). Per image, the hinge errors
+    e = 1 - logit * sign (sign = +1 on infected pixels, -1 elsewhere) are sorted in decreasing
+    order and the loss is dot(relu(e_sorted), lovasz_grad(labels_sorted)). ``relu`` on the errors,
+    as in the reference implementation (not its elu + 1 variant): pixels on the right side with a
+    margin >= 1 cost nothing, so a confident correct prediction has loss 0.
+
+    Special cases (following the reference): an all-ones mask gives the mean hinge
+    mean(relu(1 - logit)); an empty mask gives relu(1 + max logit), so only the most
+    confident false positive has a gradient. Computed in float32 whatever the autocast dtype.
+    """
+    logits = logits.float().flatten(1)
+    labels = target.float().flatten(1)
+    errors = 1.0 - logits * (2.0 * labels - 1.0)
+    errors_sorted, perm = torch.sort(errors, dim=1, descending=True)
+    grad = lovasz_grad(torch.gather(labels, 1, perm))
+    return (F.relu(errors_sorted) * grad).sum(1).mean()
+
+
 def make_loss(
     name: str,
     pos_weight: float = 1.0,
@@ -63,7 +100,7 @@ def make_loss(
     tversky_alpha: float = 0.7,
     tversky_gamma: float = 0.75,
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss named by params ``train.loss``: bce, dice, bce_dice, focal, bce_tversky or bce_focal_tversky."""
+    """The loss named by params ``train.loss``: bce, dice, bce_dice, focal, bce_tversky, bce_focal_tversky or bce_lovasz."""
     if name == "bce":
         return lambda lg, t: bce_loss(lg, t, pos_weight)
     if name == "dice":
@@ -76,6 +113,8 @@ def make_loss(
         return lambda lg, t: bce_loss(lg, t, pos_weight) + tversky_loss(lg, t, tversky_alpha)
     if name == "bce_focal_tversky":
         return lambda lg, t: bce_loss(lg, t, pos_weight) + tversky_loss(lg, t, tversky_alpha, tversky_gamma)
+    if name == "bce_lovasz":
+        return lambda lg, t: bce_loss(lg, t, pos_weight) + lovasz_hinge(lg, t)
     raise ValueError(f"unknown loss {name!r}; choose from {list(LOSSES)}")
 
 

@@ -169,7 +169,11 @@ class Trainer:
         torch.manual_seed(self.seed)
         self.model = UNet(
             UNetConfig(
-                out_channels=2 if self.aux else 1, base_channels=p.base_channels, depth=p.depth, downsample=p.downsample
+                out_channels=2 if self.aux else 1,
+                base_channels=p.base_channels,
+                depth=p.depth,
+                downsample=p.downsample,
+                attention=p.attention,
             )
         )
         self.model.to(device).to(memory_format=torch.channels_last)
