@@ -139,3 +139,11 @@ def test_default_params_say_so(tmp_path):
     assert "`dvc repro` with the params.yaml defaults (no `-S` overrides)" in render_card(
         _params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path)
     )
+
+
+def test_input_contract_names_the_contrast_normalisation_of_the_model(tmp_path):
+    params, per_image = _params(tmp_path), _per_image(tmp_path)
+    plain = render_card(params, META, TEST, DETAILS, TRAIN, per_image)
+    assert "(the model's fixed input size).\n" in plain and "contrast-normalised" not in plain
+    clahe = render_card(params, {**META, "contrast": "clahe"}, TEST, DETAILS, TRAIN, per_image)
+    assert "then contrast-normalised by `clahe`" in clahe and "a caller of the raw ONNX graph must" in clahe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from PIL import Image
 from test_extract import NEST, make_dataset, read_csv, snapshot, write_png
 from test_sources import DEV_NEST, dev_part
 
-from covidseg.data.arrays import load_split, resize_mask
+from covidseg.data.arrays import load_source, load_split, resize_mask
+from covidseg.data.contrast import normalise_contrast
 from covidseg.data.extract import extract
 from covidseg.data.preprocess import preprocess
 from covidseg.params import DataParams, PreprocessParams
@@ -123,3 +125,20 @@ def test_extract_rewrites_odd_files_so_preprocess_reads_grey(tmp_path: Path) -> 
     preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     np.testing.assert_array_equal(load_split(tmp_path / "prepared", "train")["images"][0, 0], grey)
     assert NEST in read_csv(ext / "manifest.csv")[0]["image_path"]
+
+
+@pytest.mark.parametrize("method", ["clahe", "equalize"])
+def test_contrast_changes_the_images_only_and_is_recorded(tmp_path: Path, method: str) -> None:
+    make_dataset(tmp_path / "src", per_split=2, negatives=1)
+    ext = extracted(tmp_path, tmp_path / "src", classes=("COVID-19", "Normal"))
+    preprocess(ext, tmp_path / "plain", PreprocessParams(image_size=64))
+    preprocess(ext, tmp_path / "normed", PreprocessParams(image_size=64, contrast=method))
+    assert json.loads((tmp_path / "plain" / "source.json").read_text())["contrast"] == "none"
+    assert json.loads((tmp_path / "normed" / "source.json").read_text())["contrast"] == method
+    assert load_source(tmp_path / "normed")["contrast"] == method
+    for split in SPLITS:
+        plain, normed = load_split(tmp_path / "plain", split), load_split(tmp_path / "normed", split)
+        assert not np.array_equal(plain["images"], normed["images"])
+        np.testing.assert_array_equal(normed["images"][:, 0], normalise_contrast(plain["images"][:, 0], method))
+        for key in ("masks", "lungs", "ids", "classes"):
+            np.testing.assert_array_equal(plain[key], normed[key])

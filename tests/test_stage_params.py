@@ -55,7 +55,19 @@ def test_changing_preprocess_image_size_reruns_preprocess_even_when_the_run_cach
     assert "preprocess" in _ran(out), out
     assert np.load(tiny_repo / "data/prepared/train.npz")["images"].shape[-1] == 32
     lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
-    assert lock["stages"]["preprocess"]["params"]["params.yaml"]["preprocess"] == {"image_size": 32}
+    assert lock["stages"]["preprocess"]["params"]["params.yaml"]["preprocess"] == {"image_size": 32, "contrast": "none"}
+
+
+def test_changing_preprocess_contrast_reruns_preprocess_and_records_it(tiny_repo):
+    dvc(tiny_repo, "repro", "preprocess")
+    before = np.load(tiny_repo / "data/prepared/train.npz")["images"]
+    set_params(tiny_repo, {"preprocess": {"contrast": "clahe"}})
+    out = dvc(tiny_repo, "repro", "preprocess").stdout
+    assert "preprocess" in _ran(out), out  # (check reruns too: params.yaml is its dep)
+    assert not np.array_equal(np.load(tiny_repo / "data/prepared/train.npz")["images"], before)
+    assert json.loads((tiny_repo / "data/prepared/source.json").read_text())["contrast"] == "clahe"
+    lock = yaml.safe_load((tiny_repo / "dvc.lock").read_text())
+    assert lock["stages"]["preprocess"]["params"]["params.yaml"]["preprocess"]["contrast"] == "clahe"
 
 
 # (section change, the stage it must rerun, the output that must change)
@@ -64,6 +76,7 @@ CHANGES = [
     ({"seed": 7}, "synthesize", "data/raw/synthetic"),
     ({"data": {"classes": ["COVID-19", "Normal"]}}, "extract", "metrics/data.json"),
     ({"preprocess": {"image_size": 32}}, "preprocess", "data/prepared"),
+    ({"preprocess": {"contrast": "equalize"}}, "preprocess", "data/prepared"),
     ({"train": {"lr": 0.003}}, "train", "models/model.pt"),
     ({"evaluate": {"calibration_bins": 5}}, "evaluate", "plots/eval/calibration.csv"),
     ({"export": {"opset": 17}}, "export", "models/model.onnx"),

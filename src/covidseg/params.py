@@ -22,6 +22,7 @@ T = TypeVar("T")
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
+CONTRASTS = ("none", "equalize", "clahe")  # covidseg.data.contrast.METHODS (tests/test_contrast.py holds them equal)
 
 
 class ParamsError(ValueError):
@@ -99,9 +100,10 @@ class DataParams:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessParams:
-    """Side length (pixels) of the square tensors the model sees."""
+    """Side length (pixels) of the square tensors the model sees, and their contrast normalisation."""
 
     image_size: int = 256
+    contrast: str = "none"  # none, equalize or clahe (covidseg.data.contrast)
 
     def validate(self) -> None:
         _check(
@@ -109,6 +111,7 @@ class PreprocessParams:
             "preprocess",
             "image_size must be a multiple of 16 in [32, 1024]",
         )
+        _check(self.contrast in CONTRASTS, "preprocess", f"contrast must be one of {list(CONTRASTS)}")
 
 
 @dataclasses.dataclass(frozen=True)

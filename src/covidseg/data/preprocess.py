@@ -1,14 +1,16 @@
 """Turn the extracted subset into a few flat arrays per split, decoded and resized once.
 
 ``out_dir/{train,val,test}.npz`` each hold
-    images     uint8 (N, 1, S, S)  grey levels; the model divides by 255 to get [0, 1]
+    images     uint8 (N, 1, S, S)  grey levels after ``preprocess.contrast`` (covidseg.data.contrast);
+                                   the model divides by 255 to get [0, 1]
     masks      uint8 (N, 1, S, S)  infection, {0, 1}, binarised at 0.5 after resizing
     lungs      uint8 (N, 1, S, S)  lung fields, {0, 1}
     ids        str   (N,)          file stems, e.g. ``covid_12``
     classes    str   (N,)          ``COVID-19``, ``Non-COVID`` or ``Normal``
 
 and ``out_dir/source.json`` says where they came from (recorded by training in the model file):
-``{"data_source": base name of data.source, "synthetic": bool, "split_counts": {split: N}}``.
+``{"data_source": base name of data.source, "synthetic": bool, "split_counts": {split: N},
+"contrast": the preprocess.contrast method applied to the images}``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from PIL import Image
 
 from covidseg.atomic import atomic_dir, write_json
 from covidseg.data.arrays import resize_image, resize_mask
+from covidseg.data.contrast import normalise_contrast
 from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS
 from covidseg.params import PreprocessParams
 
@@ -37,7 +40,8 @@ def _decode(data: bytes) -> np.ndarray:
 def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: PreprocessParams) -> dict[str, int]:
     """Write one ``.npz`` per split (see the module doc); returns the number of pairs per split.
 
-    Every PNG is decoded once and resized only when its size differs from ``params.image_size``.
+    Every PNG is decoded once and resized only when its size differs from ``params.image_size``;
+    the images (never the masks) are then contrast-normalised by ``params.contrast``.
     The output directory is replaced atomically: on any error the previous one is kept.
     """
     extracted_dir = Path(extracted_dir)
@@ -59,7 +63,8 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                 base = f"{split}/{r['class']}"
                 name = Path(r["image_path"]).name
                 try:
-                    images[i, 0] = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
+                    image = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
+                    images[i, 0] = normalise_contrast(image, params.contrast)
                     masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
                     lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
                 except (KeyError, OSError, zipfile.BadZipFile) as exc:
@@ -76,7 +81,7 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                 classes=np.array([r["class"] for r in split_rows], dtype=str),
             )
             counts[split] = n
-        write_json(tmp / "source.json", _source_record(extracted_dir, counts))
+        write_json(tmp / "source.json", _source_record(extracted_dir, counts) | {"contrast": params.contrast})
     return counts
 
 

@@ -120,6 +120,16 @@ def failure_modes(per_image_csv: str | Path, details: dict) -> list[str]:
     return lines
 
 
+def _contrast_text(contrast: str) -> str:
+    """The input contract's contrast step: nothing for ``none``, so default cards read as before."""
+    if contrast == "none":
+        return "."
+    return (
+        f", then contrast-normalised by `{contrast}` (covidseg.data.contrast.normalise_contrast; "
+        "`covidseg predict` and the ONNX runner do it, a caller of the raw ONNX graph must)."
+    )
+
+
 def render_card(
     params_path: str | Path,
     model_meta: dict,
@@ -167,7 +177,8 @@ def render_card(
         "## Input contract",
         "",
         f"- One grey chest X-ray, PA or AP view; any size and PIL mode (converted to 8-bit grey), "
-        f"resized bilinearly to {size} x {size} pixels (the model's fixed input size).",
+        f"resized bilinearly to {size} x {size} pixels (the model's fixed input size)"
+        + _contrast_text(str(model_meta.get("contrast", "none"))),
         "- Orientation as radiographs are read: image left = the patient's right lung.",
         f"- Output: per-pixel infection probability at {size} x {size}; mask = probability >= the threshold below.",
         "",

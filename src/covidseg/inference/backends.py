@@ -2,7 +2,10 @@
 
 Both become a :class:`Prepared`, whose ``run`` maps uint8 images (n, 1, S, S) to calibrated
 infection probabilities float32 (n, S, S) and lung probabilities float32 (n, S, S) (None without a
-lung head), so the image and output code of :mod:`covidseg.inference.predict` is shared.
+lung head), so the image and output code of :mod:`covidseg.inference.predict` is shared. ``run``
+first applies the contrast normalisation the model was trained with (the model file's
+``contrast``, or the ONNX file's ``covidseg.contrast``; "none" for files without one), as
+preprocessing did (:func:`covidseg.data.contrast.normalise_contrast`).
 
 The ONNX path imports no torch (tests check it): torch, the checkpoint reader and the device
 helpers are imported inside :func:`_prepare_torch` only. onnxruntime runs on the CPU; ``device``
@@ -28,8 +31,9 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
 class Prepared:
     """A model ready to run and the settings read from its file.
 
-    ``run``: uint8 (n, 1, S, S) -> (float32 (n, S, S) calibrated infection probabilities,
-    float32 (n, S, S) lung probabilities or None for a model without a lung head).
+    ``run``: uint8 (n, 1, S, S) resized grey levels, before contrast normalisation -> (float32 (n, S, S)
+    calibrated infection probabilities, float32 (n, S, S) lung probabilities or None for a model
+    without a lung head).
     """
 
     run: Runner
@@ -40,6 +44,7 @@ class Prepared:
     has_lung_head: bool
     provenance: dict = field(default_factory=dict)  # as written by training ({} when the file has none)
     description: str = ""  # how it runs, e.g. "torch on cpu, fp32"
+    contrast: str = "none"  # the contrast normalisation ``run`` applies (covidseg.data.contrast)
 
 
 def model_backend(path: str | Path) -> str:
@@ -90,6 +95,7 @@ def _prepare_torch(
 ) -> Prepared:
     from dataclasses import replace
 
+    from covidseg.data.contrast import check_method, normalise_contrast
     from covidseg.device import choose_device, choose_precision
     from covidseg.inference.calibration import Calibration, calibrated_outputs
     from covidseg.model.checkpoint import load_model
@@ -102,8 +108,10 @@ def _prepare_torch(
     value, source = _pick_threshold(threshold, saved.threshold)
     calibration = replace(saved, threshold=value, flip_tta=saved.flip_tta if flip_tta is None else flip_tta)
     chosen = choose_precision(torch_device, precision)
+    contrast = check_method(str(meta.get("contrast", "none")), f"{path}: model file")
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        images = normalise_contrast(images[:, 0], contrast)[:, None]
         return calibrated_outputs(model, images, torch_device, chosen, calibration, batch_size=batch_size)
 
     provenance = meta.get("provenance")
@@ -115,8 +123,13 @@ def _prepare_torch(
         backend="torch",
         has_lung_head=getattr(getattr(model, "config", None), "out_channels", 1) > 1,
         provenance=provenance if isinstance(provenance, dict) else {},
-        description=f"torch on {torch_device.type}, {chosen}",
+        description=f"torch on {torch_device.type}, {chosen}" + _contrast_note(contrast),
+        contrast=contrast,
     )
+
+
+def _contrast_note(contrast: str) -> str:
+    return "" if contrast == "none" else f", contrast {contrast}"
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -154,7 +167,8 @@ def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, ba
         backend="onnx",
         has_lung_head=channels > 1,
         provenance=_onnx_provenance(predictor.metadata),
-        description="onnxruntime on cpu, fp32",
+        description="onnxruntime on cpu, fp32" + _contrast_note(predictor.contrast),
+        contrast=predictor.contrast,
     )
 
 

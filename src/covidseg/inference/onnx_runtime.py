@@ -3,8 +3,11 @@
 The graph (written by ``covidseg.model.onnx_export``) has calibration baked in: input ``image`` float32
 (N, 1, S, S) in [0, 1]; outputs ``probability`` float32 (N, S, S), the calibrated infection
 probability (flip averaging, lung gating and temperature included), and ``logits`` float32
-(N, C, S, S), the (flip-averaged) raw model outputs. Its metadata_props record the calibration and
-the tuned threshold, so any ONNX consumer can reproduce ``covidseg predict``.
+(N, C, S, S), the (flip-averaged) raw model outputs. Its metadata_props record the calibration, the
+tuned threshold and ``covidseg.contrast``, the contrast normalisation the model was trained with
+(none, equalize or clahe; "none" when absent). The graph does not apply it: a caller of the raw
+graph must apply :func:`covidseg.data.contrast.normalise_contrast` to the uint8 images first, as
+:class:`OnnxPredictor` does, so any ONNX consumer can reproduce ``covidseg predict``.
 
 This module must not import torch (tests check it): it is what ships with the model.
 """
@@ -17,11 +20,14 @@ from typing import Any
 
 import numpy as np
 
+from covidseg.data.contrast import METHODS, normalise_contrast
+
 FORMAT_KEY = "covidseg.format_version"
 FORMAT_VERSION = "1"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probability", "logits")
 REQUIRED_KEYS = (FORMAT_KEY, "covidseg.size", "covidseg.temperature", "covidseg.lung_gate", "covidseg.flip_tta")
+CONTRAST_KEY = "covidseg.contrast"  # optional: files written before it existed mean "none"
 
 
 class OnnxModelError(ValueError):
@@ -36,6 +42,7 @@ class OnnxPredictor:
         metadata: its metadata_props (str -> str).
         size: S, the square input side in pixels the graph expects.
         threshold: the probability threshold tuned on val, or None when the file has none.
+        contrast: the contrast normalisation :meth:`run` applies first (``covidseg.contrast``).
     """
 
     def __init__(self, path: str | Path, threads: int = 0):
@@ -71,6 +78,12 @@ class OnnxPredictor:
         self.size = int(self.metadata["covidseg.size"])
         threshold = self.metadata.get("covidseg.threshold", "")
         self.threshold: float | None = float(threshold) if threshold else None
+        self.contrast = self.metadata.get(CONTRAST_KEY, "none")
+        if self.contrast not in METHODS:
+            raise OnnxModelError(
+                f"{self.path}: unknown contrast method {self.contrast!r} in metadata {CONTRAST_KEY}; "
+                f"this code knows {list(METHODS)}"
+            )
 
     @property
     def calibration(self) -> dict[str, Any]:
@@ -82,16 +95,22 @@ class OnnxPredictor:
             "threshold": self.threshold,
         }
 
-    def predict(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
-        """float32 (N, S, S) calibrated probabilities for uint8 (N, 1, S, S) grey levels 0..255."""
-        return self.run(images, batch_size)[0]
+    def predict(self, images: np.ndarray, batch_size: int = 16, normalised: bool = False) -> np.ndarray:
+        """float32 (N, S, S) calibrated probabilities for uint8 (N, 1, S, S) grey levels 0..255 (see :meth:`run`)."""
+        return self.run(images, batch_size, normalised)[0]
 
-    def run(self, images: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-        """(probability float32 (N, S, S), logits float32 (N, C, S, S)) for uint8 (N, 1, S, S) images."""
+    def run(self, images: np.ndarray, batch_size: int = 16, normalised: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(probability float32 (N, S, S), logits float32 (N, C, S, S)) for uint8 (N, 1, S, S) images.
+
+        The images are contrast-normalised by the file's method first, unless ``normalised`` says
+        they already are (e.g. the prepared arrays the pipeline trained and evaluates on).
+        """
         images = np.asarray(images)
         s = self.size
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (1, s, s):
             raise ValueError(f"{self.path}: expects uint8 images (N, 1, {s}, {s}), got {images.dtype} {images.shape}")
+        if not normalised and self.contrast != "none":
+            images = normalise_contrast(images[:, 0], self.contrast)[:, None]
         probs, logits = [], []
         for start in range(0, images.shape[0], batch_size):
             # Same float32 division as covidseg.inference.forward, so both see bit-identical inputs.
@@ -106,8 +125,8 @@ class OnnxPredictor:
             np.float32, copy=False
         )
 
-    def masks(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    def masks(self, images: np.ndarray, batch_size: int = 16, normalised: bool = False) -> np.ndarray:
         """bool (N, S, S): probability >= the file's threshold (an error when the file has none)."""
         if self.threshold is None:
             raise ValueError(f"{self.path}: the model has no tuned threshold (metadata covidseg.threshold)")
-        return self.predict(images, batch_size) >= self.threshold
+        return self.predict(images, batch_size, normalised) >= self.threshold

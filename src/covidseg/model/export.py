@@ -1,7 +1,7 @@
 """The ``export`` stage: models/model.pt -> models/model.onnx, checked against torch on the test images.
 
 The graph and its metadata are :func:`covidseg.model.onnx_export.export_onnx`'s; this adds the
-model file's provenance to the metadata and a parity check on the real test split (uint8
+model file's provenance and contrast method to the metadata and a parity check on the real test split (uint8
 (N, 1, S, S) from ``data/prepared/test.npz``) that must pass before the file appears.
 """
 
@@ -57,7 +57,8 @@ def export_stage(
     }
     with atomic_path(onnx_path) as tmp:
         # export_onnx's own check uses two random images; the one that gates the stage is below.
-        export_onnx(net, tmp, size, metadata, opset=params.opset, calibration=calibration, check=False)
+        contrast = str(meta.get("contrast", "none"))  # the test images are already normalised by it
+        export_onnx(net, tmp, size, metadata, params.opset, calibration, check=False, contrast=contrast)
         want = lambda x: calibrated_probabilities(net, x, torch.device("cpu"), "fp32", calibration)  # noqa: E731
         diff = parity(want, tmp, images)
         if not diff <= params.parity_tolerance:

@@ -3,8 +3,9 @@
 The exported graph maps ``image`` float32 (N, 1, S, S) in [0, 1] (uint8 / 255) to
 ``probability`` float32 (N, S, S), exactly what ``covidseg.inference.calibration.calibrated_probabilities``
 computes (flip averaging, lung gating, temperature), and ``logits`` float32 (N, C, S, S), the
-(flip-averaged) raw outputs. The batch axis is dynamic; S is fixed. The threshold and calibration
-go into metadata_props (see ``covidseg.inference.onnx_runtime``, the torch-free runner).
+(flip-averaged) raw outputs. The batch axis is dynamic; S is fixed. The threshold, calibration and
+contrast normalisation go into metadata_props (see ``covidseg.inference.onnx_runtime``, the
+torch-free runner); the contrast normalisation is not in the graph, its callers apply it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ import torch
 from torch import nn
 
 from covidseg.atomic import atomic_path
+from covidseg.data.contrast import check_method
 from covidseg.inference.calibration import Calibration
-from covidseg.inference.onnx_runtime import FORMAT_KEY, FORMAT_VERSION, INPUT_NAME, OUTPUT_NAMES, OnnxPredictor
+from covidseg.inference.onnx_runtime import (
+    CONTRAST_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    INPUT_NAME,
+    OUTPUT_NAMES,
+    OnnxPredictor,
+)
 
 PARITY_TOL = 1e-4  # fp32 max |p_torch - p_onnx|
 
@@ -58,6 +67,7 @@ def export_onnx(
     opset: int = 18,
     calibration: Calibration = Calibration(),
     check: bool = True,
+    contrast: str = "none",
 ) -> Path:
     """Atomically write ``model`` (a covidseg ``UNet``, eval mode on CPU) with ``calibration`` baked in to ``path``.
 
@@ -69,12 +79,15 @@ def export_onnx(
             through onnx's version converter (the parity check covers it).
         check: before the file appears, compare its probabilities with torch's on a few fixed
             random images and raise :class:`ParityError` when they differ by more than 1e-4.
+        contrast: the contrast normalisation the model was trained with (the model file's
+            ``contrast``), recorded as ``covidseg.contrast``; the graph itself takes normalised images.
     Returns:
         ``path``.
     """
     path = Path(path)
     if opset < 17:
         raise ValueError(f"{path}: opset {opset} < 17 not supported")
+    check_method(contrast, f"{path}: contrast")
     net = copy.deepcopy(getattr(model, "module", model)).float().cpu().eval()  # leave the caller's model as it is
     own = {
         FORMAT_KEY: FORMAT_VERSION,
@@ -84,6 +97,7 @@ def export_onnx(
         "covidseg.lung_gate": json.dumps(bool(calibration.lung_gate and net.config.out_channels > 1)),
         "covidseg.flip_tta": json.dumps(bool(calibration.flip_tta)),
         "covidseg.threshold": "" if calibration.threshold is None else repr(float(calibration.threshold)),
+        CONTRAST_KEY: contrast,
     }
     clash = sorted(set(own) & set(metadata))
     if clash:
@@ -155,9 +169,11 @@ def parity(model_torch_fn: Callable[[np.ndarray], np.ndarray], onnx_path: str | 
     """max |torch - onnx| over calibrated probabilities of uint8 (N, 1, S, S) ``images``.
 
     ``model_torch_fn``: uint8 (N, 1, S, S) -> float32 (N, S, S) probabilities (e.g. ``calibrated_probabilities``).
+    Both see ``images`` as they are (already contrast-normalised, like the prepared arrays): the
+    graph is compared, not the runner's contrast step.
     """
     want = np.asarray(model_torch_fn(images), dtype=np.float32)
-    got = OnnxPredictor(onnx_path).predict(images)
+    got = OnnxPredictor(onnx_path).predict(images, normalised=True)
     if want.shape != got.shape:
         raise ParityError(f"{onnx_path}: ONNX output shape {got.shape} != torch {want.shape}")
     return float(np.abs(want - got).max()) if want.size else 0.0

@@ -466,6 +466,7 @@ class Trainer:
                     "train_params": dataclasses.asdict(self.params),
                     "seed": self.seed,
                     "provenance": self._provenance(val_dice),
+                    "contrast": str(self.source.get("contrast", "none")),  # predict applies it (data/contrast.py)
                 },
             )
             write_json(metrics_path, summary)
