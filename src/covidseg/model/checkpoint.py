@@ -4,8 +4,9 @@ A model file is a ``torch.save`` zip archive of one dict::
 
     format          "covidseg-model"
     format_version  FORMAT_VERSION
-    config          the UNetConfig as a dict
+    config          the UNetConfig as a dict (of each member, for a snapshot ensemble)
     state_dict      CPU tensors
+    snapshots       K >= 2 only for a SnapshotEnsemble of K members (absent: one UNet)
     ...             e.g. threshold, temperature, size, provenance (see covidseg.training.loop)
 
 Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 from covidseg.atomic import atomic_path
+from covidseg.model.ensemble import SnapshotEnsemble
 from covidseg.model.unet import UNet, UNetConfig
 
 FORMAT = "covidseg-model"
@@ -34,6 +36,7 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
     """Atomically write ``{"format", "format_version", "config", "state_dict", **extra}``.
 
     ``extra`` holds e.g. threshold, temperature, size, provenance; plain values only.
+    A :class:`SnapshotEnsemble` also gets ``"snapshots": K`` (a plain UNet's payload is unchanged).
     The same weights and ``extra`` give the same bytes, whatever ``path`` is.
     """
     net = getattr(model, "module", model)
@@ -42,8 +45,10 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
         "format_version": FORMAT_VERSION,
         "config": net.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        **extra,
     }
+    if isinstance(net, SnapshotEnsemble):
+        payload["snapshots"] = len(net.members)
+    payload.update(extra)
     buf = io.BytesIO()
     torch.save(payload, buf)
     with atomic_path(path) as tmp:
@@ -80,8 +85,11 @@ def _read(path: Path) -> dict[str, Any]:
     return payload
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet, dict[str, Any]]:
-    """Rebuild the U-Net from a file written by :func:`save_model`; returns (model in eval mode, metadata).
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UNet | SnapshotEnsemble, dict[str, Any]]:
+    """Rebuild the model from a file written by :func:`save_model`; returns (model in eval mode, metadata).
+
+    The model is a :class:`SnapshotEnsemble` when the file says ``snapshots`` >= 2, else a UNet
+    (files without the key are one UNet). ``metadata`` keeps ``snapshots`` when present.
 
     Raises FileNotFoundError, or ValueError naming the file and what to do for anything that is
     not a model file of this format version (including unknown config keys or mismatched weights).
@@ -94,8 +102,11 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[UN
     )
     if unknown:
         raise ValueError(f"{path}: unknown model config key(s) {', '.join(map(str, unknown))}; {_RETRAIN}")
+    snapshots = payload.get("snapshots", 1)
+    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
+        raise ValueError(f"{path}: 'snapshots' must be an integer >= 1, got {snapshots!r}; {_RETRAIN}")
     try:
-        model = UNet(UNetConfig(**config))
+        model = UNet(UNetConfig(**config)) if snapshots == 1 else SnapshotEnsemble(UNetConfig(**config), snapshots)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
