@@ -144,6 +144,7 @@ class TrainParams:
     gamma: float = 0.15
     patience: int = 0
     ema_decay: float = 0.0
+    snapshots: int = 1
     temperature_scaling: bool = True
     flip_tta: bool = False
     device: str = "auto"
@@ -181,6 +182,17 @@ class TrainParams:
             _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
         _check(self.patience >= 0, s, "patience must be >= 0 (0 disables early stopping)")
         _check(0 <= self.ema_decay < 1, s, "ema_decay must be in [0, 1) (0: no weight averaging)")
+        _check(
+            1 <= self.snapshots <= self.epochs,
+            s,
+            f"snapshots must be in [1, epochs={self.epochs}] (1: off; K >= 2: average the last K epochs' models)",
+        )
+        _check(
+            self.snapshots == 1 or self.ema_decay == 0,
+            s,
+            "snapshots >= 2 cannot be combined with ema_decay > 0 (choose one: a snapshot ensemble "
+            "or a weight average)",
+        )
         _check(
             self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
             s,

@@ -232,13 +232,19 @@ def render_card(
         )
     out += ["", "## Known failure modes", ""]
     out += [f"- {line}" for line in failure_modes(per_image_csv, details)]
+    snaps = model_meta.get("snapshot_epochs")
+    kept = (
+        f"a snapshot ensemble of epochs {', '.join(map(str, snaps))}"
+        if snaps
+        else f"best epoch {train.get('best_epoch', '?')}"
+    )
     out += [
         "",
         "## How it was made",
         "",
         s_line,
         "",
-        f"Seed {model_meta.get('seed', '?')}, best epoch {train.get('best_epoch', '?')} of "
+        f"Seed {model_meta.get('seed', '?')}, {kept} of "
         f"{train.get('epochs_run', '?')}, covidseg {prov.get('package_version', '?')}, "
         f"code hash {str(prov.get('code_hash', '?'))[:12]}.",
         "",

@@ -4,9 +4,10 @@ A model file is a ``torch.save`` zip archive of one dict::
 
     format          "covidseg-model"
     format_version  FORMAT_VERSION
-    config          the UNetConfig as a dict
+    config          the UNetConfig as a dict (of each member, for a snapshot ensemble)
     state_dict      CPU tensors
     lung_crop       (optional) True: the network runs as a lung-region cascade (covidseg.model.cascade)
+    snapshots       K >= 2 only for a SnapshotEnsemble of K members (absent: one UNet)
     ...             e.g. threshold, temperature, size, provenance (see covidseg.training.loop)
 
 Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
@@ -25,6 +26,7 @@ import torch
 
 from covidseg.atomic import atomic_path
 from covidseg.model.cascade import LungCascade
+from covidseg.model.ensemble import SnapshotEnsemble
 from covidseg.model.unet import UNet, UNetConfig
 
 FORMAT = "covidseg-model"
@@ -36,6 +38,7 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
     """Atomically write ``{"format", "format_version", "config", "state_dict", **extra}``.
 
     ``extra`` holds e.g. threshold, temperature, size, provenance; plain values only.
+    A :class:`SnapshotEnsemble` also gets ``"snapshots": K`` (a plain UNet's payload is unchanged).
     The same weights and ``extra`` give the same bytes, whatever ``path`` is.
     """
     net = getattr(model, "module", model)
@@ -47,8 +50,10 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
         "config": net.config.to_dict(),
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         **({"lung_crop": True} if cascade else {}),
-        **extra,
     }
+    if isinstance(net, SnapshotEnsemble):
+        payload["snapshots"] = len(net.members)
+    payload.update(extra)
     buf = io.BytesIO()
     torch.save(payload, buf)
     with atomic_path(path) as tmp:
@@ -88,7 +93,9 @@ def _read(path: Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a file written by :func:`save_model`; returns (model in eval mode, metadata).
 
-    The model is the U-Net, or the U-Net inside a :class:`LungCascade` for a file with ``lung_crop``.
+    The model is a :class:`SnapshotEnsemble` when the file says ``snapshots`` >= 2, else a UNet
+    (files without the key are one UNet), inside a :class:`LungCascade` for a file with ``lung_crop``.
+    ``metadata`` keeps ``snapshots`` when present.
 
     Raises FileNotFoundError, or ValueError naming the file and what to do for anything that is
     not a model file of this format version (including unknown config keys or mismatched weights).
@@ -101,14 +108,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     )
     if unknown:
         raise ValueError(f"{path}: unknown model config key(s) {', '.join(map(str, unknown))}; {_RETRAIN}")
+    snapshots = payload.get("snapshots", 1)
+    if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
+        raise ValueError(f"{path}: 'snapshots' must be an integer >= 1, got {snapshots!r}; {_RETRAIN}")
     try:
-        model = UNet(UNetConfig(**config))
+        model = UNet(UNetConfig(**config)) if snapshots == 1 else SnapshotEnsemble(UNetConfig(**config), snapshots)
         model.load_state_dict(payload["state_dict"])
+        if payload.get("lung_crop", False):
+            model = LungCascade(model)
     except (TypeError, ValueError, RuntimeError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
         raise ValueError(f"{path}: model config and weights do not fit ({reason}); {_RETRAIN}") from None
-    if payload.get("lung_crop", False):
-        model = LungCascade(model)
     model.to(device).to(memory_format=torch.channels_last).eval()
     meta = {
         k: v for k, v in payload.items() if k not in ("format", "format_version", "config", "state_dict", "lung_crop")

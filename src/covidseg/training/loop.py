@@ -2,7 +2,8 @@
 
 One readable loop: data held in memory as uint8 tensors (no decoding in the loop),
 optional augmentation, fp32 or bf16 autocast with channels_last, optional weight
-averaging (validated and kept instead of the raw weights), a per-epoch resume state
+averaging (validated and kept instead of the raw weights) or a snapshot ensemble of the last
+K epochs' weights (``train.snapshots``, kept instead of the best epoch), a per-epoch resume state
 (``resume_dir/state.pt``), early stopping on val Dice at threshold 0.5 (``val_dice@0.5``),
 and after training a lung gating, temperature and threshold fitted on val
 (:func:`covidseg.inference.calibration.fit_calibration`). Under ``torchrun`` it runs DDP and only
@@ -42,6 +43,7 @@ from covidseg.inference.calibration import at_grid_edge, fit_calibration, val_sc
 from covidseg.inference.forward import predict_logits
 from covidseg.model.cascade import LungCascade, crop_batch
 from covidseg.model.checkpoint import save_model
+from covidseg.model.ensemble import SnapshotEnsemble
 from covidseg.model.losses import make_loss, segmentation_loss, training_targets
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
@@ -123,6 +125,7 @@ class Trainer:
         self.rows: list[dict] = []
         self.epoch_seconds: list[float] = []
         self.best, self.best_state = BestEpoch(), None
+        self.snapshots: list[dict] = []  # CPU state_dicts of eval_model after the last train.snapshots epochs
         self.train_seconds, self.train_images = 0.0, 0
         self.start_epoch = 1
         self._maybe_resume()
@@ -212,6 +215,7 @@ class Trainer:
             "best_state": self.best_state,
             "best_epoch": self.best.epoch,
             "since_best": self.best.since,
+            "snapshots": self.snapshots,
             "train_seconds": self.train_seconds,
             "train_images": self.train_images,
         }
@@ -265,6 +269,7 @@ class Trainer:
         self.rows, self.epoch_seconds = list(state["rows"]), list(state["epoch_seconds"])
         self.best = BestEpoch(state["best_score"], state["best_epoch"], state["since_best"])
         self.best_state = state["best_state"]
+        self.snapshots = list(state["snapshots"])
         self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
         self.start_epoch = state["epoch"] + 1
 
@@ -399,6 +404,9 @@ class Trainer:
         self.epoch_seconds.append(seconds)
         if self.best.update(epoch, row["val_dice"]):
             self.best_state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
+        if p.snapshots > 1:
+            self.snapshots.append({k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()})
+            del self.snapshots[: -p.snapshots]
         mean_epoch = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:])
         if self.ctx.is_main:
             self.log(
@@ -409,20 +417,56 @@ class Trainer:
             write_curves(curves_path, self.rows)
         self._save_resume()
 
-    def finish(self, model_path: Path, metrics_path: Path, log_path: Path) -> dict:
-        """Restore the best epoch, choose lung gating, temperature and threshold on val, save (rank 0).
+    def _snapshot_model(self) -> tuple[torch.nn.Module, list[int], float]:
+        """With ``train.snapshots`` >= 2: (the model of the last K epochs' weights, those epochs, its val_dice@0.5).
 
+        K kept weights give a :class:`SnapshotEnsemble`; a run stopped after one epoch gives that
+        epoch's U-Net. The val Dice is the model's own (threshold 0.5, temperature 1).
+        """
+        epochs = [row["epoch"] for row in self.rows[-len(self.snapshots) :]]
+        if len(self.snapshots) == 1:
+            self.model.load_state_dict(self.snapshots[0])
+            model = self.model
+        else:
+            model = SnapshotEnsemble.from_state_dicts(self.model.config, self.snapshots)
+            model.to(self.device).to(memory_format=torch.channels_last)
+        logits = predict_logits(
+            self.inference_model(model),
+            self.val["images"],
+            self.device,
+            self.precision,
+            batch_size=max(self.params.batch_size, 8),
+        )
+        s = val_scores(logits, self.val["masks"])
+        return model, epochs, s["dice_sum"] / max(s["scored"], 1)
+
+    def finish(self, model_path: Path, metrics_path: Path, log_path: Path) -> dict:
+        """Restore the best epoch (or build the snapshot ensemble), tune calibration on val, save (rank 0).
+
+        With ``train.snapshots`` = K >= 2 the model is the ensemble of the last K epochs' weights
+        (:meth:`_snapshot_model`) instead of the best epoch: ``best_epoch`` is then the last of
+        them, ``snapshot_epochs`` lists them all and ``val_dice_at_0.5`` is the ensemble's.
         Writes the model file, ``metrics_path`` (deterministic headline numbers) and ``log_path``
         (timings and run facts). Returns both merged (metrics first).
         """
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
-        self.log(
-            f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f}); "
-            "lung gating, temperature and threshold are then tuned on val"
-        )
         p = self.params
-        model = self.inference_model(self.model)
+        model, kept, best_epoch, best_score = self.model, {}, self.best.epoch, self.best.score
+        if p.snapshots > 1 and self.snapshots:
+            model, epochs, best_score = self._snapshot_model()
+            best_epoch, kept = epochs[-1], {"snapshot_epochs": epochs}
+            self.log(
+                f"model: snapshot ensemble of epochs {epochs} kept instead of the best epoch "
+                f"(train.snapshots {p.snapshots}; its val_dice@0.5 {best_score:.4f}); "
+                "lung gating, temperature and threshold are then tuned on val"
+            )
+        else:
+            if self.best_state is not None:
+                self.model.load_state_dict(self.best_state)
+            self.log(
+                f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f}); "
+                "lung gating, temperature and threshold are then tuned on val"
+            )
+        model = self.inference_model(model)
         calibration, tuned = fit_calibration(
             model,
             self.val["images"],
@@ -439,9 +483,10 @@ class Trainer:
         val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
         summary = {
             "epochs_run": len(self.rows),
-            "best_epoch": self.best.epoch,
+            "best_epoch": best_epoch,
+            **kept,
             "train_images": int(len(self.train_x)),
-            "val_dice_at_0.5": self.best.score,
+            "val_dice_at_0.5": best_score,
             "val_dice_at_threshold": val_dice,
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
             **chosen,
@@ -462,7 +507,8 @@ class Trainer:
                 {
                     **chosen,
                     "size": int(self.train_x.shape[-1]),
-                    "best_epoch": self.best.epoch,
+                    "best_epoch": best_epoch,
+                    **kept,
                     "train_params": dataclasses.asdict(self.params),
                     "seed": self.seed,
                     "provenance": self._provenance(val_dice),
