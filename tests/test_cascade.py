@@ -13,6 +13,7 @@ from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.model import cascade
 from covidseg.model.cascade import LungCascade, crop, crop_batch, lung_boxes, paste
 from covidseg.model.checkpoint import load_model
+from covidseg.model.ensemble import SnapshotEnsemble
 from covidseg.model.onnx_export import export_onnx
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import ParamsError, TrainParams, from_dict
@@ -171,3 +172,14 @@ def test_the_model_file_says_whether_the_network_runs_as_a_cascade(tiny_prepared
         train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", p, 0, log=lambda *a: None)
     assert not isinstance(load_model(a / "model.pt")[0], LungCascade)
     assert isinstance(load_model(b / "model.pt")[0], LungCascade)
+
+
+def test_a_snapshot_ensemble_runs_inside_the_cascade(tiny_prepared, tmp_path):
+    params = TrainParams(
+        epochs=2, batch_size=4, base_channels=4, depth=3, downsample=1, lung_crop=True, snapshots=2, lung_aux_weight=0.5
+    )
+    out = tmp_path / "run"
+    train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", params, 0, log=lambda *a: None)
+    model, meta = load_model(out / "model.pt")
+    assert isinstance(model, LungCascade) and isinstance(model.net, SnapshotEnsemble)
+    assert meta["snapshots"] == 2 and meta["snapshot_epochs"] == [1, 2]
