@@ -17,12 +17,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from covidseg.data.contrast import METHODS as CONTRASTS  # the values of preprocess.contrast
+
 T = TypeVar("T")
 
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
-CONTRASTS = ("none", "equalize", "clahe")  # covidseg.data.contrast.METHODS (tests/test_contrast.py holds them equal)
 
 
 class ParamsError(ValueError):

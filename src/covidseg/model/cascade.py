@@ -78,10 +78,14 @@ def _grid(scale: torch.Tensor, offset: torch.Tensor, h: int, w: int) -> torch.Te
     return torch.stack([gx.expand(-1, h, w), gy.expand(-1, h, w)], dim=-1)
 
 
+def _half_and_centre(boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes (N, 4) as (x0, y0, x1, y1) -> their half-sides (N, 2) and centres (N, 2), normalised units."""
+    return (boxes[:, 2:] - boxes[:, :2]) / 2, (boxes[:, 2:] + boxes[:, :2]) / 2
+
+
 def crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resample each image's box to ``size``: float (N, C, H, W) -> float (N, C, *size), bilinear."""
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2
-    centre = (boxes[:, 2:] + boxes[:, :2]) / 2
+    half, centre = _half_and_centre(boxes)
     grid = _grid(half, centre, *size).to(images.dtype)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -89,8 +93,7 @@ def crop(images: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> to
 def paste(logits: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`crop` for logits: float (N, C, h, w) over each box -> float (N, C, *size) in the
     image frame, :data:`OUTSIDE_LOGIT` outside the box."""
-    half = (boxes[:, 2:] - boxes[:, :2]) / 2
-    centre = (boxes[:, 2:] + boxes[:, :2]) / 2
+    half, centre = _half_and_centre(boxes)
     grid = _grid(1 / half, -centre / half, *size).to(logits.dtype)
     sampled = F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = (grid.abs() <= 1).all(dim=-1)[:, None]

@@ -402,11 +402,15 @@ class Trainer:
         p, epoch = self.params, row["epoch"]
         self.rows.append(row)
         self.epoch_seconds.append(seconds)
-        if self.best.update(epoch, row["val_dice"]):
-            self.best_state = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
-        if p.snapshots > 1:
-            self.snapshots.append({k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()})
-            del self.snapshots[: -p.snapshots]
+        is_best = self.best.update(epoch, row["val_dice"])
+        if is_best or p.snapshots > 1:
+            # one CPU copy serves both: neither best_state nor a snapshot is changed in place
+            weights = {k: v.detach().cpu().clone() for k, v in self.eval_model.state_dict().items()}
+            if is_best:
+                self.best_state = weights
+            if p.snapshots > 1:
+                self.snapshots.append(weights)
+                del self.snapshots[: -p.snapshots]
         mean_epoch = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:])
         if self.ctx.is_main:
             self.log(
