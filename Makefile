@@ -34,8 +34,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
 	$(BIN)/ruff format --check src stages tests benchmarks
 
+# --durations: the log names the slowest tests (mark one `slow` when the default run nears 15 minutes)
 test: $(STAMP) lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ""
