@@ -15,6 +15,7 @@ so the two tables read the same way. Writes ``OUT/NAME/val_per_image.csv`` and `
 from __future__ import annotations
 
 import argparse
+import hashlib
 import platform
 import sys
 from pathlib import Path
@@ -23,11 +24,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from screen_levers import BASELINE, summarise, val_table  # noqa: E402
 
 from covidseg.atomic import write_json, write_text  # noqa: E402
+from covidseg.evaluation.compare import compare  # noqa: E402
 from covidseg.model.checkpoint import load_model  # noqa: E402
 
 
@@ -51,16 +54,19 @@ def markdown(rows: dict, runs: dict[str, dict]) -> str:
         "Full-length runs scored on val: per-image Dice at each model's tuned threshold, 95 % bootstrap "
         "intervals (1000 resamples, seed 0); paired = run minus the preset over the same images.",
         "",
-        "| run | val Dice | minus preset (paired) | verdict | val RMSE | epochs kept |",
-        "|---|---|---|---|---|---|",
+        "| run | val Dice | minus preset (paired) | verdict | val RMSE | per-image RMSE minus preset (paired) "
+        "| epochs kept |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         diff = row.get("minus_preset")
         paired = f"{diff['diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "–"
+        rmse = row.get("rmse_minus_preset")
+        paired_rmse = f"{rmse['diff']:+.4f} [{rmse['ci95'][0]:+.4f}, {rmse['ci95'][1]:+.4f}]" if rmse else "–"
         lo, hi = row["val_dice_ci95"]
         lines.append(
             f"| {name} | {row['val_dice']:.3f} [{lo:.3f}, {hi:.3f}] | {paired} | "
-            f"{diff['verdict'] if diff else '–'} | {row['val_rmse']:.4f} | {runs[name]['kept']} |"
+            f"{diff['verdict'] if diff else '–'} | {row['val_rmse']:.4f} | {paired_rmse} | {runs[name]['kept']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -79,11 +85,16 @@ def main() -> None:
         meta = load_model(path)[1]
         facts[name] = {
             "model": str(path),
+            "model_md5": hashlib.md5(path.read_bytes()).hexdigest(),  # as the run's dvc.lock records it
             "train_params": meta.get("train_params"),
             "kept": meta.get("snapshot_epochs") or meta.get("best_epoch"),
         }
     names = [BASELINE, *(n for n in runs if n != BASELINE)]
     rows = summarise(args.out, names)
+    base = pd.read_csv(args.out / BASELINE / "val_per_image.csv")
+    for name in names[1:]:  # per-image RMSE too (compare knows lower is better for it)
+        c = compare(pd.read_csv(args.out / name / "val_per_image.csv"), base, "rmse")
+        rows[name]["rmse_minus_preset"] = {"diff": c.diff, "ci95": [c.low, c.high], "verdict": c.verdict}
     machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     write_json(args.out / "val.json", {"machine": machine, "runs": facts, "val": rows})
     write_text(args.out / "val.md", markdown(rows, facts))
