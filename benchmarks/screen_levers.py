@@ -155,6 +155,14 @@ def summarise(out: Path, names: list[str], n_resamples: int = 1000) -> dict:
     return rows
 
 
+def paired_cell(diff: dict | None, digits: int = 3) -> str:
+    """A paired difference record as a table cell, ``+0.001 [-0.002, +0.005]``; ``–`` for none."""
+    if not diff:
+        return "–"
+    low, high = diff["ci95"]
+    return f"{diff['diff']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def markdown(rows: dict, records: dict) -> str:
     lines = [
         f"Proxy: presets/real.yaml with {', '.join(f'{k}={v}' for k, v in PROXY.items())}, seed 42; "
@@ -166,10 +174,9 @@ def markdown(rows: dict, records: dict) -> str:
     for name, row in rows.items():
         over = ", ".join(f"`{k}={v}`" for k, v in records[name]["params"]["overrides"].items()) or "–"
         diff = row.get("minus_preset")
-        paired = f"{diff['diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "–"
         lo, hi = row["val_dice_ci95"]
         lines.append(
-            f"| {name} | {over} | {row['val_dice']:.3f} [{lo:.3f}, {hi:.3f}] | {paired} | "
+            f"| {name} | {over} | {row['val_dice']:.3f} [{lo:.3f}, {hi:.3f}] | {paired_cell(diff)} | "
             f"{diff['verdict'] if diff else '–'} | {records[name]['train_images_per_second']:.1f} |"
         )
     return "\n".join(lines) + "\n"

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from screen_levers import BASELINE, summarise, val_table  # noqa: E402
+from screen_levers import BASELINE, paired_cell, summarise, val_table  # noqa: E402
 
 from covidseg.atomic import write_json, write_text  # noqa: E402
 from covidseg.evaluation.compare import compare  # noqa: E402
@@ -59,14 +59,12 @@ def markdown(rows: dict, runs: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        diff = row.get("minus_preset")
-        paired = f"{diff['diff']:+.3f} [{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]" if diff else "–"
-        rmse = row.get("rmse_minus_preset")
-        paired_rmse = f"{rmse['diff']:+.4f} [{rmse['ci95'][0]:+.4f}, {rmse['ci95'][1]:+.4f}]" if rmse else "–"
+        diff, rmse = row.get("minus_preset"), row.get("rmse_minus_preset")
         lo, hi = row["val_dice_ci95"]
         lines.append(
-            f"| {name} | {row['val_dice']:.3f} [{lo:.3f}, {hi:.3f}] | {paired} | "
-            f"{diff['verdict'] if diff else '–'} | {row['val_rmse']:.4f} | {paired_rmse} | {runs[name]['kept']} |"
+            f"| {name} | {row['val_dice']:.3f} [{lo:.3f}, {hi:.3f}] | {paired_cell(diff)} | "
+            f"{diff['verdict'] if diff else '–'} | {row['val_rmse']:.4f} | {paired_cell(rmse, 4)} | "
+            f"{runs[name]['kept']} |"
         )
     return "\n".join(lines) + "\n"
 
