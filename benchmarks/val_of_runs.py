@@ -1,7 +1,7 @@
 """Score finished full-length runs on val with intervals, and each against the preset, paired.
 
     PYTHONPATH=src python benchmarks/val_of_runs.py --prepared data/prepared --out DIR \\
-        preset=PATH/model.pt lung_crop=PATH/model.pt [NAME=PATH/test.json ...]
+        preset=PATH/model.pt lung_crop=PATH/model.pt [NAME=PATH/model.pt ...]
 
 Each ``NAME=MODEL`` is a model file that a full run wrote (e.g. ``dvc exp run`` of the preset
 with one lever added; ``dvc exp show`` / the experiment's ``dvc.lock`` finds it in the cache).
@@ -89,8 +89,10 @@ def main() -> None:
         }
     names = [BASELINE, *(n for n in runs if n != BASELINE)]
     rows = summarise(args.out, names)
+    # per-image RMSE too (compare knows lower is better for it), from the written tables as summarise's
+    # Dice is, so every number in val.json can be re-derived from the committed CSVs
     base = pd.read_csv(args.out / BASELINE / "val_per_image.csv")
-    for name in names[1:]:  # per-image RMSE too (compare knows lower is better for it)
+    for name in names[1:]:
         c = compare(pd.read_csv(args.out / name / "val_per_image.csv"), base, "rmse")
         rows[name]["rmse_minus_preset"] = {"diff": c.diff, "ci95": [c.low, c.high], "verdict": c.verdict}
     machine = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
