@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup repro real lint test test-all bench clean-venv
+.PHONY: setup repro real push lint test test-all bench clean-venv
 
 setup: $(STAMP)
 
@@ -19,16 +19,30 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 repro: $(STAMP)
 	$(BIN)/dvc repro
 
-# The real-data preset (docs/results.md): `make real DATA=/path/to/covidqu[.zip]`. The params live
+# The real-data preset (docs/results.md): `make real DATA=data/raw/covidqu.zip`. The params live
 # in presets/*.yaml (one copy each, checked by `covidseg preset` before the run starts).
 # presets/gpu.yaml (full resolution, wider, longer, bf16) when CUDA is present, else presets/real.yaml
-# (sized for 2 CPU cores); `make real PRESET=presets/real.yaml` chooses by hand.
+# (sized for 2 CPU cores); `make real PRESET=presets/real.yaml` chooses by hand; FLAGS='-S k=v ...'
+# adds flags after the preset's. DATA inside the checkout is recorded relative (the same in every
+# clone, so teammates share the run cache); outside it, absolute (`covidseg source-path` says so).
+# With a default DVC remote, what it already holds is pulled first (run records too) and reused.
 PRESET ?= $(shell $(BIN)/python -c "import torch; print('presets/gpu.yaml' if torch.cuda.is_available() else 'presets/real.yaml')" 2>/dev/null || echo presets/real.yaml)
+FLAGS  ?=
 
 real: $(STAMP)
-	@test -n "$(DATA)" || { echo "make real needs DATA=/path/to/covidqu (the Kaggle folder or .zip)"; exit 2; }
+	@test -n "$(DATA)" || { echo "make real needs DATA=path/to/covidqu (the Kaggle folder or .zip)"; exit 2; }
+	source="$$($(BIN)/covidseg source-path '$(DATA)')" && \
 	flags="$$($(BIN)/covidseg preset $(PRESET))" && \
-	$(BIN)/dvc exp run -n real-preset -S data.source=$(abspath $(DATA)) $$flags
+	pull="" && if $(BIN)/dvc remote default >/dev/null 2>&1; then pull=--pull; \
+	  $(BIN)/dvc fetch --run-cache || echo "make real: not everything is on the remote; the rest is computed"; fi && \
+	$(BIN)/dvc exp run $$pull -n real-preset -S "data.source=$$source" $$flags $(FLAGS)
+
+# Share this checkout's outputs and every recorded run (docs/teams.md): `dvc push --run-cache`
+# uploads the run records; `covidseg push-runs` uploads the outputs they name that the workspace
+# push leaves out (other experiments' outputs, `cache: false` metrics and plots).
+push: $(STAMP)
+	$(BIN)/dvc push --run-cache
+	$(BIN)/covidseg push-runs
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

@@ -31,7 +31,7 @@ def _outs(dvc_yaml: str) -> list[str]:
 def main(stamp: str = "data/checked.txt", params: str = "params.yaml", dvc_yaml: str = "dvc.yaml") -> None:
     try:
         found = check(params, stamp, _outs(dvc_yaml))
-    except (ParamsError, SourceError) as exc:
+    except (ParamsError, SourceError, OSError) as exc:  # bad input: one line naming the file, never a traceback
         typer.echo(f"check failed; no stage ran and every stage's previous outputs are still in place: {exc}", err=True)
         raise typer.Exit(1) from None
     typer.echo(f"check: params valid; data source {found}")

@@ -68,7 +68,7 @@ def run(
 def make_repo_copy(dest: Path, params: dict | None = None) -> Path:
     """Copy the project (as a clone would have it, without DVC outputs) into a new git repo at ``dest``."""
     for rel in tracked_files():
-        if rel.startswith(("metrics/", "plots/", "models/resume/")) or rel == "dvc.lock":
+        if rel.startswith(("metrics/", "plots/", "models/resume/")) or rel in ("dvc.lock", "models/MODEL_CARD.md"):
             continue  # results of the real pipeline: the copy makes its own
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)

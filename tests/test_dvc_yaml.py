@@ -40,10 +40,27 @@ def test_stage_params_exist_and_are_sections_or_keys_of_params_yaml():
                 node = node[part]
 
 
-def test_metrics_and_plots_are_declared_at_top_level():
+def test_metrics_and_plots_are_declared():
     assert {"metrics/test.json", "metrics/train.json", "metrics/data.json"} <= set(DVC["metrics"])
-    plotted = {next(iter(p)) if isinstance(p, dict) else p for p in DVC["plots"]}
-    assert "plots/figures" in plotted
+    stage_plots = {next(iter(p)) for st in DVC["stages"].values() for p in st.get("plots", [])}
+    assert {"plots/figures", "plots/train/curves.tsv", "plots/eval/pr.csv", "plots/eval/calibration.csv"} <= stage_plots
+    assert {"loss", "rmse", "val_dice"} <= {next(iter(p)) for p in DVC["plots"]}
+
+
+def _entries(stage: dict, kind: str) -> dict[str, dict]:
+    return {(o if isinstance(o, str) else next(iter(o))): ({} if isinstance(o, str) else o[next(iter(o))] or {})
+            for o in stage.get(kind, [])}  # fmt: skip
+
+
+def test_every_stage_can_be_recorded_in_and_restored_from_the_run_cache():
+    """DVC keeps no run-cache entry for a stage with a persist output, or with a `cache: false` output
+    that is not one of the stage's own metrics or plots; a teammate's `dvc exp run` would then rerun it."""
+    for name, stage in DVC["stages"].items():
+        for kind in ("outs", "metrics", "plots"):
+            for path, props in _entries(stage, kind).items():
+                assert not props.get("persist"), f"stage {name}: {path} is persist"
+                if kind == "outs":
+                    assert props.get("cache", True), f"stage {name}: {path} is cache: false but not a metric or plot"
 
 
 def test_editing_a_plot_module_does_not_touch_training():

@@ -86,7 +86,7 @@ def run_evaluate(root: Path, **prepared_kw) -> dict:
         paths["per_image"],
         paths["eval"],
         paths["predictions"],
-        EvaluateParams(),
+        EvaluateParams(precision="fp32"),  # the independent references below are fp32
     )
     return {**paths, "summary": summary}
 
@@ -309,7 +309,7 @@ def test_flip_averaging_as_saved_in_the_model(tmp_path):
         tmp_path / "per_image.csv",
         tmp_path / "eval",
         tmp_path / "pred.npz",
-        EvaluateParams(),
+        EvaluateParams(precision="fp32"),  # the reference below is fp32
     )
     net, _ = load_model(model)
     with np.load(prepared / "test.npz") as z:
@@ -437,3 +437,47 @@ def test_rmse_interval_by_hand(tmp_path):
     out = _intervals(prob, truth, per, n_resamples=2000)
     assert (out["rmse_ci95_low"], out["rmse_ci95_high"]) == (0.0, 1.0)  # each end has probability 1/4 > 2.5 %
     assert (out["dice_ci95_low"], out["dice_ci95_high"]) == (0.0, 0.0)  # the NaN image is dropped, as in the mean
+
+
+def _evaluate_into(out: Path, model: Path, prepared: Path, params: EvaluateParams) -> dict:
+    return evaluate(model, prepared, out / "test.json", out / "per_image.csv", out / "eval", out / "pred.npz", params)
+
+
+def test_one_model_file_scores_the_same_whether_the_cpu_has_native_bf16_or_not(tmp_path, monkeypatch):
+    """The default evaluate.precision (fp32) makes a model's test metrics independent of the CPU kind."""
+    prepared = make_prepared(tmp_path / "prepared")
+    model = make_model(tmp_path / "model.pt")
+    for forced in ("0", "1"):
+        monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
+        summary = _evaluate_into(tmp_path / f"native{forced}", model, prepared, EvaluateParams())
+        assert summary["evaluate_precision"] == "fp32"
+    for name in ("test.json", "test_details.json", "per_image.csv", "eval/pr.csv", "eval/calibration.csv"):
+        assert (tmp_path / "native0" / name).read_bytes() == (tmp_path / "native1" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("forced, expected", [("0", "fp32"), ("1", "bf16")])
+def test_auto_and_the_precisions_used_are_recorded(tmp_path, monkeypatch, forced, expected):
+    """evaluate.precision=auto follows the capability (forced here); details record both resolved precisions."""
+    monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
+    prepared = make_prepared(tmp_path / "prepared")
+    torch.manual_seed(0)
+    model = tmp_path / "model.pt"
+    save_model(
+        model,
+        UNet(UNetConfig(base_channels=4, depth=2)),
+        {"threshold": TUNED, "temperature": 1.0, "size": SIZE, "train_precision": "bf16"},
+    )
+    _evaluate_into(tmp_path / "out", model, prepared, EvaluateParams(precision="auto"))
+    details = _strict_json(tmp_path / "out" / "test_details.json")
+    assert details["evaluate_precision"] == expected and details["train_precision"] == "bf16"
+
+
+def test_bf16_evaluation_differs_from_fp32_and_says_so(tmp_path):
+    """Forced bf16 runs the bf16 branch on any CPU (tiny model): other probabilities, labelled bf16."""
+    prepared = make_prepared(tmp_path / "prepared")
+    model = make_model(tmp_path / "model.pt")
+    fp32 = _evaluate_into(tmp_path / "fp32", model, prepared, EvaluateParams(precision="fp32"))
+    bf16 = _evaluate_into(tmp_path / "bf16", model, prepared, EvaluateParams(precision="bf16"))
+    assert (fp32["evaluate_precision"], bf16["evaluate_precision"]) == ("fp32", "bf16")
+    assert fp32["train_precision"] == bf16["train_precision"] == "unknown"  # make_model records none
+    assert bf16["rmse"] != fp32["rmse"] and bf16["rmse"] == pytest.approx(fp32["rmse"], abs=0.01)

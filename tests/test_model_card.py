@@ -90,6 +90,14 @@ def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
     assert "image left = the patient's right" in card and "64 x 64" in card
 
 
+def test_card_names_the_training_and_evaluation_precisions(tmp_path):
+    meta, details = {**META, "train_precision": "bf16"}, {**DETAILS, "evaluate_precision": "fp32"}
+    card = render_card(_params(tmp_path), meta, TEST, details, TRAIN, _per_image(tmp_path), EXPORT)
+    assert "trained in bf16, test metrics computed in fp32" in card
+    old = render_card(_params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path), EXPORT)
+    assert "trained in unknown, test metrics computed in unknown" in old  # files from before it was recorded
+
+
 def test_licence_follows_the_data_source(tmp_path):
     params, per_image = _params(tmp_path), _per_image(tmp_path)
     synthetic = render_card(params, META, TEST, DETAILS, TRAIN, per_image)

@@ -116,6 +116,28 @@ def test_help_lists_commands_and_exit_codes():
 # ----------------------------------------------------------------------------- outputs
 
 
+@pytest.mark.parametrize("forced", ["0", "1"])
+def test_precision_is_fp32_by_default_whatever_the_cpu_and_bf16_on_request(tmp_path, model, monkeypatch, forced):
+    """fp32 unless asked (the ONNX file's numbers); --precision bf16 runs bf16 and warns where it is emulated."""
+    monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
+    g = grey_array(SIZE, SIZE, seed=7)  # the model's own size: no resizing on either side
+    src = tmp_path / "in" / "a.png"
+    src.parent.mkdir()
+    Image.fromarray(g).save(src)
+    probs = {}
+    for name, extra in (("default", []), ("bf16", ["--precision", "bf16"])):
+        result = invoke(src, "--model", model, "--out", tmp_path / name, "--save-probs", "--device", "cpu", *extra)
+        assert result.exit_code == 0, result.output
+        assert f"torch on cpu, {'fp32' if name == 'default' else 'bf16'}" in result.output
+        emulated = "bf16 on a CPU without native bf16" in result.output
+        assert emulated is (name == "bf16" and forced == "0"), result.output
+        probs[name] = np.load(tmp_path / name / "probs" / "a.npy")
+    net, _ = load_model(model)
+    want = probabilities(predict_logits(net, g[None, None], torch.device("cpu"), "fp32"))[0]
+    np.testing.assert_allclose(probs["default"], want, atol=1e-6)
+    assert not np.array_equal(probs["default"], probs["bf16"])
+
+
 def test_every_mode_and_size_gives_outputs_at_input_size(tmp_path, model):
     inputs = {
         "grey": save_image(tmp_path / "in" / "grey.png", "grey", 100, 80),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from conftest import REPO, dvc, run, set_params
+import pytest
+import yaml
+
+from conftest import REPO, TINY_PARAMS, dvc, make_repo_copy, run, set_params
 
 KEPT = (
     "data/extracted",
@@ -70,3 +74,68 @@ def test_extract_failure_says_what_dvc_removed_and_how_to_restore(tiny_repo, tmp
 
 def test_dvc_plots_output_is_ignored():
     assert run(["git", "check-ignore", "-q", "dvc_plots/index.html"], REPO, check=False).returncode == 0
+
+
+# ---------------------------------------------------------------- docs/recovery.md on a fresh clone
+
+RECOVERY_MD = REPO / "docs" / "recovery.md"
+
+
+def _recipe(heading: str) -> str:
+    """The bash block under ``### {heading}`` in docs/recovery.md, as a user would paste it."""
+    text = RECOVERY_MD.read_text(encoding="utf-8")
+    section = text.split(f"### {heading}", 1)[1].split("\n#", 1)[0]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def _lock_md5(repo: Path, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == path)
+
+
+@pytest.fixture(scope="module")
+def committed_origin(tmp_path_factory) -> tuple[Path, Path]:
+    """A repo whose tiny pipeline ran and whose results are committed; its data pushed to a local remote."""
+    base = tmp_path_factory.mktemp("recovery")
+    origin, storage = base / "origin", base / "storage"
+    make_repo_copy(origin, {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": 1}})
+    dvc(origin, "repro")
+    run(["git", "add", "-A"], origin)
+    run(["git", "commit", "-q", "-m", "results"], origin)
+    dvc(origin, "remote", "add", "--local", "-d", "shared", str(storage))  # not committed: clones have no remote
+    dvc(origin, "push")
+    return origin, storage
+
+
+@pytest.mark.slow  # three tiny `dvc repro` runs: about 2 minutes on 2 cores
+@pytest.mark.parametrize("remote", [True, False], ids=["with_remote", "without_remote"])
+def test_recovery_recipe_on_a_fresh_clone(committed_origin, tmp_path, remote: bool):
+    origin, storage = committed_origin
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(origin), str(clone)], tmp_path)
+    if remote:
+        dvc(clone, "remote", "add", "--local", "-d", "shared", str(storage))
+    committed_params = (clone / "params.yaml").read_text()
+    # The user tries another learning rate: the clone's model is now that run's, and its cache has
+    # never held the committed outputs.
+    set_params(clone, {"train": {"lr": 0.0005}})
+    dvc(clone, "repro")
+    assert (clone / "models" / "model.pt").is_file()
+    if not remote:  # the old recipe's failure, the one the docs now steer around
+        run(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics", "plots"], clone)
+        failed = dvc(clone, "checkout", check=False)
+        assert failed.returncode != 0 and "Is your cache up to date?" in failed.stdout + failed.stderr
+
+    recipe = _recipe("With a DVC remote" if remote else "Without a remote")
+    proc = run(["bash", "-euo", "pipefail", "-c", recipe], clone)
+    assert "Data and pipelines are up to date." in proc.stdout, proc.stdout + proc.stderr
+    assert (clone / "params.yaml").read_text() == committed_params
+    assert (clone / "models" / "model.pt").is_file() and (clone / "data" / "prepared").is_dir()
+    if remote:  # the committed files themselves
+        assert hashlib.md5((clone / "models" / "model.pt").read_bytes()).hexdigest() == _lock_md5(
+            origin, "models/model.pt"
+        )
+        assert run(["git", "status", "--porcelain"], clone).stdout == ""
+    # And a no-op `dvc repro` afterwards runs nothing.
+    again = dvc(clone, "repro")
+    assert "Running stage" not in again.stdout, again.stdout

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -11,7 +14,15 @@ from test_extract import NEST, make_dataset, read_csv, write_triplet
 
 from covidseg.data.extract import extract
 from covidseg.data.layout import find_roots
-from covidseg.data.sources import FolderSource, SourceError, ZipSource, locate_root, open_source
+from covidseg.data.sources import (
+    FolderSource,
+    SourceError,
+    ZipSource,
+    locate_root,
+    open_source,
+    read_head,
+    source_kind,
+)
 from covidseg.params import DataParams
 
 DEV_NEST = "Infection Segmentation Data/Infection Segmentation Data"
@@ -186,3 +197,85 @@ def test_corrupt_zip_member_is_unreadable_not_a_crash(tmp_path: Path) -> None:
     report = extract(archive, tmp_path / "w/x", tmp_path / "w/m.json", DataParams(source=str(archive)))
     (msg,) = [m for m in report.messages if m.startswith("skipped (unreadable)")]
     assert member in msg and str(archive) in msg
+
+
+@pytest.fixture
+def fifo(tmp_path: Path):
+    """A FIFO whose guard thread opens it for writing after a few seconds, so a reader that blocks on it
+    gets EOF and the test fails instead of hanging."""
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    done = threading.Event()
+
+    def guard() -> None:
+        if not done.wait(5):
+            with open(path, "wb"):
+                pass
+
+    thread = threading.Thread(target=guard, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    yield path
+    done.set()
+    assert time.monotonic() - start < 4, "something blocked on the FIFO"
+
+
+def test_fifo_device_and_symlink_loop_are_refused_by_stat_alone(tmp_path: Path, fifo: Path) -> None:
+    with pytest.raises(SourceError, match=r"pipe: data source is a FIFO \(named pipe\), not a regular file or folder"):
+        open_source(fifo)
+    with pytest.raises(SourceError, match=r"^/dev/zero: data source is a character device"):
+        source_kind("/dev/zero")  # stat only: never opened, so this cannot read forever
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    with pytest.raises(SourceError, match=r"a: data source is a symlink loop"):
+        open_source(tmp_path / "a")
+    make_dataset(tmp_path / "src", per_split=1)
+    (tmp_path / "folder-link").symlink_to(tmp_path / "src")
+    assert source_kind(tmp_path / "folder-link") == "folder"
+
+
+def test_read_head_refuses_special_files_before_reading(tmp_path: Path, fifo: Path) -> None:
+    root = make_dataset(tmp_path / "src", per_split=1)
+    image = root / "Train" / "COVID-19" / "images" / "covid_1.png"
+    with open_source(tmp_path / "src") as src:
+        rel = image.relative_to(tmp_path / "src").as_posix()
+        assert read_head(src, rel, 8) == b"\x89PNG\r\n\x1a\n"
+        image.unlink()
+        image.symlink_to(fifo)
+        with pytest.raises(SourceError, match=r"covid_1\.png: a FIFO \(named pipe\), not a regular file"):
+            read_head(src, rel, 8)
+        image.unlink()
+        image.symlink_to("/dev/zero")
+        with pytest.raises(SourceError, match=r"covid_1\.png: a character device, not a regular file"):
+            read_head(src, rel, 8)
+        image.unlink()
+        image.symlink_to(image)
+        with pytest.raises(OSError, match=r"covid_1\.png: symlink loop"):
+            read_head(src, rel, 8)
+
+
+def test_recorded_source_path_is_relative_inside_the_checkout_and_absolute_outside(tmp_path, monkeypatch):
+    from covidseg.data.sources import recorded_source_path
+
+    repo = tmp_path / "repo"
+    (repo / "data" / "raw").mkdir(parents=True)
+    monkeypatch.chdir(repo)
+    assert recorded_source_path("data/raw/covidqu.zip", repo) == ("data/raw/covidqu.zip", True)
+    assert recorded_source_path(repo / "data" / "raw" / "covidqu.zip", repo) == ("data/raw/covidqu.zip", True)
+    assert recorded_source_path("./data/../data/raw", repo) == ("data/raw", True)
+    outside = tmp_path / "elsewhere" / "covidqu"
+    assert recorded_source_path(outside, repo) == (outside.as_posix(), False)
+    assert recorded_source_path("../elsewhere/covidqu", repo) == (outside.as_posix(), False)
+
+
+def test_source_path_command_prints_the_recorded_path_and_says_when_it_is_absolute(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from covidseg.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    inside = CliRunner().invoke(app, ["source-path", "data/raw/covidqu.zip"])
+    assert inside.exit_code == 0 and inside.output.strip() == "data/raw/covidqu.zip"
+    outside = CliRunner().invoke(app, ["source-path", "/srv/covidqu"])
+    assert outside.exit_code == 0 and outside.output.strip().splitlines()[-1] == "/srv/covidqu"
+    assert "the run cache then serves only clones that see the data at that same path" in outside.output

@@ -31,6 +31,7 @@ TINY = TrainParams(
     lung_aux_weight=0.5,
     loss="bce_dice",
     temperature_scaling=False,
+    precision="fp32",  # the independent references below are fp32
 )
 
 
@@ -84,13 +85,27 @@ def test_flip_averaging_calibrates_on_flipped_val_and_is_saved(tiny_prepared, tm
     with np.load(tiny_prepared / "val.npz") as z:
         images, masks = z["images"], z["masks"]
     for tta in (True, False):
-        logits = predict_logits(model, images, torch.device("cpu"), flip_tta=tta, lung_gate=meta["lung_gate"])
+        logits = predict_logits(model, images, torch.device("cpu"), "fp32", flip_tta=tta, lung_gate=meta["lung_gate"])
         if tta:  # the saved temperature is the one fitted on flip-averaged val logits
             assert meta["temperature"] == tune_temperature(logits, masks)
             assert summary["val_rmse"] == pytest.approx(
                 val_scores(logits, masks, meta["threshold"], meta["temperature"])["sse"] ** 0.5 / masks.size**0.5,
                 rel=1e-6,
             )
+
+
+@pytest.mark.parametrize("forced, expected", [("0", "fp32"), ("1", "bf16")])
+def test_auto_precision_follows_the_capability_and_the_model_file_records_it(
+    tiny_prepared, tmp_path, monkeypatch, forced, expected
+):
+    """Both branches of train.precision=auto on any CPU (the capability forced); fp32 stays fp32 when forced on."""
+    monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
+    auto = _train(tiny_prepared, tmp_path / "auto", dataclasses.replace(TINY, epochs=1, precision="auto"))
+    assert (
+        auto["precision"] == expected and load_model(tmp_path / "auto" / "model.pt")[1]["train_precision"] == expected
+    )
+    fixed = _train(tiny_prepared, tmp_path / "fp32", dataclasses.replace(TINY, epochs=1))
+    assert fixed["precision"] == "fp32" and load_model(tmp_path / "fp32" / "model.pt")[1]["train_precision"] == "fp32"
 
 
 def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):

@@ -5,18 +5,42 @@ itself would already have cost the previous results. Every other stage depends o
 written here, so a failure here stops ``dvc repro`` while all earlier outputs are still in place.
 The stamp's text never changes: rerunning this stage after a valid params edit reruns only the
 stages whose own params or deps changed.
+
+The source is checked the way extract would read it, but cheaply: ``stat`` before anything is
+opened (a FIFO, a device, a symlink loop), the layout root, the three folders of every requested
+class in every split, and the first bytes of every file extract would read (an image signature,
+and a PNG's size). What only decoding finds (truncated pixels, empty masks, duplicates) is left
+to extract itself.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from covidseg.atomic import write_text
-from covidseg.data.sources import locate_root, open_source
+from covidseg.data.layout import IMAGES, INFECTION, KIND_DIRS, LUNG, SPLIT_DIRS
+from covidseg.data.sources import Source, SourceError, layout_index, locate_root, open_source, read_head
 from covidseg.params import DataParams, validate_all
 
 STAMP_TEXT = "params.yaml and data.source passed the check stage\n"
+
+# Enough for every signature below and a PNG's IHDR width and height (bytes 16-24).
+HEAD_BYTES = 24
+# What PIL (covidseg.data.decode) reads, by their first bytes; anything else is not an image.
+_SIGNATURES = (
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xd8\xff",  # JPEG
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",  # BMP
+    b"II*\x00",  # TIFF, little-endian
+    b"MM\x00*",  # TIFF, big-endian
+)
+_KIND_NAMES = {IMAGES: "image", INFECTION: "infection mask", LUNG: "lung mask"}
+_MISSING_REASONS = {IMAGES: "missing_image", INFECTION: "missing_mask", LUNG: "missing_lung_mask"}  # extract's
 
 
 def produced_by_pipeline(source: str, outs: Iterable[str], repo: str | Path = ".") -> bool:
@@ -27,14 +51,137 @@ def produced_by_pipeline(source: str, outs: Iterable[str], repo: str | Path = ".
         rel = PurePosixPath(path.resolve().relative_to(repo).as_posix())
     except ValueError:
         return False  # outside the repository: not made by a stage
+    except (RuntimeError, OSError):
+        return False  # a symlink loop (Python < 3.13 raises): open_source names it
     return any(rel == PurePosixPath(o) or PurePosixPath(o) in rel.parents for o in outs)
+
+
+def _image_problem(head: bytes) -> str | None:
+    """Why the first bytes of a file cannot start an image, or None when they can."""
+    if not head:
+        return "empty file, not an image"
+    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return f"not an image (starts with {head[:8]!r}; expected a PNG or JPEG signature)"
+
+
+def _png_size(head: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, or None for another format."""
+    if head.startswith(_SIGNATURES[0]) and head[12:16] == b"IHDR" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    return None
+
+
+@dataclass
+class _Bad:
+    """One triplet extract would skip (``on_error: skip``) or stop at (``fail``)."""
+
+    split: str
+    class_dir: str
+    reason: str
+    message: str
+
+
+def _folder(source: Source, root: str, *parts: str) -> str:
+    return source.describe("/".join(p for p in (root, *parts) if p))
+
+
+def _check_triplet(source: Source, split: str, class_dir: str, name: str, paths: dict[str, str]) -> _Bad | None:
+    """Signatures and PNG sizes of one complete triplet; SourceError for a FIFO or device among them."""
+    sizes = {}
+    for kind, rel in paths.items():
+        try:
+            head = read_head(source, rel, HEAD_BYTES)
+        except OSError as exc:
+            return _Bad(split, class_dir, "unreadable", str(exc))
+        problem = _image_problem(head)
+        if problem:
+            return _Bad(split, class_dir, "unreadable", f"{source.describe(rel)}: {problem}")
+        sizes[kind] = _png_size(head)
+    image = sizes[IMAGES]
+    odd = [
+        f"{source.describe(paths[k])} is {s[0]}x{s[1]}"
+        for k, s in sizes.items()
+        if s is not None and image is not None and s != image
+    ]
+    if odd:
+        return _Bad(
+            split,
+            class_dir,
+            "size_mismatch",
+            f"{source.describe(paths[IMAGES])}: image is {image[0]}x{image[1]} but " + ", ".join(odd),
+        )
+    return None
+
+
+def check_layout(source: Source, root: str, params: DataParams) -> int:
+    """Refuse (SourceError, one line naming the path) what extract would refuse; return the triplets seen.
+
+    Every class in ``params.classes`` needs its three folders, each holding ``.png`` files, in every
+    split. Each file extract would read is opened only as far as its first :data:`HEAD_BYTES`: a
+    FIFO or device stops the check whatever ``on_error`` says (extract would hang on it); a file
+    without an image signature, a missing partner file or PNGs of different sizes stop it under
+    ``on_error: fail`` and, under ``skip``, when a split is left without a usable COVID-19 triplet.
+    """
+    index = layout_index(source, root)
+    for split_dir in SPLIT_DIRS.values():
+        for class_dir in params.classes:
+            for kind in KIND_DIRS:
+                if not index.get((split_dir, class_dir, kind)):
+                    hint = (
+                        "every split needs COVID-19 images, infection masks and lung masks"
+                        if class_dir == "COVID-19"
+                        else f"remove {class_dir!r} from params 'data.classes' or add the folder"
+                    )
+                    raise SourceError(
+                        f"{_folder(source, root, split_dir, class_dir, kind)}: folder missing or without .png files "
+                        f"(data.classes asks for {class_dir} in every split; {hint})"
+                    )
+    usable: collections.Counter = collections.Counter()
+    bad: list[_Bad] = []
+    seen = 0
+    for split, split_dir in SPLIT_DIRS.items():
+        for class_dir in params.classes:
+            files = {k: index[(split_dir, class_dir, k)] for k in KIND_DIRS}
+            folder = f"{root}/{split_dir}/{class_dir}".lstrip("/")
+            for name in sorted(set().union(*files.values())):
+                seen += 1
+                missing = [k for k in KIND_DIRS if name not in files[k]]
+                if missing:
+                    have = next(files[k][name] for k in KIND_DIRS if name in files[k])
+                    found = _KIND_NAMES[next(k for k in KIND_DIRS if name in files[k])]
+                    item = _Bad(
+                        split,
+                        class_dir,
+                        _MISSING_REASONS[missing[0]],
+                        f"{source.describe(have)}: {found} has no {_KIND_NAMES[missing[0]]} "
+                        f"(expected {folder}/{missing[0]}/{name})",
+                    )
+                else:
+                    item = _check_triplet(source, split, class_dir, name, {k: files[k][name] for k in KIND_DIRS})
+                if item is None:
+                    usable[(split, class_dir)] += 1
+                    continue
+                if params.on_error == "fail":
+                    raise SourceError(f"{item.message} [{item.reason}; data.on_error is 'fail']")
+                bad.append(item)
+    empty = [s for s in SPLIT_DIRS if usable[(s, "COVID-19")] == 0]
+    if empty:
+        first = next((b for b in bad if b.split == empty[0] and b.class_dir == "COVID-19"), None)
+        raise SourceError(
+            f"{source.location}: no usable COVID-19 triplets in split(s) {', '.join(empty)} under '{root or '.'}' "
+            f"({len(bad)} triplets bad; first: {first.message if first else 'none'})"
+        )
+    return seen
 
 
 def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo: str | Path = ".") -> str:
     """Validate every params section and, unless a stage makes it, the data source; then write the stamp.
 
-    Raises ParamsError (a bad key or value, naming the file) or SourceError (the source is missing,
-    not a folder or .zip, or holds no COVID-QU-Ex layout). Returns the source's description.
+    Raises ParamsError (a bad key or value, naming the file) or SourceError (one line naming the
+    path: the source is missing, not a regular file or folder, a symlink loop, not a .zip, holds no
+    COVID-QU-Ex layout, or a layout extract would refuse: see :func:`check_layout`). Returns the
+    source's description.
     """
     data: DataParams = validate_all(params_path)["data"]
     if produced_by_pipeline(data.source, outs, repo):
@@ -42,6 +189,7 @@ def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo:
     else:
         with open_source(data.source) as source:
             root = locate_root(source)
-        found = f"{data.source} (dataset root {root or '.'!r})"
+            seen = check_layout(source, root, data)
+        found = f"{data.source} (dataset root {root or '.'!r}, {seen} triplets of {', '.join(data.classes)})"
     write_text(stamp, STAMP_TEXT)
     return found

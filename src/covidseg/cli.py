@@ -85,8 +85,10 @@ def predict(
         Device.auto, help="Where a torch model runs: auto picks the GPU when there is one. (.onnx: always the CPU.)"
     ),
     precision: Precision = typer.Option(
-        Precision.auto,
-        help="Numeric precision of a torch model; auto uses bf16 only where the hardware has it natively. "
+        Precision.fp32,
+        help="Numeric precision of a torch model. fp32 gives the same probabilities as the ONNX file and as "
+        "evaluate on every machine; bf16 is a faster opt-in on CPUs with native bf16 (AVX512-BF16/AMX) and "
+        "GPUs, and moves some mask pixels (docs/predict.md); auto: bf16 only where the hardware has it. "
         "(.onnx: always fp32.)",
     ),
     batch_size: int = typer.Option(8, min=1, help="Images decoded and run through the model at once."),
@@ -233,6 +235,57 @@ def preset(
     except ParamsError as exc:
         _die(_stderr_console(), str(exc))
     typer.echo("\n".join(flags))
+
+
+@app.command("push-runs")
+def push_runs(
+    remote: str | None = typer.Option(None, "--remote", "-r", help="The DVC remote (default: the default remote)."),
+    jobs: int | None = typer.Option(None, "--jobs", "-j", min=1, help="Parallel uploads (DVC's default when unset)."),
+) -> None:
+    """Upload the outputs that this clone's DVC run records name, after `dvc push --run-cache`.
+
+    `dvc push --run-cache` uploads the run records but not the outputs of runs other than the
+    workspace's, nor any `cache: false` metric or plot; without them a teammate's `dvc exp run`
+    of the same params runs the stage again. `make push` runs both (docs/teams.md).
+    """
+    from covidseg.runcache import push_run_outputs
+
+    console = _stderr_console()
+    try:
+        counts = push_run_outputs(".", remote=remote, jobs=jobs)
+    except Exception as exc:  # DVC's own errors (no remote, no repository) as one line
+        _die(console, f"push-runs: {type(exc).__name__}: {exc}")
+    typer.echo(
+        f"push-runs: {counts['records']} run records name {counts['objects']} objects; "
+        f"{counts['transferred']} uploaded, {counts['failed']} failed"
+    )
+    if counts["failed"]:
+        raise typer.Exit(1)
+
+
+@app.command("source-path")
+def source_path(
+    path: Path = typer.Argument(..., help="A data source (the Kaggle folder or .zip)."),
+    repo: Path = typer.Option(Path("."), help="The checkout whose dvc.lock will record the path."),
+) -> None:
+    """Print PATH as `data.source` should record it: relative to the checkout when inside it, else absolute.
+
+    A relative path is the same in a teammate's clone, so DVC's run cache serves them too; an absolute
+    path outside the checkout is recorded as it is (and a note on stderr says the run cache then serves
+    that path only). `make real` uses it.
+    """
+    from covidseg.data.sources import recorded_source_path
+
+    recorded, inside = recorded_source_path(path, repo)
+    if not inside:
+        _stderr_console().print(
+            f"note: {path} is outside this checkout, so dvc.lock records the absolute path {recorded}: "
+            "the run cache then serves only clones that see the data at that same path "
+            "(put the data inside the checkout, e.g. `dvc add data/raw/covidqu.zip`, to share runs)",
+            markup=False,
+            soft_wrap=True,
+        )
+    typer.echo(recorded)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,6 +21,7 @@ from covidseg.data.contrast import METHODS as CONTRASTS  # the values of preproc
 
 T = TypeVar("T")
 
+DEFAULT_SEED = 42  # params.yaml's top-level ``seed``; the one fallback when a file has none
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
@@ -149,7 +150,7 @@ class TrainParams:
     temperature_scaling: bool = True
     flip_tta: bool = False
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "fp32"  # the default params train in fp32 on every machine; presets may pick auto
     num_threads: int = 0
     max_train_images: int = 0
 
@@ -206,13 +207,19 @@ class TrainParams:
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateParams:
-    """Evaluation settings: the fixed threshold and the calibration bin count."""
+    """Evaluation settings: the fixed threshold, the calibration bin count, intervals and precision.
+
+    ``precision`` is fp32 by default so that a model file's test metrics do not depend on the CPU
+    (``auto`` would take bf16 where the CPU has it natively, and bf16 moves pixel probabilities).
+    """
 
     threshold: float = 0.5
     calibration_bins: int = 15
     bootstrap_resamples: int = 1000
+    precision: str = "fp32"
 
     def validate(self) -> None:
+        _check(self.precision in ("auto", "fp32", "bf16"), "evaluate", "precision must be auto, fp32 or bf16")
         _check(0 < self.threshold < 1, "evaluate", "threshold must be in (0, 1)")
         _check(2 <= self.calibration_bins <= 100, "evaluate", "calibration_bins must be in [2, 100]")
         _check(100 <= self.bootstrap_resamples <= 100_000, "evaluate", "bootstrap_resamples must be in [100, 100000]")
@@ -338,8 +345,8 @@ def load_section(cls: type[T], section: str, path: str | Path = "params.yaml") -
 
 
 def load_seed(path: str | Path = "params.yaml") -> int:
-    """The shared integer seed at the top level of the params file."""
-    seed = read_params(path).get("seed", 0)
+    """The shared integer seed at the top level of the params file (:data:`DEFAULT_SEED` when absent)."""
+    seed = read_params(path).get("seed", DEFAULT_SEED)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ParamsError(f"{path}: 'seed' must be a non-negative integer, got {seed!r}")
     return seed

@@ -44,7 +44,7 @@ import numpy as np
 from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
 from covidseg.data.decode import BadImageError, binarise, decode, encode_png
 from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
-from covidseg.data.sources import Source, locate_root, open_source
+from covidseg.data.sources import Source, layout_index, locate_root, open_source
 from covidseg.params import DataParams
 
 MANIFEST_FIELDS = [
@@ -181,22 +181,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _index(source: Source, root: str) -> dict[tuple[str, str, str], dict[str, str]]:
-    """Map (split dir, class dir, kind dir) -> {file name: source path} for every PNG under the root."""
-    prefix = f"{root}/" if root else ""
-    index: dict[tuple[str, str, str], dict[str, str]] = collections.defaultdict(dict)
-    for f in source.files:
-        if not f.startswith(prefix) or not f.lower().endswith(".png"):
-            continue
-        parts = PurePosixPath(f[len(prefix) :]).parts
-        if len(parts) == 4 and not parts[3].startswith("."):  # skip macOS "._name.png" debris
-            index[(parts[0], parts[1], parts[2])][parts[3]] = f
-    return index
-
-
 def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[PairTask | tuple[str, str, str, str, str]]:
     """Every triplet in output order: a PairTask, or (split, class, name, reason, message) when a file is missing."""
-    index = _index(source, root)
+    index = layout_index(source, root)
     plan: list = []
     for split, split_dir in SPLIT_DIRS.items():
         for class_dir in classes:

@@ -6,7 +6,10 @@ A zip is never unpacked: only the members that extraction asks for are read, so 
 
 from __future__ import annotations
 
+import collections
+import errno
 import os
+import stat
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -91,16 +94,139 @@ class ZipSource(Source):
         self._zip.close()
 
 
-def open_source(location: str | Path) -> Source:
-    """Open a folder or a ``.zip`` file as a :class:`Source`."""
+def _file_kind(mode: int) -> str:
+    """What a stat mode that is neither a regular file nor a folder is, in words."""
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
+
+
+def source_kind(location: str | Path) -> str:
+    """``"folder"`` or ``"file"`` for ``location`` (symlinks followed), found by ``stat`` alone: nothing is opened.
+
+    Raises SourceError naming the path when it is missing (or a dangling symlink), a symlink loop,
+    not stat-able, or not a regular file nor a folder (a FIFO or ``/dev/zero`` would hang a reader or
+    grow it without end).
+    """
     location = Path(location)
-    if not location.exists():
-        raise SourceError(f"{location}: data source not found (set params 'data.source' to the Kaggle folder or .zip)")
-    if location.is_dir():
+    try:
+        mode = os.stat(location).st_mode
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise SourceError(
+                f"{location}: data source is a symlink loop (its links point back to each other); "
+                "set params 'data.source' to the Kaggle folder or .zip"
+            ) from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            dangling = (
+                f" (a symlink to {os.readlink(location)!r}, which does not exist)" if location.is_symlink() else ""
+            )
+            raise SourceError(
+                f"{location}: data source not found{dangling} (set params 'data.source' to the Kaggle folder or .zip)"
+            ) from None
+        raise SourceError(f"{location}: cannot access the data source ({exc.strerror})") from None
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISREG(mode):
+        return "file"
+    raise SourceError(
+        f"{location}: data source is {_file_kind(mode)}, not a regular file or folder "
+        "(set params 'data.source' to the Kaggle folder or .zip)"
+    )
+
+
+def open_source(location: str | Path) -> Source:
+    """Open a folder or a ``.zip`` file as a :class:`Source`.
+
+    The path is checked with ``stat`` first (:func:`source_kind`), so a FIFO, a device or a symlink
+    loop is refused before anything is opened or read.
+    """
+    location = Path(location)
+    if source_kind(location) == "folder":
         return FolderSource(location)
-    if zipfile.is_zipfile(location):
+    try:
+        is_zip = zipfile.is_zipfile(location)  # a regular file: reads a bounded tail
+    except OSError as exc:
+        raise SourceError(f"{location}: cannot read the data source ({exc.strerror or exc})") from None
+    if is_zip:
         return ZipSource(location)
     raise SourceError(f"{location}: data source is neither a folder nor a .zip archive")
+
+
+def read_head(source: Source, rel: str, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) of file ``rel`` of ``source``, for a cheap signature check.
+
+    A folder's file is opened non-blocking and must be a regular file (symlinks followed) before a
+    byte is read; a zip member is decompressed only as far as ``size``. Raises SourceError naming the
+    file when it is not a regular file (a FIFO, a device: reading it would hang or never end), and
+    OSError naming it when it cannot be read (a symlink loop, a dangling link, a damaged member).
+    """
+    where = source.describe(rel)
+    if isinstance(source, ZipSource):
+        if rel not in source._listed:
+            raise SourceError(f"{where}: not a dataset member of this archive")
+        try:
+            with source._zip.open(rel) as member:
+                return member.read(size)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
+            raise OSError(f"{where}: cannot read archive member ({exc})") from None
+    path = source.location / rel
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{where}: symlink loop (its links point back to each other)") from None
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise OSError(f"{where}: dangling symlink (to {os.readlink(path)!r}, which does not exist)") from None
+        raise OSError(f"{where}: cannot open file ({exc.strerror})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SourceError(f"{where}: {_file_kind(mode)}, not a regular file; the dataset holds only image files")
+        return os.read(fd, size)
+    except OSError as exc:
+        raise OSError(f"{where}: cannot read file ({exc.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def recorded_source_path(location: str | Path, repo: str | Path = ".") -> tuple[str, bool]:
+    """``(path, inside)``: ``location`` as ``data.source`` should record it, and whether it lies in ``repo``.
+
+    Inside the checkout: POSIX, relative to ``repo`` (``data/raw/covidqu.zip``), so dvc.lock names the
+    same path in every clone. Outside it: absolute (``/data/covidqu``). Nothing is opened or resolved
+    through symlinks here except to compare the two paths.
+    """
+    repo = Path(repo).absolute()
+    path = Path(location)
+    path = path if path.is_absolute() else Path.cwd() / path
+    path = Path(os.path.normpath(path))
+    try:
+        return PurePosixPath(*path.relative_to(Path(os.path.normpath(repo))).parts).as_posix() or ".", True
+    except ValueError:
+        return path.as_posix(), False
+
+
+def layout_index(source: Source, root: str) -> dict[tuple[str, str, str], dict[str, str]]:
+    """Map (split dir, class dir, kind dir) -> {file name: source path} for every PNG under ``root``.
+
+    Exactly the files extraction reads (and the check stage inspects); macOS ``._name.png`` debris is skipped.
+    """
+    prefix = f"{root}/" if root else ""
+    index: dict[tuple[str, str, str], dict[str, str]] = collections.defaultdict(dict)
+    for f in source.files:
+        if not f.startswith(prefix) or not f.lower().endswith(".png"):
+            continue
+        parts = PurePosixPath(f[len(prefix) :]).parts
+        if len(parts) == 4 and not parts[3].startswith("."):
+            index[(parts[0], parts[1], parts[2])][parts[3]] = f
+    return index
 
 
 def locate_root(source: Source) -> str:

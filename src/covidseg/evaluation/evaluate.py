@@ -89,7 +89,8 @@ def evaluate(
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
     calibration = Calibration.from_meta(meta)  # inference exactly as calibrated on val
-    prob, lung_prob = calibrated_outputs(model, test["images"], device, choose_precision(device), calibration)
+    precision = choose_precision(device, params.precision)
+    prob, lung_prob = calibrated_outputs(model, test["images"], device, precision, calibration)
     truth = test["masks"][:, 0].astype(bool)
     tuned_threshold = params.threshold if calibration.threshold is None else calibration.threshold
 
@@ -124,6 +125,8 @@ def evaluate(
         "lung_gate": calibration.lung_gate,
         "empty_truth_rule": EMPTY_TRUTH_RULE,
         "severity": severity,
+        "evaluate_precision": precision,
+        "train_precision": str(meta.get("train_precision", "unknown")),  # older model files did not record it
     }
     summary["intervals"] = _intervals(prob, truth, per_fixed, params.bootstrap_resamples)
     per = pd.DataFrame(

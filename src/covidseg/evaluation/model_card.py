@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from covidseg.atomic import write_text
-from covidseg.params import SECTIONS, _flag_value, from_dict, read_params
+from covidseg.params import DEFAULT_SEED, SECTIONS, _flag_value, from_dict, read_params
 
 # Sections whose values make the model: the data, its preparation and training (seed too).
 RECIPE_SECTIONS = ("synth", "data", "preprocess", "train")
-DEFAULT_SEED = 42  # params.yaml's; the seed has no dataclass
 NEGATIVE_CLASSES = ("Non-COVID", "Normal")
 QU_EX_CITATION = (
     'A. M. Tahir et al., "COVID-19 infection localization and severity grading from chest X-ray images", '
@@ -247,6 +246,10 @@ def render_card(
         f"Seed {model_meta.get('seed', '?')}, {kept} of "
         f"{train.get('epochs_run', '?')}, covidseg {prov.get('package_version', '?')}, "
         f"code hash {str(prov.get('code_hash', '?'))[:12]}.",
+        "",
+        f"Numeric precision: trained in {model_meta.get('train_precision', 'unknown')}, test metrics computed in "
+        f"{details.get('evaluate_precision', 'unknown')} (bf16 moves pixel probabilities: metrics compare "
+        "across machines only at the same precision).",
         "",
     ]
     return "\n".join(out)

@@ -45,6 +45,7 @@ class Prepared:
     provenance: dict = field(default_factory=dict)  # as written by training ({} when the file has none)
     description: str = ""  # how it runs, e.g. "torch on cpu, fp32"
     contrast: str = "none"  # the contrast normalisation ``run`` applies (covidseg.data.contrast)
+    run_warnings: tuple[str, ...] = ()  # about how it runs here (e.g. bf16 emulated on this CPU)
 
 
 def model_backend(path: str | Path) -> str:
@@ -68,7 +69,7 @@ def prepare_model(
     threshold: float | None = None,
     flip_tta: bool | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     batch_size: int = 8,
 ) -> Prepared:
     """Load ``model_path`` with the backend :func:`model_backend` picks.
@@ -96,7 +97,7 @@ def _prepare_torch(
     from dataclasses import replace
 
     from covidseg.data.contrast import check_method, normalise_contrast
-    from covidseg.device import choose_device, choose_precision
+    from covidseg.device import choose_device, choose_precision, cpu_has_native_bf16
     from covidseg.inference.calibration import Calibration, calibrated_outputs
     from covidseg.model.checkpoint import load_model
 
@@ -108,6 +109,12 @@ def _prepare_torch(
     value, source = _pick_threshold(threshold, saved.threshold)
     calibration = replace(saved, threshold=value, flip_tta=saved.flip_tta if flip_tta is None else flip_tta)
     chosen = choose_precision(torch_device, precision)
+    run_warnings = []
+    if chosen == "bf16" and torch_device.type == "cpu" and not cpu_has_native_bf16():
+        run_warnings.append(
+            "WARNING: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): torch emulates it, "
+            "several times slower than fp32. Use --precision fp32 (the default) on this machine."
+        )
     contrast = check_method(str(meta.get("contrast", "none")), f"{path}: model file")
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -125,6 +132,7 @@ def _prepare_torch(
         provenance=provenance if isinstance(provenance, dict) else {},
         description=f"torch on {torch_device.type}, {chosen}" + _contrast_note(contrast),
         contrast=contrast,
+        run_warnings=tuple(run_warnings),
     )
 
 
@@ -211,4 +219,4 @@ def model_warnings(prepared: Prepared) -> list[str]:
             "WARNING: this model has no lung head, so it cannot measure severity: no lungs/ masks are written and "
             "the severity columns of predictions.csv stay empty. Retrain with train.lung_aux_weight > 0."
         )
-    return warnings
+    return warnings + list(prepared.run_warnings)

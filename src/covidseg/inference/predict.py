@@ -108,7 +108,7 @@ class PredictOptions:
     save_probs: bool = False
     batch_size: int = 8
     device: str = "auto"
-    precision: str = "auto"
+    precision: str = "fp32"
     flip_tta: bool | None = None
     recursive: bool = False
 

@@ -54,6 +54,7 @@ def export_stage(
     metadata = {
         "covidseg.source_model_sha256": hashlib.sha256(model_pt.read_bytes()).hexdigest(),
         "covidseg.provenance": json.dumps(meta.get("provenance", {}), sort_keys=True),
+        "covidseg.train_precision": str(meta.get("train_precision", "unknown")),
     }
     with atomic_path(onnx_path) as tmp:
         # export_onnx's own check uses two random images; the one that gates the stage is below.

@@ -517,6 +517,7 @@ class Trainer:
                     "seed": self.seed,
                     "provenance": self._provenance(val_dice),
                     "contrast": str(self.source.get("contrast", "none")),  # predict applies it (data/contrast.py)
+                    "train_precision": self.precision,  # the resolved value (fp32 / bf16), not "auto"
                 },
             )
             write_json(metrics_path, summary)
