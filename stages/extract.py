@@ -28,8 +28,8 @@ def main(
         details = details or details_path_for(metrics)
         typer.echo(
             f"Nothing was half-written, but under `dvc repro` DVC removed {out}, {metrics} and {details} before "
-            f"this stage ran; get the last good ones back with `git checkout -- {metrics} {details} && "
-            "dvc checkout extract` (docs/recovery.md)",
+            f"this stage ran; get the last good ones back with `git checkout -- {metrics} && dvc checkout extract` "
+            "(`dvc pull extract` on a fresh clone with a remote; docs/recovery.md)",
             err=True,
         )
         raise typer.Exit(1) from None

@@ -69,7 +69,7 @@ def test_extract_failure_says_what_dvc_removed_and_how_to_restore(tiny_repo, tmp
     assert proc.returncode == 1
     assert "previous outputs kept" not in proc.stderr
     assert "DVC removed data/extracted, metrics/data.json and metrics/data_details.json" in proc.stderr, proc.stderr
-    assert "git checkout -- metrics/data.json metrics/data_details.json && dvc checkout extract" in proc.stderr
+    assert "git checkout -- metrics/data.json && dvc checkout extract" in proc.stderr
 
 
 def test_dvc_plots_output_is_ignored():

@@ -31,6 +31,23 @@ TINY_FLAGS = (
 )
 SECOND_FLAGS = f"{TINY_FLAGS} -S train.lr=0.002"
 ZIP = "data/raw/covidqu.zip"  # the README's path
+# The commands of docs/teams.md's block, in its order (the test below runs each of them).
+RECIPE = (
+    "TINY='" + TINY_FLAGS + "'",
+    f"dvc add {ZIP}",
+    "dvc remote add -d shared ",
+    'git commit -m "data and remote"',
+    f'make real DATA={ZIP} FLAGS="$TINY"',
+    'git commit -m "real-data run"',
+    "make push",
+    "git push origin HEAD:main",
+    f'make real DATA={ZIP} FLAGS="$TINY -S train.lr=0.002"',
+    "make push",
+    "git clone -b main ",
+    "dvc pull --run-cache",
+    "dvc repro ",
+    f'make real DATA={ZIP} FLAGS="$TINY -S train.lr=0.002"',
+)
 
 
 def _make(repo: Path, *args: str) -> str:
@@ -58,7 +75,9 @@ def _kaggle_zip(path: Path, scratch: Path) -> None:
     shutil.rmtree(tree)
 
 
-@pytest.fixture(params=["local", "s3"])
+# The S3 round trip runs by default (it is the two-clone test, against the remote teams use); the
+# same recipe with a folder remote is marked slow (about 2 minutes each on 2 cores).
+@pytest.fixture(params=[pytest.param("local", marks=pytest.mark.slow), "s3"])
 def remote(request, tmp_path, monkeypatch):
     """``dvc remote`` commands for the team's storage: a folder, or a bucket on a local S3 server."""
     if request.param == "local":
@@ -109,7 +128,8 @@ def test_a_teammate_reuses_every_pushed_run(tmp_path, remote):
     _git(a, "commit", "-q", "-m", "real-data run")
     _make(a, "push")
     run(["git", "init", "-q", "--bare", str(origin)], cwd=tmp_path)
-    _git(a, "push", "-q", str(origin), "HEAD:main")
+    _git(a, "remote", "add", "origin", str(origin))
+    _git(a, "push", "-q", "origin", "HEAD:main")
 
     # A again: a second configuration, pushed (run records and outputs) but not committed.
     second = _make(a, "real", f"DATA={ZIP}", f"FLAGS={SECOND_FLAGS}")
@@ -130,3 +150,17 @@ def test_a_teammate_reuses_every_pushed_run(tmp_path, remote):
     assert "Stage 'train' is cached - skipping run" in out, out
     assert not (b / "models" / "train_log.json").exists()  # nothing trained here
     assert json.loads((b / "metrics" / "test.json").read_text()) == second_metrics
+
+
+def test_docs_show_the_recipe_this_test_runs():
+    """docs/teams.md's "Share real-data runs" block holds this test's commands, in order, with its flags."""
+    from conftest import REPO
+
+    text = (REPO / "docs" / "teams.md").read_text(encoding="utf-8")
+    section = text[text.index("### Share real-data runs") :]
+    block = section[section.index("```bash\n") : section.index("```\n", section.index("```bash\n") + 8)]
+    position = 0
+    for command in RECIPE:
+        found = block.find(command, position)
+        assert found >= 0, f"docs/teams.md lacks (after the previous command): {command}"
+        position = found + len(command)
