@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_extract import NEST, make_dataset, write_triplet
+from helpers import KAGGLE_NEST, make_kaggle_dataset, write_triplet
 
 from covidseg.check import STAMP_TEXT, check
 from covidseg.data.extract import ExtractError, extract
@@ -109,7 +109,7 @@ def test_dangling_symlink_and_missing_source(tmp_path: Path) -> None:
 
 
 def test_symlink_to_a_valid_folder_passes_and_the_stamp_is_constant(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=1)
     (tmp_path / "link").symlink_to(tmp_path / "src")
     found = check(_params(tmp_path, tmp_path / "link"), tmp_path / "checked.txt", OUTS, repo=tmp_path)
     assert "3 triplets of COVID-19" in found
@@ -120,7 +120,7 @@ def test_symlink_to_a_valid_folder_passes_and_the_stamp_is_constant(tmp_path: Pa
 
 
 def test_missing_lung_mask_folder(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=2)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=2)
     for p in (root / "Val" / "COVID-19" / "lung masks").iterdir():
         p.unlink()
     (root / "Val" / "COVID-19" / "lung masks").rmdir()
@@ -131,7 +131,7 @@ def test_missing_lung_mask_folder(tmp_path: Path) -> None:
 
 
 def test_missing_folder_of_a_requested_negative_class(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1, negatives=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1, negatives=1)
     for p in (root / "Test" / "Normal" / "lung masks").iterdir():
         p.unlink()
     assert check(_params(tmp_path, tmp_path / "src"), tmp_path / "checked.txt", OUTS, repo=tmp_path)  # not asked for
@@ -140,7 +140,7 @@ def test_missing_folder_of_a_requested_negative_class(tmp_path: Path) -> None:
 
 
 def test_non_image_file_fails_under_fail_and_empties_a_split_under_skip(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     write_triplet(root, "Val", "COVID-19", "covid_50.png", 50)
     bad = root / "Val" / "COVID-19" / "lung masks" / "covid_50.png"
     bad.write_bytes(b"this is not an image")
@@ -157,18 +157,18 @@ def test_non_image_file_fails_under_fail_and_empties_a_split_under_skip(tmp_path
 
 
 def test_non_image_zip_member(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     (root / "Test" / "COVID-19" / "infection masks" / "covid_3.png").write_bytes(b"GIF8 no")
     archive = tmp_path / "a.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         for p in sorted(root.rglob("*.png")):
-            z.write(p, f"{NEST}/{p.relative_to(root).as_posix()}")
+            z.write(p, f"{KAGGLE_NEST}/{p.relative_to(root).as_posix()}")
     msg = refusal(tmp_path, archive, on_error="fail")
-    assert msg.startswith(f"{archive}::{NEST}/Test/COVID-19/infection masks/covid_3.png: not an image"), msg
+    assert msg.startswith(f"{archive}::{KAGGLE_NEST}/Test/COVID-19/infection masks/covid_3.png: not an image"), msg
 
 
 def test_fifo_and_device_inside_the_layout_are_refused_under_skip_too(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=2)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=2)
     fifo = root / "Train" / "COVID-19" / "images" / "covid_1.png"
     fifo.unlink()
     os.mkfifo(fifo)
@@ -179,7 +179,7 @@ def test_fifo_and_device_inside_the_layout_are_refused_under_skip_too(tmp_path: 
 
 
 def test_symlink_loop_inside_the_layout(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     loop = root / "Test" / "COVID-19" / "images" / "covid_3.png"
     loop.unlink()
     loop.symlink_to(loop)
@@ -217,7 +217,7 @@ def _size(root: Path, name) -> None:
 @pytest.mark.parametrize("per_split", [1, 2])
 def test_check_refuses_exactly_when_extract_does(tmp_path: Path, defect, on_error: str, per_split: int) -> None:
     """One bad triplet: under fail both refuse; under skip both refuse only when it empties its split."""
-    root = make_dataset(tmp_path / "src", per_split=per_split)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=per_split)
     defect(root, lambda split_dir: sorted(p.name for p in (root / split_dir / "COVID-19" / "images").iterdir())[0])
     src = tmp_path / "src"
     data = DataParams(source=str(src), on_error=on_error)

@@ -117,7 +117,7 @@ def test_low_range_warning():
 
 
 def test_predict_on_a_twelve_bit_xray_matches_its_eight_bit_version(tmp_path: Path):
-    from test_predict import FAST, grey_array, make_model
+    from helpers import FAST_PREDICT_FLAGS, grey_array, make_predict_model
 
     g8 = grey_array(64, 48, seed=2)
     g12 = np.round(g8.astype(np.float64) * 4095 / 255).astype(np.uint16)  # the same X-ray stored as 12-bit
@@ -126,10 +126,10 @@ def test_predict_on_a_twelve_bit_xray_matches_its_eight_bit_version(tmp_path: Pa
     Image.fromarray(g8).save(d / "eight.png")
     (d / "twelve.png").write_bytes(png16(g12))
     Image.fromarray(np.full((30, 30), 3, np.uint8)).save(d / "blank.png")
-    model = make_model(tmp_path / "m.pt")
+    model = make_predict_model(tmp_path / "m.pt")
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        app, ["predict", str(d), "--model", str(model), "--out", str(out), "--save-probs", *FAST]
+        app, ["predict", str(d), "--model", str(model), "--out", str(out), "--save-probs", *FAST_PREDICT_FLAGS]
     )
     assert result.exit_code == 0, result.output
     overlay12 = np.asarray(Image.open(out / "overlays" / "twelve.png").convert("L"), dtype=np.float64)

@@ -6,43 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DICOM_UID, write_dicom
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, SecondaryCaptureImageStorage
+from pydicom.uid import JPEGLSLossless
 
 from covidseg.data.dicom import DicomError, decode_dicom, is_dicom
-
-UID = "1.2.826.0.1.3680043.8.498.1"
-
-
-def write_dicom(
-    path: Path, pixels: np.ndarray | None, bits_stored: int = 8, photometric: str = "MONOCHROME2", **attrs
-) -> Path:
-    """Write a minimal single-frame greyscale DICOM file; ``attrs`` set extra elements (WindowCenter, ...)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = UID
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = UID
-    ds.Modality = "CR"
-    if pixels is not None:
-        pixels = np.asarray(pixels)
-        ds.Rows, ds.Columns = pixels.shape[-2:]
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = photometric
-        ds.BitsAllocated = pixels.dtype.itemsize * 8
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = 0
-        ds.PixelData = pixels.tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def decode(path: Path) -> tuple[np.ndarray, dict]:
@@ -54,7 +23,12 @@ def test_monochrome2_8bit_is_identity(tmp_path):
     grey, info = decode(write_dicom(tmp_path / "a.dcm", pixels))
     assert grey.dtype == np.uint8 and grey.shape == (16, 16)
     np.testing.assert_array_equal(grey, pixels)
-    assert info == {"PhotometricInterpretation": "MONOCHROME2", "BitsStored": 8, "window": False, "SOPInstanceUID": UID}
+    assert info == {
+        "PhotometricInterpretation": "MONOCHROME2",
+        "BitsStored": 8,
+        "window": False,
+        "SOPInstanceUID": DICOM_UID,
+    }
 
 
 def test_16bit_scaled_by_bits_stored_not_by_image_range(tmp_path):

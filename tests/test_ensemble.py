@@ -10,8 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_predict import FAST, invoke, save_image
-from test_train import TINY, _train, interrupt_after
+from helpers import (
+    CARD_TEST_DETAILS,
+    CARD_TEST_METRICS,
+    FAST_PREDICT_FLAGS,
+    TINY_TRAIN,
+    copy_repo_params,
+    interrupt_after,
+    invoke_predict,
+    save_image,
+    train_tiny,
+    write_card_per_image,
+)
 
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.model_card import render_card
@@ -27,7 +37,7 @@ from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams, ExportParams, ParamsError, TrainParams, from_dict
 
 CONFIG = UNetConfig(out_channels=2, base_channels=4, depth=2)
-SNAP = dataclasses.replace(TINY, snapshots=2)  # 3 epochs: the model is epochs 2 and 3
+SNAP = dataclasses.replace(TINY_TRAIN, snapshots=2)  # 3 epochs: the model is epochs 2 and 3
 
 
 def logit(p: float) -> float:
@@ -175,7 +185,7 @@ def _capture(store):
 def snap_run(tiny_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("snap")
     weights = {}
-    summary = _train(tiny_prepared, out, SNAP, on_epoch_end=_capture(weights))
+    summary = train_tiny(tiny_prepared, out, SNAP, on_epoch_end=_capture(weights))
     return out, summary, weights
 
 
@@ -207,7 +217,7 @@ def test_training_saves_the_ensemble_of_the_last_epochs(snap_run, tiny_prepared)
 
 def test_snapshots_off_keeps_the_best_epoch_and_no_snapshots(tiny_prepared, tmp_path):
     kept = []
-    summary = _train(tiny_prepared, tmp_path, TINY, on_epoch_end=lambda t, row: kept.append(len(t.snapshots)))
+    summary = train_tiny(tiny_prepared, tmp_path, TINY_TRAIN, on_epoch_end=lambda t, row: kept.append(len(t.snapshots)))
     assert kept == [0, 0, 0] and "snapshot_epochs" not in summary
     model, meta = load_model(tmp_path / "model.pt")
     assert type(model) is UNet and "snapshots" not in meta and "snapshot_epochs" not in meta
@@ -216,15 +226,15 @@ def test_snapshots_off_keeps_the_best_epoch_and_no_snapshots(tiny_prepared, tmp_
 def test_interrupted_snapshot_run_resumes_to_the_same_model_file(snap_run, tiny_prepared, tmp_path):
     full, _, _ = snap_run
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path, SNAP, on_epoch_end=interrupt_after(2))
-    summary = _train(tiny_prepared, tmp_path, SNAP)
+        train_tiny(tiny_prepared, tmp_path, SNAP, on_epoch_end=interrupt_after(2))
+    summary = train_tiny(tiny_prepared, tmp_path, SNAP)
     assert summary["snapshot_epochs"] == [2, 3]
     digest = [hashlib.sha256((d / "model.pt").read_bytes()).hexdigest() for d in (full, tmp_path)]
     assert digest[0] == digest[1]
 
 
 def test_a_run_stopped_after_one_epoch_keeps_that_epochs_unet(tiny_prepared, tmp_path):
-    summary = _train(tiny_prepared, tmp_path, SNAP, on_epoch_end=lambda t, row: False)
+    summary = train_tiny(tiny_prepared, tmp_path, SNAP, on_epoch_end=lambda t, row: False)
     model, meta = load_model(tmp_path / "model.pt")
     assert type(model) is UNet and summary["snapshot_epochs"] == [1] and meta["best_epoch"] == 1
 
@@ -253,7 +263,7 @@ def test_evaluate_export_predict_and_card_work_on_the_ensemble(snap_run, tiny_pr
     ]
     rows = {}
     for name, model in (("pt", model_pt), ("onnx", tmp_path / "model.onnx")):
-        result = invoke(*inputs, "--model", model, "--out", tmp_path / name, *FAST)
+        result = invoke_predict(*inputs, "--model", model, "--out", tmp_path / name, *FAST_PREDICT_FLAGS)
         assert result.exit_code == 0, result.output
         assert "no lung head" not in result.stderr  # found in both backends
         rows[name] = pd.DataFrame(read_csv(tmp_path / name / "predictions.csv"))
@@ -262,7 +272,7 @@ def test_evaluate_export_predict_and_card_work_on_the_ensemble(snap_run, tiny_pr
     for column in ("mean_probability", "infected_fraction"):
         np.testing.assert_allclose(rows["pt"][column].astype(float), rows["onnx"][column].astype(float), atol=1e-3)
     _, meta = load_model(model_pt)
-    from test_model_card import DETAILS, TEST, _params, _per_image
-
-    card = render_card(_params(tmp_path), meta, TEST, DETAILS, summary, _per_image(tmp_path))
+    card = render_card(
+        copy_repo_params(tmp_path), meta, CARD_TEST_METRICS, CARD_TEST_DETAILS, summary, write_card_per_image(tmp_path)
+    )
     assert "a snapshot ensemble of epochs 2, 3 of 3" in card

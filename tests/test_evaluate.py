@@ -1,7 +1,7 @@
 """covidseg.evaluation.evaluate on a tiny generated prepared dir and a tiny untrained model.
 
-The helpers ``make_prepared``, ``make_model`` and ``run_evaluate`` are reused by
-test_figures.py and test_report_browser.py.
+The prepared dir, the model and the run come from ``make_eval_prepared``, ``make_eval_model`` and
+``run_evaluate`` in helpers.py (test_figures.py and test_report_browser.py use them too).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import EVAL_TUNED_THRESHOLD, TINY_SIZE, make_eval_model, make_eval_prepared, run_evaluate
 
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.metrics import PR_BINS, baselines, class_breakdown
@@ -21,74 +22,6 @@ from covidseg.inference.forward import predict_logits, probabilities
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams
-
-SIZE = 32
-TUNED = 0.45
-
-
-def _split(rng: np.random.Generator, n_covid: int, n_negative: int) -> dict[str, np.ndarray]:
-    """One split in preprocess.py's format: COVID-19 images with a bright square lesion, negatives empty."""
-    n = n_covid + n_negative
-    images = rng.integers(40, 120, size=(n, 1, SIZE, SIZE), dtype=np.uint8)
-    masks = np.zeros((n, 1, SIZE, SIZE), np.uint8)
-    lungs = np.zeros((n, 1, SIZE, SIZE), np.uint8)
-    lungs[:, 0, 6:26, 4:14] = 1
-    lungs[:, 0, 6:26, 18:28] = 1
-    for i in range(n_covid):
-        r, c = 8 + 2 * (i % 4), 5 + (i % 3)
-        masks[i, 0, r : r + 6, c : c + 6] = 1
-        images[i, 0][masks[i, 0] > 0] = 220
-    ids = [f"covid_{i + 1}" for i in range(n_covid)] + [f"Non_COVID ({i + 1})" for i in range(n_negative)]
-    classes = ["COVID-19"] * n_covid + ["Non-COVID"] * n_negative
-    return {
-        "images": images,
-        "masks": masks,
-        "lungs": lungs,
-        "ids": np.array(ids, dtype=str),
-        "classes": np.array(classes, dtype=str),
-    }
-
-
-def make_prepared(root: Path, n_test_covid: int = 3, n_test_negative: int = 1) -> Path:
-    """A prepared dir (train/val/test .npz, 32x32) with ``n_test_negative`` empty-truth test images."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    for split, (nc, nn) in {"train": (4, 0), "val": (2, 0), "test": (n_test_covid, n_test_negative)}.items():
-        np.savez(root / f"{split}.npz", **_split(rng, nc, nn))
-    return root
-
-
-def make_model(path: Path, threshold: float = TUNED) -> Path:
-    """A tiny untrained U-Net saved as training would save it (with a 'tuned' threshold)."""
-    torch.manual_seed(0)
-    model = UNet(UNetConfig(base_channels=4, depth=2))
-    save_model(path, model, {"threshold": threshold, "temperature": 1.0, "size": SIZE})
-    return path
-
-
-def run_evaluate(root: Path, **prepared_kw) -> dict:
-    """Evaluate a tiny model on a tiny prepared dir under ``root``; returns the paths and the summary."""
-    prepared = make_prepared(root / "prepared", **prepared_kw)
-    model = make_model(root / "model.pt")
-    paths = {
-        "model": model,
-        "prepared": prepared,
-        "metrics": root / "metrics" / "test.json",
-        "details": root / "metrics" / "test_details.json",
-        "per_image": root / "eval" / "per_image.csv",
-        "eval": root / "eval",
-        "predictions": root / "predictions" / "test.npz",
-    }
-    summary = evaluate(
-        paths["model"],
-        paths["prepared"],
-        paths["metrics"],
-        paths["per_image"],
-        paths["eval"],
-        paths["predictions"],
-        EvaluateParams(precision="fp32"),  # the independent references below are fp32
-    )
-    return {**paths, "summary": summary}
 
 
 def _strict_json(path: Path) -> dict:
@@ -132,7 +65,7 @@ def test_metrics_json_keys_and_standard_json(tiny):
     assert data["flip_tta"] is False  # the model file has no flip_tta
     assert data["n_images"] == 4
     assert data["at_fixed_threshold"]["threshold"] == 0.5
-    assert data["at_tuned_threshold"]["threshold"] == TUNED  # from the model file, not the params
+    assert data["at_tuned_threshold"]["threshold"] == EVAL_TUNED_THRESHOLD  # from the model file, not the params
     for block in (data["at_fixed_threshold"], data["at_tuned_threshold"]):
         for key in (
             "dice_mean",
@@ -167,7 +100,7 @@ def test_headline_metrics_are_few_flat_numbers_taken_from_the_details(tiny):
     for key in ("n_images", "rmse", "dice", "iou", "ece"):
         assert head[key] == details[key], key
     tuned, fixed = details["at_tuned_threshold"], details["at_fixed_threshold"]
-    assert head["threshold"] == tuned["threshold"] == TUNED
+    assert head["threshold"] == tuned["threshold"] == EVAL_TUNED_THRESHOLD
     assert head["dice_at_threshold"] == tuned["dice_mean"]
     assert head["dice_global"] == fixed["dice_global"] and head["hd95_median"] == fixed["hd95_median"]
     assert head["covid19_dice"] == details["by_class"]["COVID-19"]["dice"]
@@ -196,7 +129,7 @@ def test_by_class_matches_an_independent_computation(tiny):
     prob, truth = _reference_probs(tiny)
     by_class = tiny["summary"]["by_class"]
     assert _strict_json(tiny["details"])["by_class"].keys() == by_class.keys() == {"COVID-19", "Non-COVID"}
-    covid, negative = slice(0, 3), slice(3, 4)  # make_prepared: 3 COVID-19 test images, then 1 Non-COVID
+    covid, negative = slice(0, 3), slice(3, 4)  # make_eval_prepared: 3 COVID-19 test images, then 1 Non-COVID
     assert by_class["COVID-19"]["n_images"] == 3 and by_class["Non-COVID"]["n_images"] == 1
     assert by_class["COVID-19"]["rmse"] == pytest.approx(
         math.sqrt(np.mean((prob[covid].astype(np.float64) - truth[covid]) ** 2)), rel=1e-5
@@ -211,7 +144,7 @@ def test_by_class_matches_an_independent_computation(tiny):
     assert by_class["COVID-19"]["dice"] == pytest.approx(np.mean(dices), rel=1e-5)
     assert by_class["COVID-19"]["empty_truth_images"] == 0
     assert by_class["Non-COVID"]["empty_truth_images"] == 1
-    assert by_class["Non-COVID"]["empty_truth_false_positive_images"] == int((prob[3] >= TUNED).any())
+    assert by_class["Non-COVID"]["empty_truth_false_positive_images"] == int((prob[3] >= EVAL_TUNED_THRESHOLD).any())
 
 
 def test_class_breakdown_by_hand():
@@ -281,27 +214,27 @@ def test_curve_csvs(tiny):
     assert pr["recall"].is_monotonic_decreasing
     cal = pd.read_csv(tiny["eval"] / "calibration.csv")
     assert list(cal.columns) == ["bin_lo", "bin_hi", "mean_probability", "fraction_infected", "pixels"]
-    assert cal["pixels"].sum() == 4 * SIZE * SIZE and (cal["pixels"] > 0).all()
+    assert cal["pixels"].sum() == 4 * TINY_SIZE * TINY_SIZE and (cal["pixels"] > 0).all()
     assert ((cal["mean_probability"] >= cal["bin_lo"]) & (cal["mean_probability"] <= cal["bin_hi"])).all()
 
 
 def test_predictions_file(tiny):
     prob, _ = _reference_probs(tiny)
     with np.load(tiny["predictions"]) as z:
-        assert z["probs"].dtype == np.uint8 and z["probs"].shape == (4, SIZE, SIZE)
-        assert float(z["threshold"]) == TUNED
+        assert z["probs"].dtype == np.uint8 and z["probs"].shape == (4, TINY_SIZE, TINY_SIZE)
+        assert float(z["threshold"]) == EVAL_TUNED_THRESHOLD
         assert np.abs(z["probs"] / 255.0 - prob).max() <= 0.5 / 255 + 1e-6
 
 
 def test_flip_averaging_as_saved_in_the_model(tmp_path):
     """A model calibrated with flip averaging is evaluated with it (and test.json says so)."""
-    prepared = make_prepared(tmp_path / "prepared")
+    prepared = make_eval_prepared(tmp_path / "prepared")
     torch.manual_seed(0)
     net = UNet(UNetConfig(base_channels=4, depth=2))
     with torch.no_grad():
         net.head.weight.mul_(100)  # strong logits, so the mirrored prediction differs visibly
     model = tmp_path / "model.pt"
-    save_model(model, net, {"threshold": TUNED, "temperature": 1.0, "size": SIZE, "flip_tta": True})
+    save_model(model, net, {"threshold": EVAL_TUNED_THRESHOLD, "temperature": 1.0, "size": TINY_SIZE, "flip_tta": True})
     summary = evaluate(
         model,
         prepared,
@@ -343,8 +276,8 @@ def test_baselines_by_hand():
 
 
 def test_empty_test_split_is_a_clear_error(tmp_path):
-    prepared = make_prepared(tmp_path / "prepared", n_test_covid=0, n_test_negative=0)
-    model = make_model(tmp_path / "model.pt")
+    prepared = make_eval_prepared(tmp_path / "prepared", n_test_covid=0, n_test_negative=0)
+    model = make_eval_model(tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"test\.npz: the test split is empty"):
         evaluate(
             model, prepared, tmp_path / "m.json", tmp_path / "p.csv", tmp_path, tmp_path / "p.npz", EvaluateParams()
@@ -353,7 +286,7 @@ def test_empty_test_split_is_a_clear_error(tmp_path):
 
 
 def test_missing_model_names_the_file(tmp_path):
-    prepared = make_prepared(tmp_path / "prepared")
+    prepared = make_eval_prepared(tmp_path / "prepared")
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         evaluate(
             tmp_path / "nowhere.pt",
@@ -372,13 +305,13 @@ def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
     from covidseg.evaluation.severity_eval import HEADLINE, lung_dice
     from covidseg.inference.calibration import Calibration, calibrated_outputs
 
-    prepared = make_prepared(tmp_path / "prepared")
+    prepared = make_eval_prepared(tmp_path / "prepared")
     torch.manual_seed(0)
     model_path = tmp_path / "model.pt"
     save_model(
         model_path,
         UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)),
-        {"threshold": TUNED, "temperature": 1.0, "size": SIZE},
+        {"threshold": EVAL_TUNED_THRESHOLD, "temperature": 1.0, "size": TINY_SIZE},
     )
     metrics_path = tmp_path / "metrics" / "test.json"
     s = evaluate(
@@ -397,7 +330,9 @@ def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
     net, _ = load_model(model_path)
     with np.load(prepared / "test.npz") as z:
         images, masks, lungs = z["images"], z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool)
-    inf, lung = calibrated_outputs(net, images, torch.device("cpu"), "fp32", Calibration(threshold=TUNED))
+    inf, lung = calibrated_outputs(
+        net, images, torch.device("cpu"), "fp32", Calibration(threshold=EVAL_TUNED_THRESHOLD)
+    )
     assert model["lung_dice"] == pytest.approx(lung_dice(lung >= LUNG_THRESHOLD, lungs))
     with np.load(tmp_path / "pred.npz") as z:
         assert z["lungs"].shape == z["probs"].shape and np.array_equal(
@@ -445,8 +380,8 @@ def _evaluate_into(out: Path, model: Path, prepared: Path, params: EvaluateParam
 
 def test_one_model_file_scores_the_same_whether_the_cpu_has_native_bf16_or_not(tmp_path, monkeypatch):
     """The default evaluate.precision (fp32) makes a model's test metrics independent of the CPU kind."""
-    prepared = make_prepared(tmp_path / "prepared")
-    model = make_model(tmp_path / "model.pt")
+    prepared = make_eval_prepared(tmp_path / "prepared")
+    model = make_eval_model(tmp_path / "model.pt")
     for forced in ("0", "1"):
         monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
         summary = _evaluate_into(tmp_path / f"native{forced}", model, prepared, EvaluateParams())
@@ -459,13 +394,13 @@ def test_one_model_file_scores_the_same_whether_the_cpu_has_native_bf16_or_not(t
 def test_auto_and_the_precisions_used_are_recorded(tmp_path, monkeypatch, forced, expected):
     """evaluate.precision=auto follows the capability (forced here); details record both resolved precisions."""
     monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
-    prepared = make_prepared(tmp_path / "prepared")
+    prepared = make_eval_prepared(tmp_path / "prepared")
     torch.manual_seed(0)
     model = tmp_path / "model.pt"
     save_model(
         model,
         UNet(UNetConfig(base_channels=4, depth=2)),
-        {"threshold": TUNED, "temperature": 1.0, "size": SIZE, "train_precision": "bf16"},
+        {"threshold": EVAL_TUNED_THRESHOLD, "temperature": 1.0, "size": TINY_SIZE, "train_precision": "bf16"},
     )
     _evaluate_into(tmp_path / "out", model, prepared, EvaluateParams(precision="auto"))
     details = _strict_json(tmp_path / "out" / "test_details.json")
@@ -474,10 +409,10 @@ def test_auto_and_the_precisions_used_are_recorded(tmp_path, monkeypatch, forced
 
 def test_bf16_evaluation_differs_from_fp32_and_says_so(tmp_path):
     """Forced bf16 runs the bf16 branch on any CPU (tiny model): other probabilities, labelled bf16."""
-    prepared = make_prepared(tmp_path / "prepared")
-    model = make_model(tmp_path / "model.pt")
+    prepared = make_eval_prepared(tmp_path / "prepared")
+    model = make_eval_model(tmp_path / "model.pt")
     fp32 = _evaluate_into(tmp_path / "fp32", model, prepared, EvaluateParams(precision="fp32"))
     bf16 = _evaluate_into(tmp_path / "bf16", model, prepared, EvaluateParams(precision="bf16"))
     assert (fp32["evaluate_precision"], bf16["evaluate_precision"]) == ("fp32", "bf16")
-    assert fp32["train_precision"] == bf16["train_precision"] == "unknown"  # make_model records none
+    assert fp32["train_precision"] == bf16["train_precision"] == "unknown"  # make_eval_model records none
     assert bf16["rmse"] != fp32["rmse"] and bf16["rmse"] == pytest.approx(fp32["rmse"], abs=0.01)

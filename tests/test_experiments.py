@@ -7,36 +7,15 @@ DVC-tracked files: this holds the pipeline to building everything it needs from 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
+from helpers import dvc_experiments, wait_for_dvc_queue
 
 from conftest import TINY_PARAMS, dvc, make_repo_copy
 
 pytestmark = pytest.mark.slow  # 2 minutes each on 2 cores: `make test-all` runs them
 
 LRS = ("0.001", "0.003")
-
-
-def _experiments(repo) -> dict[str, dict]:
-    """{name: data} of the experiments in `dvc exp show --json` (DVC 3 layout)."""
-    found = {}
-    for baseline in json.loads(dvc(repo, "exp", "show", "--json").stdout):
-        for exp in baseline.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                if rev.get("name"):
-                    found[rev["name"]] = rev
-    return found
-
-
-def _wait_for_queue(repo, timeout: float = 400) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        status = dvc(repo, "queue", "status").stdout
-        if not any(word in status for word in ("Queued", "Running")):
-            return status
-        assert time.monotonic() < deadline, f"queue still busy after {timeout}s:\n{status}"
-        time.sleep(3)
 
 
 def test_queued_grid_then_compare(tmp_path):
@@ -51,7 +30,7 @@ def test_queued_grid_then_compare(tmp_path):
     # The worker inherits the captured output pipes, so this returns once the worker has drained the
     # queue and shut down (DVC stops an idle worker after 10 s): no worker outlives the test.
     dvc(repo, "queue", "start", "-j", "1")
-    status = _wait_for_queue(repo)
+    status = wait_for_dvc_queue(repo)
     try:
         assert status.count("Success") == len(LRS), status
         assert "Failed" not in status, status
@@ -63,7 +42,7 @@ def test_queued_grid_then_compare(tmp_path):
         )
         raise AssertionError(f"{status}\n{logs}") from None
 
-    exps = _experiments(repo)
+    exps = dvc_experiments(repo)
     by_lr = {str(e["data"]["params"]["params.yaml"]["data"]["train"]["lr"]): name for name, e in exps.items()}
     assert {float(v) for v in by_lr} == {float(v) for v in LRS}, exps.keys()
     first, second = (by_lr[k] for k in sorted(by_lr, key=float))

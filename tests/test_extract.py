@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -16,6 +15,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import (
+    KAGGLE_NEST,
+    KAGGLE_SPLIT_DIRS,
+    TINY_SIZE,
+    TRIPLET_KINDS,
+    make_kaggle_dataset,
+    read_csv_rows,
+    snapshot_files,
+    write_png,
+    write_triplet,
+)
 from PIL import Image
 
 from covidseg import atomic
@@ -24,57 +34,9 @@ from covidseg.data.extract import SKIP_REASONS, ExtractError, extract
 from covidseg.params import DataParams
 
 REPO = Path(__file__).resolve().parents[1]
-NEST = "Infection Segmentation Data/Infection Segmentation Data"
-SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
-KINDS = ("images", "infection masks", "lung masks")
-SIZE = 32  # pixels per side of the generated fixtures
 
 
 # ---------------------------------------------------------------- fixture writers
-
-
-def write_png(path: Path, arr: np.ndarray, mode: str | None = None) -> None:
-    """Write ``arr`` as a PNG (8-bit grey unless the array or ``mode`` says otherwise)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)
-    img.save(path, format="PNG")
-
-
-def write_triplet(
-    root: Path, split_dir: str, class_dir: str, name: str, seed: int, infected: bool | None = None, size: int = SIZE
-) -> dict[str, Path]:
-    """One valid image / infection mask / lung mask triplet with pixels unique to ``seed``."""
-    rng = np.random.default_rng(seed)
-    image = rng.integers(0, 256, (size, size), dtype=np.uint8)
-    lung = np.zeros((size, size), np.uint8)
-    lung[4:-4, 2:-2] = 255
-    infection = np.zeros((size, size), np.uint8)
-    if infected if infected is not None else class_dir == "COVID-19":
-        infection[8:16, 6:14] = 255  # 64 of 1024 pixels at SIZE 32
-    paths = {}
-    for kind, arr in zip(KINDS, (image, infection, lung)):
-        paths[kind] = root / split_dir / class_dir / kind / name
-        write_png(paths[kind], arr)
-    return paths
-
-
-def make_dataset(base: Path, per_split: int = 2, negatives: int = 0, nest: str = NEST) -> Path:
-    """A tiny valid dataset in the Kaggle layout under ``base/nest``; returns the layout root.
-
-    Each split gets ``per_split`` COVID-19 triplets ``covid_{k}.png`` and ``negatives``
-    Non-COVID and Normal ones; every image has distinct pixels.
-    """
-    root = base / nest if nest else base
-    seed = 0
-    for split_dir in SPLIT_DIRS.values():
-        for _ in range(per_split):
-            seed += 1
-            write_triplet(root, split_dir, "COVID-19", f"covid_{seed}.png", seed)
-        for class_dir, stem in (("Non-COVID", "non_COVID ({})"), ("Normal", "Normal ({})")):
-            for _ in range(negatives):
-                seed += 1
-                write_triplet(root, split_dir, class_dir, stem.format(seed) + ".png", seed)
-    return root
 
 
 def run_extract(src: Path, work: Path, **params) -> extract_mod.Report:
@@ -83,16 +45,6 @@ def run_extract(src: Path, work: Path, **params) -> extract_mod.Report:
 
 def read_metrics(work: Path) -> dict:
     return json.loads((work / "metrics" / "data_details.json").read_text())
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def snapshot(work: Path) -> dict[str, bytes]:
-    """Every file under ``work`` (relative path -> bytes), hidden temporaries included."""
-    return {str(p.relative_to(work)): p.read_bytes() for p in sorted(work.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------- defects
@@ -127,13 +79,13 @@ def _no_lung(root: Path) -> tuple[str, str, str]:
 
 def _size(root: Path) -> tuple[str, str, str]:
     p = write_triplet(root, "Test", "COVID-19", "covid_905.png", 905)["infection masks"]
-    write_png(p, np.full((SIZE // 2, SIZE), 255, np.uint8))
+    write_png(p, np.full((TINY_SIZE // 2, TINY_SIZE), 255, np.uint8))
     return "test", "size_mismatch", "Test/COVID-19/infection masks/covid_905.png is 32x16"
 
 
 def _duplicate(root: Path) -> tuple[str, str, str]:
     # The pixels of train's covid_1 again in test, under another name (a leak across splits).
-    for kind in KINDS:
+    for kind in TRIPLET_KINDS:
         dst = root / "Test" / "COVID-19" / kind / "covid_906.png"
         shutil.copy(root / "Train" / "COVID-19" / kind / "covid_1.png", dst)
     return (
@@ -162,38 +114,38 @@ DEFECTS = {
 
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_defect_is_skipped_and_reported(tmp_path: Path, defect: str) -> None:
-    root = make_dataset(tmp_path / "src")
+    root = make_kaggle_dataset(tmp_path / "src")
     split, reason, fragment = DEFECTS[defect](root)
     report = run_extract(tmp_path / "src", tmp_path / "work", on_error="skip")
     metrics = read_metrics(tmp_path / "work")
-    assert {s: metrics[s]["count"] for s in SPLIT_DIRS} == {"train": 2, "val": 2, "test": 2}
+    assert {s: metrics[s]["count"] for s in KAGGLE_SPLIT_DIRS} == {"train": 2, "val": 2, "test": 2}
     assert metrics[split]["skipped"][reason] == 1
     assert metrics["skipped_total"] == 1
-    assert sum(v for s in SPLIT_DIRS for v in metrics[s]["skipped"].values()) == 1
+    assert sum(v for s in KAGGLE_SPLIT_DIRS for v in metrics[s]["skipped"].values()) == 1
     (message,) = [m for m in report.messages if m.startswith("skipped")]
     assert fragment in message and f"skipped ({reason})" in message
-    (row,) = read_csv(tmp_path / "work" / "extracted" / "skipped.csv")
+    (row,) = read_csv_rows(tmp_path / "work" / "extracted" / "skipped.csv")
     assert (row["split"], row["reason"]) == (split, reason) and fragment in row["message"]
-    names = {r["id"] for r in read_csv(tmp_path / "work" / "extracted" / "manifest.csv")}
+    names = {r["id"] for r in read_csv_rows(tmp_path / "work" / "extracted" / "manifest.csv")}
     assert names == {f"covid_{k}" for k in range(1, 7)}
 
 
 @pytest.mark.parametrize("defect", DEFECTS)
 def test_defect_fails_and_keeps_previous_outputs(tmp_path: Path, defect: str) -> None:
-    root = make_dataset(tmp_path / "src")
+    root = make_kaggle_dataset(tmp_path / "src")
     work = tmp_path / "work"
     run_extract(tmp_path / "src", work, on_error="fail")
-    before = snapshot(work)
+    before = snapshot_files(work)
     _, reason, fragment = DEFECTS[defect](root)
     with pytest.raises(ExtractError) as err:
         run_extract(tmp_path / "src", work, on_error="fail")
     assert fragment in str(err.value) and reason in str(err.value)
-    assert snapshot(work) == before  # old outputs intact, no temporaries left behind
+    assert snapshot_files(work) == before  # old outputs intact, no temporaries left behind
 
 
 def test_nonempty_negative_mask(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", negatives=1)
-    write_triplet(tmp_path / "src" / NEST, "Train", "Normal", "Normal (99).png", 99, infected=True)
+    make_kaggle_dataset(tmp_path / "src", negatives=1)
+    write_triplet(tmp_path / "src" / KAGGLE_NEST, "Train", "Normal", "Normal (99).png", 99, infected=True)
     report = run_extract(tmp_path / "src", tmp_path / "w1", classes=("COVID-19", "Normal"))
     assert read_metrics(tmp_path / "w1")["train"]["skipped"]["nonempty_negative_mask"] == 1
     assert any(
@@ -204,16 +156,16 @@ def test_nonempty_negative_mask(tmp_path: Path) -> None:
 
 
 def test_classes_default_covid_only_and_negatives_optional(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=2, negatives=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=2, negatives=1)
     run_extract(tmp_path / "src", tmp_path / "a")
     m = read_metrics(tmp_path / "a")
-    assert [m[s]["count"] for s in SPLIT_DIRS] == [2, 2, 2]
+    assert [m[s]["count"] for s in KAGGLE_SPLIT_DIRS] == [2, 2, 2]
     assert m["train"]["classes"] == {"COVID-19": 2}
     run_extract(tmp_path / "src", tmp_path / "b", classes=("COVID-19", "Non-COVID", "Normal"))
     m = read_metrics(tmp_path / "b")
-    assert [m[s]["count"] for s in SPLIT_DIRS] == [4, 4, 4]
+    assert [m[s]["count"] for s in KAGGLE_SPLIT_DIRS] == [4, 4, 4]
     assert m["val"]["classes"] == {"COVID-19": 2, "Non-COVID": 1, "Normal": 1}
-    rows = read_csv(tmp_path / "b" / "extracted" / "manifest.csv")
+    rows = read_csv_rows(tmp_path / "b" / "extracted" / "manifest.csv")
     negatives = [r for r in rows if r["class"] != "COVID-19"]
     assert len(negatives) == 6 and all(float(r["infected_fraction"]) == 0.0 for r in negatives)
     # Infected-fraction stats describe the COVID-19 pairs only: 64 of 1024 pixels each.
@@ -266,21 +218,21 @@ FIXES = {
 @pytest.mark.parametrize("on_error", ["skip", "fail"])
 @pytest.mark.parametrize("fix", FIXES)
 def test_fixable_files_are_converted_and_counted(tmp_path: Path, fix: str, on_error: str) -> None:
-    root = make_dataset(tmp_path / "src")
+    root = make_kaggle_dataset(tmp_path / "src")
     untouched = (root / "Train/COVID-19/images/covid_2.png").read_bytes()
     kind, fix_kind, expected = FIXES[fix](root)
     report = run_extract(tmp_path / "src", tmp_path / "w", on_error=on_error)
     m = read_metrics(tmp_path / "w")
     assert m["train"]["count"] == 2 and m["skipped_total"] == 0
     assert m["train"]["fixed"][fix_kind] == 1
-    assert sum(m[s]["fixed"][k] for s in SPLIT_DIRS for k in m[s]["fixed"]) == 1
+    assert sum(m[s]["fixed"][k] for s in KAGGLE_SPLIT_DIRS for k in m[s]["fixed"]) == 1
     assert any(f"Train/COVID-19/{kind}/covid_1.png" in msg for msg in report.messages if msg.startswith("fixed"))
     with zipfile.ZipFile(tmp_path / "w/extracted/subset.zip") as z:
         with Image.open(io.BytesIO(z.read(f"train/COVID-19/{kind}/covid_1.png"))) as img:
             assert img.mode == "L"
             np.testing.assert_array_equal(np.asarray(img), expected)
         assert z.read("train/COVID-19/images/covid_2.png") == untouched  # clean files are copied, not re-encoded
-    row = next(r for r in read_csv(tmp_path / "w/extracted/manifest.csv") if r["id"] == "covid_1")
+    row = next(r for r in read_csv_rows(tmp_path / "w/extracted/manifest.csv") if r["id"] == "covid_1")
     assert row["fixes"] == f"{fix_kind}:{kind}"
 
 
@@ -289,11 +241,11 @@ def test_fixable_files_are_converted_and_counted(tmp_path: Path, fix: str, on_er
 
 def test_failure_after_metrics_are_ready_leaves_old_metrics(tmp_path: Path, monkeypatch) -> None:
     """The new data.json must not land beside old outputs when swapping in the new folder fails."""
-    make_dataset(tmp_path / "src")
+    make_kaggle_dataset(tmp_path / "src")
     work = tmp_path / "work"
     run_extract(tmp_path / "src", work)
-    before = snapshot(work)
-    write_triplet(tmp_path / "src" / NEST, "Train", "COVID-19", "covid_50.png", 50)  # new data: new metrics
+    before = snapshot_files(work)
+    write_triplet(tmp_path / "src" / KAGGLE_NEST, "Train", "COVID-19", "covid_50.png", 50)  # new data: new metrics
     real_replace = os.replace
 
     def failing_replace(src, dst):  # the swap of the new folder for the old one fails
@@ -305,12 +257,12 @@ def test_failure_after_metrics_are_ready_leaves_old_metrics(tmp_path: Path, monk
     with pytest.raises(OSError, match="simulated"):
         run_extract(tmp_path / "src", work)
     monkeypatch.undo()
-    after = snapshot(work)
+    after = snapshot_files(work)
     assert after == before
 
 
 def test_no_usable_pairs_in_a_split_is_an_error(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     (root / "Test/COVID-19/infection masks/covid_3.png").unlink()
     with pytest.raises(ExtractError, match=r"no usable COVID-19 pairs in split\(s\) test.*covid_3\.png"):
         run_extract(tmp_path / "src", tmp_path / "w")
@@ -319,19 +271,19 @@ def test_no_usable_pairs_in_a_split_is_an_error(tmp_path: Path) -> None:
 
 
 def test_manifest_records_sources_hashes_and_fractions(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src")
+    root = make_kaggle_dataset(tmp_path / "src")
     run_extract(tmp_path / "src", tmp_path / "w")
-    rows = read_csv(tmp_path / "w/extracted/manifest.csv")
+    rows = read_csv_rows(tmp_path / "w/extracted/manifest.csv")
     assert list(rows[0]) == extract_mod.MANIFEST_FIELDS
     assert [r["split"] for r in rows] == ["train"] * 2 + ["val"] * 2 + ["test"] * 2
     r = rows[0]
-    for kind, col in zip(KINDS, ("image", "infection", "lung")):
+    for kind, col in zip(TRIPLET_KINDS, ("image", "infection", "lung")):
         src = tmp_path / "src" / r[f"{col}_path"]
         assert src.is_file() and src.parent.name == kind
         assert hashlib.sha256(src.read_bytes()).hexdigest() == r[f"{col}_sha256"]
-    assert (r["height"], r["width"]) == (str(SIZE), str(SIZE))
+    assert (r["height"], r["width"]) == (str(TINY_SIZE), str(TINY_SIZE))
     assert float(r["infected_fraction"]) == pytest.approx(64 / 1024)
-    assert float(r["lung_fraction"]) == pytest.approx((SIZE - 8) * (SIZE - 4) / SIZE**2, abs=1e-6)
+    assert float(r["lung_fraction"]) == pytest.approx((TINY_SIZE - 8) * (TINY_SIZE - 4) / TINY_SIZE**2, abs=1e-6)
     m = read_metrics(tmp_path / "w")
     assert set(m["train"]["skipped"]) == set(SKIP_REASONS)
     assert isinstance(m["train"]["count"], int)
@@ -339,7 +291,7 @@ def test_manifest_records_sources_hashes_and_fractions(tmp_path: Path) -> None:
 
 
 def test_rerun_is_byte_identical_and_pool_matches_serial(tmp_path: Path, monkeypatch) -> None:
-    root = make_dataset(tmp_path / "src", per_split=3, negatives=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=3, negatives=1)
     _duplicate(root)
     _truncate(root)
     classes = ("COVID-19", "Non-COVID", "Normal")
@@ -347,7 +299,7 @@ def test_rerun_is_byte_identical_and_pool_matches_serial(tmp_path: Path, monkeyp
     extract(tmp_path / "src", tmp_path / "b/x", tmp_path / "b/m.json", DataParams(classes=classes), workers=1)
     monkeypatch.setattr(extract_mod, "PARALLEL_MIN", 0)
     r2 = extract(tmp_path / "src", tmp_path / "c/x", tmp_path / "c/m.json", DataParams(classes=classes), workers=2)
-    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b") == snapshot(tmp_path / "c")
+    assert snapshot_files(tmp_path / "a") == snapshot_files(tmp_path / "b") == snapshot_files(tmp_path / "c")
     assert r1.messages == r2.messages and r1.skipped_total == 2
     with pytest.raises(ExtractError, match="covid_900.png"):
         extract(
@@ -360,7 +312,7 @@ def test_rerun_is_byte_identical_and_pool_matches_serial(tmp_path: Path, monkeyp
 
 
 def test_stage_script_reports_failure_and_keeps_outputs(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src")
+    root = make_kaggle_dataset(tmp_path / "src")
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"source": str(tmp_path / "src"), "on_error": "fail"}}))
     cmd = [
@@ -376,13 +328,13 @@ def test_stage_script_reports_failure_and_keeps_outputs(tmp_path: Path) -> None:
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "'train': 2" in ok.stdout
-    before = snapshot(tmp_path / "w")
+    before = snapshot_files(tmp_path / "w")
     _size(root)
     bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1
     assert "extract failed" in bad.stderr and "covid_905.png" in bad.stderr and "Traceback" not in bad.stderr
     assert "dvc checkout extract" in bad.stderr and "data_details.json" in bad.stderr  # how to restore under DVC
-    assert snapshot(tmp_path / "w") == before
+    assert snapshot_files(tmp_path / "w") == before
 
 
 # ---------------------------------------------------------------- the real dev set
@@ -403,15 +355,15 @@ DEV_COUNTS = {
 def test_dev_folder_gives_readme_counts(dev_data: Path, tmp_path: Path, classes: tuple[str, ...]) -> None:
     report = run_extract(dev_data, tmp_path, classes=classes)
     m = read_metrics(tmp_path)
-    assert {s: m[s]["count"] for s in SPLIT_DIRS} == DEV_COUNTS[classes]
+    assert {s: m[s]["count"] for s in KAGGLE_SPLIT_DIRS} == DEV_COUNTS[classes]
     assert report.counts == DEV_COUNTS[classes]
     assert m["skipped_total"] == 0 and report.messages == []
-    assert all(v == 0 for s in SPLIT_DIRS for v in m[s]["fixed"].values())
-    assert [m[s]["classes"]["COVID-19"] for s in SPLIT_DIRS] == [1419, 230, 215]
-    for s in SPLIT_DIRS:
+    assert all(v == 0 for s in KAGGLE_SPLIT_DIRS for v in m[s]["fixed"].values())
+    assert [m[s]["classes"]["COVID-19"] for s in KAGGLE_SPLIT_DIRS] == [1419, 230, 215]
+    for s in KAGGLE_SPLIT_DIRS:
         st = m[s]["infected_fraction_covid"]
         assert 0 < st["min"] <= st["median"] <= st["max"] < 0.6 and 0.08 < st["mean"] < 0.2
-    rows = read_csv(tmp_path / "extracted" / "manifest.csv")
+    rows = read_csv_rows(tmp_path / "extracted" / "manifest.csv")
     assert len(rows) == sum(DEV_COUNTS[classes].values())
     assert {(r["height"], r["width"]) for r in rows} == {("256", "256")}
     with zipfile.ZipFile(tmp_path / "extracted" / "subset.zip") as z:

@@ -5,54 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+from helpers import TINY_SIZE, run_figures
 from PIL import Image
-from test_evaluate import SIZE, run_evaluate
 
 from covidseg.evaluation.figures import FIGURES, gallery_figure, make_figures
 from covidseg.params import PlotsParams
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def write_curves(path: Path, epochs: int = 3) -> Path:
-    """A curves.tsv as training writes it (the columns the figures read)."""
-    e = np.arange(1, epochs + 1)
-    frame = pd.DataFrame(
-        {
-            "epoch": e,
-            "train_loss": 0.7 / e,
-            "val_loss": 0.75 / e,
-            "train_rmse": 0.45 / e,
-            "val_rmse": 0.5 / e,
-            "val_dice": 0.2 * e,
-            "val_iou": 0.1 * e,
-            "lr": 1e-4,
-            "seconds": 1.0,
-        }
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, sep="\t", index=False)
-    return path
-
-
-def run_figures(root: Path) -> dict:
-    """Evaluate a tiny model, then draw every figure; returns the paths and the list written."""
-    ev = run_evaluate(root)
-    curves = write_curves(root / "train" / "curves.tsv")
-    out = root / "figures"
-    written = make_figures(
-        ev["prepared"],
-        ev["predictions"],
-        curves,
-        ev["eval"],
-        ev["per_image"],
-        out,
-        PlotsParams(gallery_size=2, dpi=50),
-        metrics_json=ev["details"],
-    )
-    return {**ev, "curves": curves, "figures": out, "written": written}
 
 
 def assert_real_png(path: Path) -> None:
@@ -95,7 +55,7 @@ def test_sample_index_past_the_end_is_clamped(tmp_path, figs):
 
 def test_mismatched_predictions_are_a_clear_error(tmp_path, figs):
     bad = tmp_path / "pred.npz"
-    np.savez(bad, ids=np.array(["x"]), probs=np.zeros((1, SIZE, SIZE), np.uint8), threshold=0.5)
+    np.savez(bad, ids=np.array(["x"]), probs=np.zeros((1, TINY_SIZE, TINY_SIZE), np.uint8), threshold=0.5)
     with pytest.raises(ValueError, match=r"pred\.npz: probabilities \(1, 32, 32\) do not match"):
         make_figures(
             figs["prepared"], bad, figs["curves"], figs["eval"], figs["per_image"], tmp_path / "f", PlotsParams()

@@ -5,72 +5,27 @@ from __future__ import annotations
 import dataclasses
 
 import yaml
+from helpers import CARD_TEST_DETAILS, CARD_TEST_METRICS, copy_repo_params, write_card_per_image
 
 from covidseg.evaluation.model_card import recipe_flags, render_card
 from covidseg.params import SECTIONS, from_dict, read_params
 
-from conftest import REPO, set_params
-
-TEST = {"n_images": 10, "rmse_ci95_low": 0.11, "rmse_ci95_high": 0.14, "rmse": 0.1234567, "dice": 0.7654321, "iou": 0.6543210, "threshold": 0.45,
-        "dice_at_threshold": 0.77}  # fmt: skip
-DETAILS = {
-    "severity": {
-        "model": {
-            "lung_dice": 0.95,
-            "share_mae": 9.87,
-            "share_mae_ci95_low": 7.11,
-            "share_mae_ci95_high": 12.34,
-            "share_bias": 8.76,
-            "extent_kappa": 0.612,
-        },  # fmt: skip
-        "oracle_true_lungs": {"share_mae": 5.5},
-        "baseline_constant_share": {"share_mae": 15.5},
-    },
-    "by_class": {
-        "COVID-19": {
-            "n_images": 5,
-            "rmse": 0.2,
-            "dice": 0.7,
-            "iou": 0.6,
-            "empty_truth_images": 0,
-            "empty_truth_false_positive_images": 0,
-        },  # fmt: skip
-        "Normal": {
-            "n_images": 5,
-            "rmse": 0.05,
-            "dice": 0.0,
-            "iou": 0.0,
-            "empty_truth_images": 5,
-            "empty_truth_false_positive_images": 3,
-        },  # fmt: skip
-    },
-}
 TRAIN = {"best_epoch": 3, "epochs_run": 4}
 META = {"threshold": 0.45, "temperature": 1.25, "lung_gate": True, "flip_tta": False, "size": 64, "seed": 42,
         "provenance": {"data_source": "synthetic", "synthetic": True, "split_counts": {"train": 6}, "train_images": 6}}  # fmt: skip
 EXPORT = {"opset": 18, "parity_images": 10, "parity_max_abs_diff": 6e-08, "parity_tolerance": 0.0001}
 
 
-def _per_image(tmp_path):
-    # COVID-19 true fractions 0.01..0.05: the smallest fifth is the 0.01 image, predicted 0.02 -> 2.00 times.
-    rows = ["id,class,true_fraction,pred_fraction"]
-    rows += [f"c{i},COVID-19,{0.01 * i},{0.02 if i == 1 else 0.01 * i}" for i in range(1, 6)]
-    rows += [f"n{i},Normal,0,0.001" for i in range(5)]
-    path = tmp_path / "per_image.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def _params(tmp_path, overrides=None):
-    path = tmp_path / "params.yaml"
-    path.write_text((REPO / "params.yaml").read_text())
-    if overrides:
-        set_params(tmp_path, overrides)
-    return path
-
-
 def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
-    card = render_card(_params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path), EXPORT)
+    card = render_card(
+        copy_repo_params(tmp_path),
+        META,
+        CARD_TEST_METRICS,
+        CARD_TEST_DETAILS,
+        TRAIN,
+        write_card_per_image(tmp_path),
+        EXPORT,
+    )
     for heading in ("Intended use", "Training data", "Licence of the weights", "Input contract", "Metrics",
                     "Per class", "Calibration", "Known failure modes", "How it was made"):  # fmt: skip
         assert f"## {heading}" in card, heading
@@ -91,18 +46,28 @@ def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
 
 
 def test_card_names_the_training_and_evaluation_precisions(tmp_path):
-    meta, details = {**META, "train_precision": "bf16"}, {**DETAILS, "evaluate_precision": "fp32"}
-    card = render_card(_params(tmp_path), meta, TEST, details, TRAIN, _per_image(tmp_path), EXPORT)
+    meta, details = {**META, "train_precision": "bf16"}, {**CARD_TEST_DETAILS, "evaluate_precision": "fp32"}
+    card = render_card(
+        copy_repo_params(tmp_path), meta, CARD_TEST_METRICS, details, TRAIN, write_card_per_image(tmp_path), EXPORT
+    )
     assert "trained in bf16, test metrics computed in fp32" in card
-    old = render_card(_params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path), EXPORT)
+    old = render_card(
+        copy_repo_params(tmp_path),
+        META,
+        CARD_TEST_METRICS,
+        CARD_TEST_DETAILS,
+        TRAIN,
+        write_card_per_image(tmp_path),
+        EXPORT,
+    )
     assert "trained in unknown, test metrics computed in unknown" in old  # files from before it was recorded
 
 
 def test_licence_follows_the_data_source(tmp_path):
-    params, per_image = _params(tmp_path), _per_image(tmp_path)
-    synthetic = render_card(params, META, TEST, DETAILS, TRAIN, per_image)
+    params, per_image = copy_repo_params(tmp_path), write_card_per_image(tmp_path)
+    synthetic = render_card(params, META, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, per_image)
     real_meta = {**META, "provenance": {**META["provenance"], "data_source": "covidqu.zip", "synthetic": False}}
-    real = render_card(params, real_meta, TEST, DETAILS, TRAIN, per_image)
+    real = render_card(params, real_meta, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, per_image)
     assert "MIT, like the code" in synthetic and "CC BY-SA" not in synthetic
     assert "CC BY-SA 4.0" in real and "MIT, like the code" not in real
     assert "covidqu.zip" in real and "Computers in Biology and Medicine 139:105002" in real
@@ -117,11 +82,11 @@ def test_s_line_recreates_the_run_params(tmp_path):
         "train": {"lr": 0.0003, "augment": True, "epochs": 12},
         "plots": {"dpi": 60},  # not part of the model's recipe
     }
-    params = _params(tmp_path, overrides)
+    params = copy_repo_params(tmp_path, overrides)
     flags = recipe_flags(params)
     assert not any(f.startswith("plots.") for f in flags)
     assert "data.classes=[COVID-19,Normal]" in flags and "train.augment=true" in flags
-    card = render_card(params, META, TEST, DETAILS, TRAIN, _per_image(tmp_path))
+    card = render_card(params, META, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, write_card_per_image(tmp_path))
     assert "dvc exp run " + " ".join(f"-S {f}" for f in flags) in card
 
     # Apply the flags the way `dvc exp run -S` does (YAML values) to the defaults: the run's sections come back.
@@ -143,15 +108,15 @@ def test_s_line_recreates_the_run_params(tmp_path):
 
 
 def test_default_params_say_so(tmp_path):
-    assert recipe_flags(_params(tmp_path)) == []
+    assert recipe_flags(copy_repo_params(tmp_path)) == []
     assert "`dvc repro` with the params.yaml defaults (no `-S` overrides)" in render_card(
-        _params(tmp_path), META, TEST, DETAILS, TRAIN, _per_image(tmp_path)
+        copy_repo_params(tmp_path), META, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, write_card_per_image(tmp_path)
     )
 
 
 def test_input_contract_names_the_contrast_normalisation_of_the_model(tmp_path):
-    params, per_image = _params(tmp_path), _per_image(tmp_path)
-    plain = render_card(params, META, TEST, DETAILS, TRAIN, per_image)
+    params, per_image = copy_repo_params(tmp_path), write_card_per_image(tmp_path)
+    plain = render_card(params, META, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, per_image)
     assert "(the model's fixed input size).\n" in plain and "contrast-normalised" not in plain
-    clahe = render_card(params, {**META, "contrast": "clahe"}, TEST, DETAILS, TRAIN, per_image)
+    clahe = render_card(params, {**META, "contrast": "clahe"}, CARD_TEST_METRICS, CARD_TEST_DETAILS, TRAIN, per_image)
     assert "then contrast-normalised by `clahe`" in clahe and "a caller of the raw ONNX graph must" in clahe

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helpers import dvc_experiments, wait_for_dvc_queue
+
 from conftest import dvc, make_repo_copy, run
-from test_experiments import _experiments, _wait_for_queue
 
 LINE = "write_json(metrics_tmp, report.headline())"
 
@@ -32,8 +33,8 @@ def test_queued_experiment_runs_its_own_committed_code(tmp_path, monkeypatch):
     dvc(repo, "exp", "run", "--queue", "-n", "marked", "-S", "preprocess.image_size=32", "extract")
     _mark(repo, "workspace")  # edited while the experiment waits
     dvc(repo, "queue", "start", "-j", "1")
-    status = _wait_for_queue(repo)
+    status = wait_for_dvc_queue(repo)
     assert "Success" in status, status + dvc(repo, "queue", "logs", "marked", check=False).stdout[-3000:]
 
-    data = _experiments(repo)["marked"]["data"]["metrics"]["metrics/data.json"]["data"]
+    data = dvc_experiments(repo)["marked"]["data"]["metrics"]["metrics/data.json"]["data"]
     assert data.get("marker") == "committed", f"experiment ran other code: marker {data.get('marker')!r}"

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FAST_PREDICT_FLAGS, TINY_SIZE, grey_array, invoke_predict, make_predict_model, save_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,68 +23,7 @@ from covidseg.inference.predict import CSV_COLUMNS, read_csv, unique_stems
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.unet import UNet, UNetConfig
 
-SIZE = 32  # the tiny model's input size (divisible by 2 ** (depth - 1))
-FAST = ["--device", "cpu", "--precision", "fp32"]
 runner = CliRunner()
-
-
-def make_model(
-    path: Path,
-    bias: float | None = None,
-    threshold: float | None = 0.5,
-    temperature: float = 1.0,
-    seed: int = 0,
-    flip_tta: bool | None = None,
-) -> Path:
-    """A tiny U-Net saved like train does; with ``bias`` its logits are that constant everywhere."""
-    torch.manual_seed(seed)
-    net = UNet(UNetConfig(base_channels=4, depth=2))
-    if bias is not None:
-        with torch.no_grad():
-            net.head.weight.zero_()
-            net.head.bias.fill_(bias)
-    extra = {"temperature": temperature, "size": SIZE}
-    if threshold is not None:
-        extra["threshold"] = threshold
-    if flip_tta is not None:
-        extra["flip_tta"] = flip_tta
-    save_model(path, net.eval(), extra)
-    return path
-
-
-def grey_array(w: int, h: int, seed: int = 0) -> np.ndarray:
-    """uint8 (h, w): a smooth gradient plus noise, so resizing and the model see structure."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = 40 + 150 * (xx / max(w - 1, 1)) * (0.5 + 0.5 * yy / max(h - 1, 1))
-    return np.clip(base + rng.normal(0, 20, (h, w)), 0, 255).astype(np.uint8)
-
-
-def save_image(path: Path, kind: str, w: int, h: int, seed: int = 0) -> Path:
-    """Write a ``kind`` image (grey, rgb, rgba, grey16, palette, jpeg) of w x h pixels."""
-    g = grey_array(w, h, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "grey":
-        img = Image.fromarray(g)
-    elif kind == "rgb":
-        img = Image.fromarray(np.stack([g, np.roll(g, 3, 1), 255 - g], axis=2))
-    elif kind == "rgba":
-        img = Image.fromarray(np.stack([g, g, g, np.full_like(g, 200)], axis=2))
-    elif kind == "grey16":
-        img = Image.fromarray(g.astype(np.uint16) * 257)
-    elif kind == "palette":
-        img = Image.fromarray(g).convert("P")
-    elif kind == "jpeg":
-        Image.fromarray(np.stack([g, g, g], axis=2)).save(path, format="JPEG", quality=90)
-        return path
-    else:
-        raise ValueError(kind)
-    img.save(path, format="PNG")
-    return path
-
-
-def invoke(*args: str):
-    return runner.invoke(app, ["predict", *map(str, args)])
 
 
 def rows_by_stem(out: Path) -> dict[str, dict[str, str]]:
@@ -98,7 +38,7 @@ def no_temp_files(out: Path) -> bool:
 
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
-    return make_model(tmp_path / "model.pt", threshold=0.5)
+    return make_predict_model(tmp_path / "model.pt", threshold=0.5)
 
 
 # ----------------------------------------------------------------------------- CLI surface
@@ -120,13 +60,15 @@ def test_help_lists_commands_and_exit_codes():
 def test_precision_is_fp32_by_default_whatever_the_cpu_and_bf16_on_request(tmp_path, model, monkeypatch, forced):
     """fp32 unless asked (the ONNX file's numbers); --precision bf16 runs bf16 and warns where it is emulated."""
     monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
-    g = grey_array(SIZE, SIZE, seed=7)  # the model's own size: no resizing on either side
+    g = grey_array(TINY_SIZE, TINY_SIZE, seed=7)  # the model's own size: no resizing on either side
     src = tmp_path / "in" / "a.png"
     src.parent.mkdir()
     Image.fromarray(g).save(src)
     probs = {}
     for name, extra in (("default", []), ("bf16", ["--precision", "bf16"])):
-        result = invoke(src, "--model", model, "--out", tmp_path / name, "--save-probs", "--device", "cpu", *extra)
+        result = invoke_predict(
+            src, "--model", model, "--out", tmp_path / name, "--save-probs", "--device", "cpu", *extra
+        )
         assert result.exit_code == 0, result.output
         assert f"torch on cpu, {'fp32' if name == 'default' else 'bf16'}" in result.output
         emulated = "bf16 on a CPU without native bf16" in result.output
@@ -150,7 +92,7 @@ def test_every_mode_and_size_gives_outputs_at_input_size(tmp_path, model):
     assert Image.open(inputs["grey16"]).mode.startswith("I")
     assert Image.open(inputs["palette"]).mode == "P"
     out = tmp_path / "out"
-    result = invoke(*inputs.values(), "--model", model, "--out", out, "--save-probs", *FAST)
+    result = invoke_predict(*inputs.values(), "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
 
     rows = read_csv(out / "predictions.csv")
@@ -181,10 +123,10 @@ def test_every_mode_and_size_gives_outputs_at_input_size(tmp_path, model):
 
 @pytest.mark.parametrize("bias, fraction", [(20.0, 1.0), (-20.0, 0.0)])
 def test_all_or_nothing_model_gives_exact_masks_fractions_and_overlays(tmp_path, bias, fraction):
-    model = make_model(tmp_path / "m.pt", bias=bias, threshold=0.5)
+    model = make_predict_model(tmp_path / "m.pt", bias=bias, threshold=0.5)
     src = save_image(tmp_path / "x.png", "grey", 90, 60)
     out = tmp_path / "out"
-    result = invoke(src, "--model", model, "--out", out, *FAST)
+    result = invoke_predict(src, "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     mask = np.asarray(Image.open(out / "masks" / "x.png"))
     assert (mask == (255 if fraction else 0)).all()
@@ -212,22 +154,24 @@ def test_threshold_from_model_file_and_override(tmp_path):
         (None, [], 1.0),
     ]  # no threshold saved: 0.5
     for i, (saved, extra, fraction) in enumerate(cases):
-        model = make_model(tmp_path / f"m{i}.pt", bias=0.0, threshold=saved)
+        model = make_predict_model(tmp_path / f"m{i}.pt", bias=0.0, threshold=saved)
         out = tmp_path / f"out{i}"
-        result = invoke(src, "--model", model, "--out", out, "--save-probs", *FAST, *extra)
+        result = invoke_predict(src, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS, *extra)
         assert result.exit_code == 0, result.output
         assert float(rows_by_stem(out)["x"]["infected_fraction"]) == fraction, (saved, extra)
         assert (np.load(out / "probs" / "x.npy") == 0.5).all()
-    bad = invoke(src, "--model", tmp_path / "m0.pt", "--out", tmp_path / "o", "--threshold", "1.5", *FAST)
+    bad = invoke_predict(
+        src, "--model", tmp_path / "m0.pt", "--out", tmp_path / "o", "--threshold", "1.5", *FAST_PREDICT_FLAGS
+    )
     assert bad.exit_code == 2
 
 
 def test_flip_averaging_follows_the_model_file_unless_overridden(tmp_path):
     """A model calibrated with flip averaging predicts with it by default; the option overrides either way."""
-    src = save_image(tmp_path / "x.png", "grey", SIZE, SIZE)
+    src = save_image(tmp_path / "x.png", "grey", TINY_SIZE, TINY_SIZE)
     image = np.array(Image.open(src))[None, None]
     for saved in (True, False, None):
-        model_path = make_model(tmp_path / f"m{saved}.pt", seed=5, flip_tta=saved)
+        model_path = make_predict_model(tmp_path / f"m{saved}.pt", seed=5, flip_tta=saved)
         net, _ = load_model(model_path)
         expected = {
             tta: probabilities(predict_logits(net, image, torch.device("cpu"), flip_tta=tta))[0]
@@ -236,24 +180,26 @@ def test_flip_averaging_follows_the_model_file_unless_overridden(tmp_path):
         assert not np.allclose(expected[False], expected[True], atol=1e-4)  # the random net is not mirror-symmetric
         for extra, tta in (([], bool(saved)), (["--flip-tta"], True), (["--no-flip-tta"], False)):
             out = tmp_path / f"out{saved}{extra}"
-            result = invoke(src, "--model", model_path, "--out", out, "--save-probs", *FAST, *extra)
+            result = invoke_predict(
+                src, "--model", model_path, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS, *extra
+            )
             assert result.exit_code == 0, result.output
             np.testing.assert_allclose(np.load(out / "probs" / "x.npy"), expected[tta], atol=1e-5)
 
 
 def test_preprocessing_matches_training(tmp_path):
     """Same grey levels via L, RGB, 16-bit -> same probabilities as the pipeline's own path."""
-    model_path = make_model(tmp_path / "m.pt", threshold=0.5, temperature=2.0, seed=3)
-    g = grey_array(SIZE, SIZE, seed=7)
+    model_path = make_predict_model(tmp_path / "m.pt", threshold=0.5, temperature=2.0, seed=3)
+    g = grey_array(TINY_SIZE, TINY_SIZE, seed=7)
     d = tmp_path / "in"
     d.mkdir()
     Image.fromarray(g).save(d / "a_grey.png")
     Image.fromarray(np.stack([g, g, g], axis=2)).save(d / "b_rgb.png")
     Image.fromarray(g.astype(np.uint16) * 257).save(d / "c_g16.png")
-    big = grey_array(3 * SIZE, 2 * SIZE, seed=8)  # (64, 96): resized down, probabilities resized up
+    big = grey_array(3 * TINY_SIZE, 2 * TINY_SIZE, seed=8)  # (64, 96): resized down, probabilities resized up
     Image.fromarray(big).save(d / "d_big.png")
     out = tmp_path / "out"
-    result = invoke(d, "--model", model_path, "--out", out, "--save-probs", *FAST)
+    result = invoke_predict(d, "--model", model_path, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
 
     from covidseg.model.checkpoint import load_model
@@ -264,8 +210,8 @@ def test_preprocessing_matches_training(tmp_path):
     for stem in ("a_grey", "b_rgb", "c_g16"):
         np.testing.assert_allclose(np.load(out / "probs" / f"{stem}.npy"), expected, atol=1e-6, err_msg=stem)
 
-    # Larger input: decode_grey -> PIL bilinear to SIZE -> model / temperature -> bilinear back to (H, W).
-    small = np.array(resize_image(decode_grey((d / "d_big.png").read_bytes(), "d_big")[0], SIZE))
+    # Larger input: decode_grey -> PIL bilinear to TINY_SIZE -> model / temperature -> bilinear back to (H, W).
+    small = np.array(resize_image(decode_grey((d / "d_big.png").read_bytes(), "d_big")[0], TINY_SIZE))
     p = torch.from_numpy(probabilities(predict_logits(net, small[None, None], cpu, "fp32"), 2.0))
     up = F.interpolate(p[None], size=big.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
     got = np.load(out / "probs" / "d_big.npy")
@@ -280,7 +226,9 @@ def test_batching_does_not_change_results(tmp_path, model):
     outs = {}
     for bs in (1, 2, 8):
         outs[bs] = tmp_path / f"out{bs}"
-        result = invoke(d, "--model", model, "--out", outs[bs], "--save-probs", "--batch-size", bs, *FAST)
+        result = invoke_predict(
+            d, "--model", model, "--out", outs[bs], "--save-probs", "--batch-size", bs, *FAST_PREDICT_FLAGS
+        )
         assert result.exit_code == 0, result.output
     for i in range(5):
         ref = np.load(outs[8] / "probs" / f"im{i}.npy")
@@ -303,7 +251,7 @@ def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
     empty = d / "empty.png"
     empty.write_bytes(b"")
     out = tmp_path / "out"
-    result = invoke(good1, truncated, text, good2, empty, "--model", model, "--out", out, *FAST)
+    result = invoke_predict(good1, truncated, text, good2, empty, "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 1
     for bad in (truncated, text, empty):
         assert str(bad) in result.stderr
@@ -325,7 +273,7 @@ def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
 def test_inputs_matching_nothing_stop_before_any_work(tmp_path, model):
     (tmp_path / "empty_dir").mkdir()
     out = tmp_path / "out"
-    result = invoke(
+    result = invoke_predict(
         tmp_path / "missing.png",
         str(tmp_path / "nothing" / "*.png"),
         tmp_path / "empty_dir",
@@ -333,7 +281,7 @@ def test_inputs_matching_nothing_stop_before_any_work(tmp_path, model):
         model,
         "--out",
         out,
-        *FAST,
+        *FAST_PREDICT_FLAGS,
     )
     assert result.exit_code == 2
     assert "missing.png: no such file or folder" in result.stderr
@@ -347,7 +295,7 @@ def test_unreadable_model_is_a_clear_error(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a model")
     for path, words in ((junk, "not a covidseg model file"), (tmp_path / "absent.pt", "model file not found")):
-        result = invoke(src, "--model", path, "--out", tmp_path / "out", *FAST)
+        result = invoke_predict(src, "--model", path, "--out", tmp_path / "out", *FAST_PREDICT_FLAGS)
         assert result.exit_code == 2
         assert str(path) in result.stderr and words in result.stderr
 
@@ -365,12 +313,12 @@ def test_folder_and_glob_inputs(tmp_path, model):
     save_image(b / "three.png", "rgb", 25, 25)
     Image.fromarray(grey_array(10, 12)).save(b / "four.bmp")
     out = tmp_path / "out"
-    result = invoke(a, str(b / "*.png"), "--model", model, "--out", out, *FAST)
+    result = invoke_predict(a, str(b / "*.png"), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     assert [r["stem"] for r in read_csv(out / "predictions.csv")] == ["one", "two", "three"]
 
     out_r = tmp_path / "out_r"
-    result = invoke(a, str(b / "*"), "--recursive", "--model", model, "--out", out_r, *FAST)
+    result = invoke_predict(a, str(b / "*"), "--recursive", "--model", model, "--out", out_r, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     assert sorted(r["stem"] for r in read_csv(out_r / "predictions.csv")) == ["deep", "four", "one", "three", "two"]
 
@@ -381,7 +329,9 @@ def test_duplicate_stems_do_not_overwrite(tmp_path, model):
     z = save_image(tmp_path / "z" / "SCAN.jpg", "jpeg", 60, 10, seed=2)
     w = save_image(tmp_path / "w" / "scan-1.png", "grey", 12, 12, seed=3)
     out = tmp_path / "out"
-    result = invoke(x, y, x, z, w, "--model", model, "--out", out, "--save-probs", *FAST)  # x twice: kept once
+    result = invoke_predict(
+        x, y, x, z, w, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS
+    )  # x twice: kept once
     assert result.exit_code == 0, result.output
     rows = read_csv(out / "predictions.csv")
     assert [(r["input"], r["stem"]) for r in rows] == [
@@ -416,7 +366,7 @@ def test_installed_console_script(tmp_path, model):
     assert top.returncode == 0 and "predict" in top.stdout
     out = tmp_path / "out"
     proc = subprocess.run(
-        [str(script), "predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out), *FAST],
+        [str(script), "predict", str(tmp_path / "in"), "--model", str(model), "--out", str(out), *FAST_PREDICT_FLAGS],
         capture_output=True,
         text=True,
         timeout=300,
@@ -437,7 +387,7 @@ def test_real_dev_images(tmp_path, dev_data, model):
     if len(images) < 2:
         pytest.skip("dev data has no Test/COVID-19 images")
     out = tmp_path / "out"
-    result = invoke(*images, "--model", model, "--out", out, "--save-probs", *FAST)
+    result = invoke_predict(*images, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     for src in images:
         size = Image.open(src).size
@@ -472,7 +422,7 @@ def test_output_folder_inside_a_file_stops_with_exit_2(tmp_path, model):
     blocker = tmp_path / "blocker"
     blocker.write_text("a regular file")
     out = blocker / "out"
-    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    result = invoke_predict(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert f"error: output folder {out}: cannot write there (Not a directory" in result.stderr
@@ -494,7 +444,7 @@ def test_read_only_output_folder_stops_with_exit_2(tmp_path, model, monkeypatch)
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out))
 
     monkeypatch.setattr(atomic.tempfile, "mkstemp", mkstemp)
-    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    result = invoke_predict(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 2, result.output
     assert f"error: output folder {out}: cannot write there (Read-only file system: {out})" in result.stderr
     assert list(out.iterdir()) == []
@@ -508,7 +458,7 @@ def test_read_only_folder_by_permissions(tmp_path, model):
     out = tmp_path / "out"
     out.mkdir(mode=0o555)
     try:
-        result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+        result = invoke_predict(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     finally:
         out.chmod(0o755)
     assert result.exit_code == 2 and f"output folder {out}: cannot write there" in result.stderr
@@ -520,7 +470,7 @@ def test_disk_full_mid_run_stops_and_the_csv_lists_exactly_what_was_written(tmp_
     inputs = three_inputs(tmp_path)
     out = tmp_path / "out"
     _fail_replace(monkeypatch, lambda dst: dst == out / "overlays" / "b.png", errno.ENOSPC)  # b's mask is written first
-    result = invoke(*inputs, "--model", model, "--out", out, "--batch-size", "1", *FAST)
+    result = invoke_predict(*inputs, "--model", model, "--out", out, "--batch-size", "1", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert f"error: output folder {out}: writing stopped (No space left on device" in result.stderr
@@ -542,7 +492,7 @@ def test_one_image_failing_to_write_removes_its_partial_outputs(tmp_path, model,
     inputs = three_inputs(tmp_path)
     out = tmp_path / "out"
     _fail_replace(monkeypatch, lambda dst: dst == out / "probs" / "b.npy", errno.EFBIG)  # this file only
-    result = invoke(*inputs, "--model", model, "--out", out, "--save-probs", *FAST)
+    result = invoke_predict(*inputs, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 1, result.output
     assert f"error: {inputs[1]}: cannot write outputs (File too large" in result.stderr
     rows = rows_by_stem(out)
@@ -558,7 +508,7 @@ def test_unwritable_csv_stops_with_exit_2(tmp_path, model, monkeypatch):
 
     out = tmp_path / "out"
     _fail_replace(monkeypatch, lambda dst: dst.name == "predictions.csv", errno.ENOSPC)
-    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    result = invoke_predict(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 2, result.output
     assert f"error: {out / 'predictions.csv'}: cannot write the results table (No space left on device" in result.stderr
     assert not (out / "predictions.csv").exists() and no_temp_files(out)
@@ -567,11 +517,11 @@ def test_unwritable_csv_stops_with_exit_2(tmp_path, model, monkeypatch):
 def test_rerun_leaves_no_stale_outputs_of_failed_images(tmp_path, model):
     src = save_image(tmp_path / "in" / "x.png", "grey", 30, 20)
     out = tmp_path / "out"
-    assert invoke(src, "--model", model, "--out", out, "--save-probs", *FAST).exit_code == 0
-    assert invoke(src, "--model", model, "--out", out, *FAST).exit_code == 0
+    assert invoke_predict(src, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS).exit_code == 0
+    assert invoke_predict(src, "--model", model, "--out", out, *FAST_PREDICT_FLAGS).exit_code == 0
     assert (out / "masks" / "x.png").exists() and not (out / "probs" / "x.npy").exists()  # not from this run
     src.write_bytes(b"now broken")
-    assert invoke(src, "--model", model, "--out", out, *FAST).exit_code == 1
+    assert invoke_predict(src, "--model", model, "--out", out, *FAST_PREDICT_FLAGS).exit_code == 1
     assert rows_by_stem(out)["x"]["status"] == "error"
     assert not (out / "masks" / "x.png").exists() and not (out / "overlays" / "x.png").exists()
 
@@ -589,7 +539,7 @@ def test_temporaries_of_a_killed_run_are_removed_by_the_next_run(tmp_path, model
     for p in left:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half")
-    result = invoke(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST)
+    result = invoke_predict(*three_inputs(tmp_path), "--model", model, "--out", out, *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     assert not any(p.exists() for p in left) and no_temp_files(out)
 
@@ -634,7 +584,7 @@ def test_lungs_and_severity_columns_match_the_files_written(tmp_path):
     model = tmp_path / "m.pt"
     save_model(model, UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)), {"threshold": 0.5, "size": 32})
     src = save_image(tmp_path / "in" / "x.png", "grey", 48, 40)
-    result = invoke(src, "--model", model, "--out", tmp_path / "out", "-q", *FAST)
+    result = invoke_predict(src, "--model", model, "--out", tmp_path / "out", "-q", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     lungs = np.asarray(Image.open(tmp_path / "out" / "lungs" / "x.png"))
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "x.png"))

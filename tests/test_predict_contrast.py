@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict
 from PIL import Image
-from test_predict import FAST, grey_array, invoke
 
 from covidseg.data.arrays import load_split, resize_image
 from covidseg.data.contrast import normalise_contrast
@@ -84,7 +84,7 @@ def test_predict_applies_the_model_files_contrast(clahe_run, tmp_path, kind):
     for stem, g in greys.items():
         Image.fromarray(g).save(d / f"{stem}.png")
     out = tmp_path / "out"
-    result = invoke(d, "--model", model, "--out", out, "--save-probs", *FAST)
+    result = invoke_predict(d, "--model", model, "--out", out, "--save-probs", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 0, result.output
     for stem, g in greys.items():
         got = np.load(out / "probs" / f"{stem}.npy")

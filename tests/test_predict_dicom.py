@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DICOM_UID, FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
 from PIL import Image
-from test_dicom import UID, write_dicom
-from test_predict import FAST, grey_array, invoke
 
 from covidseg.inference.predict import collect_inputs, read_csv
 from covidseg.model.checkpoint import save_model
@@ -42,7 +41,7 @@ def png(path: Path, grey: np.ndarray) -> Path:
 
 
 def predict(tmp_path: Path, model: Path, *inputs: Path, out: str = "out"):
-    result = invoke(*inputs, "--model", model, "--out", tmp_path / out, "--save-probs", *FAST)
+    result = invoke_predict(*inputs, "--model", model, "--out", tmp_path / out, "--save-probs", *FAST_PREDICT_FLAGS)
     rows = {r["stem"]: r for r in read_csv(tmp_path / out / "predictions.csv")}
     return result, rows
 
@@ -130,12 +129,12 @@ def test_a_dcm_that_is_not_dicom_is_an_error_row(tmp_path, model, grey):
     assert result.exit_code == 1
     assert rows["fake"]["status"] == "error"
     assert rows["fake"]["error"] == f"{fake}: not a DICOM file (no 'DICM' marker at byte 128)"
-    assert rows["real"]["status"] == "ok" and rows["real"]["sop_instance_uid"] == UID
+    assert rows["real"]["status"] == "ok" and rows["real"]["sop_instance_uid"] == DICOM_UID
 
 
 def test_sop_instance_uid_is_in_the_csv(tmp_path, model, grey):
     result, rows = predict(tmp_path, model, write_dicom(tmp_path / "x.dcm", grey), png(tmp_path / "y.png", grey))
     assert result.exit_code == 0, result.output
-    assert rows["x"]["sop_instance_uid"] == UID and rows["y"]["sop_instance_uid"] == ""
+    assert rows["x"]["sop_instance_uid"] == DICOM_UID and rows["y"]["sop_instance_uid"] == ""
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[header.index("height") + 1] == "sop_instance_uid"

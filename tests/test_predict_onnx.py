@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import FAST_PREDICT_FLAGS, invoke_predict, save_image
 from PIL import Image
-from test_predict import FAST, invoke, save_image
 
 from covidseg.evaluation.severity import LUNG_THRESHOLD
 from covidseg.inference.calibration import Calibration
@@ -76,7 +76,7 @@ def test_onnx_gives_the_same_files_and_csv_as_the_torch_model(models, inputs, tm
     outs = {}
     for name, model in (("pt", pt), ("onnx", onnx_file)):
         outs[name] = tmp_path / name
-        result = invoke(*inputs, "--model", model, "--out", outs[name], "--save-probs", *FAST)
+        result = invoke_predict(*inputs, "--model", model, "--out", outs[name], "--save-probs", *FAST_PREDICT_FLAGS)
         assert result.exit_code == 0, result.output
         assert "WARNING" not in result.stderr  # the lung head is found in the ONNX graph too
     files = {k: sorted(p.relative_to(v).as_posix() for p in v.rglob("*") if p.is_file()) for k, v in outs.items()}
@@ -149,7 +149,7 @@ def test_predict_from_onnx_runs_with_torch_unimportable(models, inputs, tmp_path
 def test_a_corrupt_onnx_file_is_a_short_error_and_exit_2(inputs, tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(b"\x08\x07this is not a protobuf model" * 5)
-    result = invoke(inputs[0], "--model", bad, "--out", tmp_path / "out", *FAST)
+    result = invoke_predict(inputs[0], "--model", bad, "--out", tmp_path / "out", *FAST_PREDICT_FLAGS)
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {bad}: not a loadable ONNX model")
     assert len(result.stderr.strip().splitlines()) == 1 and len(result.stderr) < 400
@@ -158,8 +158,10 @@ def test_a_corrupt_onnx_file_is_a_short_error_and_exit_2(inputs, tmp_path):
 
 def test_onnx_flip_tta_cannot_be_switched_off_and_the_threshold_option_applies(models, inputs, tmp_path):
     _, onnx_file = models
-    result = invoke(inputs[0], "--model", onnx_file, "--out", tmp_path / "a", "--no-flip-tta", *FAST)
+    result = invoke_predict(
+        inputs[0], "--model", onnx_file, "--out", tmp_path / "a", "--no-flip-tta", *FAST_PREDICT_FLAGS
+    )
     assert result.exit_code == 2 and "flip TTA is on inside this ONNX graph" in result.stderr
-    result = invoke(inputs[0], "--model", onnx_file, "--out", tmp_path / "b", "--threshold", "0.9")
+    result = invoke_predict(inputs[0], "--model", onnx_file, "--out", tmp_path / "b", "--threshold", "0.9")
     assert result.exit_code == 0, result.output
     assert "threshold 0.9 (option)" in result.stdout

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, snapshot_files, write_png
 from PIL import Image
-from test_extract import NEST, make_dataset, read_csv, snapshot, write_png
-from test_sources import DEV_NEST, dev_part
 
 from covidseg.data.arrays import load_source, load_split, resize_mask
 from covidseg.data.contrast import normalise_contrast
@@ -28,11 +27,11 @@ def extracted(tmp_path: Path, src: Path, classes=("COVID-19",)) -> Path:
 
 
 def test_arrays_match_sources_at_native_size(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=2, negatives=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=2, negatives=1)
     ext = extracted(tmp_path, tmp_path / "src", classes=("COVID-19", "Normal"))
     counts = preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     assert counts == {"train": 3, "val": 3, "test": 3}
-    rows = read_csv(ext / "manifest.csv")
+    rows = read_csv_rows(ext / "manifest.csv")
     for split in SPLITS:
         d = load_split(tmp_path / "prepared", split)
         split_rows = [r for r in rows if r["split"] == split]
@@ -54,7 +53,7 @@ def test_arrays_match_sources_at_native_size(tmp_path: Path) -> None:
 
 
 def test_resized_masks_stay_binary(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=1)
     ext = extracted(tmp_path, tmp_path / "src")
     preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=64))
     d = load_split(tmp_path / "prepared", "train")
@@ -73,10 +72,10 @@ def test_resize_mask_thresholds_at_half() -> None:
 
 
 def test_failure_keeps_previous_prepared(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=1)
     ext = extracted(tmp_path, tmp_path / "src")
     preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
-    before = snapshot(tmp_path / "prepared")
+    before = snapshot_files(tmp_path / "prepared")
     # Drop one member from subset.zip: the manifest now names a file that is not there.
     with zipfile.ZipFile(ext / "subset.zip") as z:
         members = {n: z.read(n) for n in z.namelist()}
@@ -88,7 +87,7 @@ def test_failure_keeps_previous_prepared(tmp_path: Path) -> None:
         ValueError, match=r"subset\.zip: test/COVID-19/\.\.\./covid_3\.png listed in manifest\.csv cannot be read"
     ):
         preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
-    assert snapshot(tmp_path / "prepared") == before
+    assert snapshot_files(tmp_path / "prepared") == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -98,38 +97,38 @@ def test_missing_extract_output_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_partial_dev_set_round_trip(dev_data: Path, tmp_path: Path) -> None:
-    files = dev_part(dev_data, classes=("COVID-19",), per_split=3)
+    files = dev_part_files(dev_data, classes=("COVID-19",), per_split=3)
     folder = tmp_path / "src"
     for rel, p in files.items():
-        (folder / DEV_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / DEV_NEST / rel).write_bytes(p.read_bytes())
+        (folder / KAGGLE_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / KAGGLE_NEST / rel).write_bytes(p.read_bytes())
     ext = extracted(tmp_path, folder)
     assert preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=256)) == {"train": 3, "val": 3, "test": 3}
     d = load_split(tmp_path / "prepared", "val")
-    first = sorted(p.name for p in (dev_data / DEV_NEST / "Val/COVID-19/images").iterdir())[0]
+    first = sorted(p.name for p in (dev_data / KAGGLE_NEST / "Val/COVID-19/images").iterdir())[0]
     np.testing.assert_array_equal(
-        d["images"][0, 0], np.asarray(Image.open(dev_data / DEV_NEST / "Val/COVID-19/images" / first))
+        d["images"][0, 0], np.asarray(Image.open(dev_data / KAGGLE_NEST / "Val/COVID-19/images" / first))
     )
     fraction = d["masks"][0, 0].mean()
-    row = next(r for r in read_csv(ext / "manifest.csv") if r["split"] == "val")
+    row = next(r for r in read_csv_rows(ext / "manifest.csv") if r["split"] == "val")
     assert fraction == pytest.approx(float(row["infected_fraction"]), abs=1e-6) and fraction > 0
     preprocess(ext, tmp_path / "p128", PreprocessParams(image_size=128))
     assert load_split(tmp_path / "p128", "val")["images"].shape == (3, 1, 128, 128)
 
 
 def test_extract_rewrites_odd_files_so_preprocess_reads_grey(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     grey = np.asarray(Image.open(root / "Train/COVID-19/images/covid_1.png"))
     write_png(root / "Train/COVID-19/images/covid_1.png", np.stack([grey] * 3, axis=-1))
     ext = extracted(tmp_path, tmp_path / "src")
     preprocess(ext, tmp_path / "prepared", PreprocessParams(image_size=32))
     np.testing.assert_array_equal(load_split(tmp_path / "prepared", "train")["images"][0, 0], grey)
-    assert NEST in read_csv(ext / "manifest.csv")[0]["image_path"]
+    assert KAGGLE_NEST in read_csv_rows(ext / "manifest.csv")[0]["image_path"]
 
 
 @pytest.mark.parametrize("method", ["clahe", "equalize"])
 def test_contrast_changes_the_images_only_and_is_recorded(tmp_path: Path, method: str) -> None:
-    make_dataset(tmp_path / "src", per_split=2, negatives=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=2, negatives=1)
     ext = extracted(tmp_path, tmp_path / "src", classes=("COVID-19", "Normal"))
     preprocess(ext, tmp_path / "plain", PreprocessParams(image_size=64))
     preprocess(ext, tmp_path / "normed", PreprocessParams(image_size=64, contrast=method))

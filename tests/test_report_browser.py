@@ -13,8 +13,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from helpers import run_figures
 from PIL import Image
-from test_figures import run_figures
 
 from covidseg.evaluation.figures import FIGURES
 from covidseg.evaluation.report import write_report

@@ -10,7 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from test_extract import NEST, make_dataset, read_csv, write_triplet
+from helpers import DEV_PART_PER_SPLIT, KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, write_triplet
 
 from covidseg.data.extract import extract
 from covidseg.data.layout import find_roots
@@ -24,25 +24,6 @@ from covidseg.data.sources import (
     source_kind,
 )
 from covidseg.params import DataParams
-
-DEV_NEST = "Infection Segmentation Data/Infection Segmentation Data"
-PER_SPLIT = 4  # COVID-19 triplets per split taken from the dev set for the zip tests (36 files)
-
-
-def dev_part(dev_data: Path, classes=("COVID-19", "Normal"), per_split: int = PER_SPLIT) -> dict[str, Path]:
-    """A few dozen real files: layout path below the root (``Train/COVID-19/images/x.png``) -> file."""
-    files = {}
-    for split_dir in ("Train", "Val", "Test"):
-        for class_dir in classes:
-            names = sorted(p.name for p in (dev_data / DEV_NEST / split_dir / class_dir / "images").iterdir())[
-                :per_split
-            ]
-            for kind in ("images", "infection masks", "lung masks"):
-                for name in names:
-                    files[f"{split_dir}/{class_dir}/{kind}/{name}"] = (
-                        dev_data / DEV_NEST / split_dir / class_dir / kind / name
-                    )
-    return files
 
 
 def write_zip(path: Path, files: dict[str, Path], prefix: str, extra: dict[str, Path] | None = None) -> Path:
@@ -80,46 +61,50 @@ def test_find_roots_by_structure_at_any_depth() -> None:
 def test_dev_folder_root(dev_data: Path) -> None:
     with open_source(dev_data) as src:
         assert isinstance(src, FolderSource)
-        assert locate_root(src) == DEV_NEST
+        assert locate_root(src) == KAGGLE_NEST
 
 
 @pytest.mark.parametrize(
     "prefix",
-    [f"{DEV_NEST}/", "Infection Segmentation Data/", "", "download/covidqu/" + f"{DEV_NEST}/"],
+    [f"{KAGGLE_NEST}/", "Infection Segmentation Data/", "", "download/covidqu/" + f"{KAGGLE_NEST}/"],
     ids=["kaggle_two_levels", "one_level", "top", "deeper"],
 )
 def test_partial_dev_zip_matches_folder(dev_data: Path, tmp_path: Path, prefix: str) -> None:
-    files = dev_part(dev_data)
+    files = dev_part_files(dev_data)
     archive = write_zip(tmp_path / "part.zip", files, prefix)
     with open_source(archive) as src:
         assert isinstance(src, ZipSource)
         assert locate_root(src) == prefix.rstrip("/")
     m = extract_to(archive, tmp_path / "z", classes=("COVID-19", "Normal"))
-    assert [m[s]["count"] for s in ("train", "val", "test")] == [2 * PER_SPLIT] * 3
-    assert m["train"]["classes"] == {"COVID-19": PER_SPLIT, "Normal": PER_SPLIT}
+    assert [m[s]["count"] for s in ("train", "val", "test")] == [2 * DEV_PART_PER_SPLIT] * 3
+    assert m["train"]["classes"] == {"COVID-19": DEV_PART_PER_SPLIT, "Normal": DEV_PART_PER_SPLIT}
     # The same files as a folder give the same hashes, fractions and subset bytes.
     folder = tmp_path / "folder"
     for rel, p in files.items():
-        (folder / DEV_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / DEV_NEST / rel).write_bytes(p.read_bytes())
+        (folder / KAGGLE_NEST / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / KAGGLE_NEST / rel).write_bytes(p.read_bytes())
     extract_to(folder, tmp_path / "f", classes=("COVID-19", "Normal"))
     drop = ("image_path", "infection_path", "lung_path")
-    zip_rows = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "z/extracted/manifest.csv")]
-    dir_rows = [{k: v for k, v in r.items() if k not in drop} for r in read_csv(tmp_path / "f/extracted/manifest.csv")]
-    assert zip_rows == dir_rows and len(zip_rows) == 6 * PER_SPLIT
+    zip_rows = [
+        {k: v for k, v in r.items() if k not in drop} for r in read_csv_rows(tmp_path / "z/extracted/manifest.csv")
+    ]
+    dir_rows = [
+        {k: v for k, v in r.items() if k not in drop} for r in read_csv_rows(tmp_path / "f/extracted/manifest.csv")
+    ]
+    assert zip_rows == dir_rows and len(zip_rows) == 6 * DEV_PART_PER_SPLIT
     assert (tmp_path / "z/extracted/subset.zip").read_bytes() == (tmp_path / "f/extracted/subset.zip").read_bytes()
-    assert read_csv(tmp_path / "z/extracted/manifest.csv")[0]["image_path"].startswith(
+    assert read_csv_rows(tmp_path / "z/extracted/manifest.csv")[0]["image_path"].startswith(
         prefix + "Train/COVID-19/images/"
     )
 
 
 def test_zip_reads_only_needed_members_never_lung_data(dev_data: Path, tmp_path: Path, monkeypatch) -> None:
-    files = dev_part(dev_data)
+    files = dev_part_files(dev_data)
     lung_tree = {
         f"Lung Segmentation Data/Lung Segmentation Data/{rel.replace('infection masks', 'lung masks')}": p
         for rel, p in files.items()
     }
-    archive = write_zip(tmp_path / "covidqu.zip", files, f"{DEV_NEST}/", extra=lung_tree)
+    archive = write_zip(tmp_path / "covidqu.zip", files, f"{KAGGLE_NEST}/", extra=lung_tree)
     read: list[str] = []
     real_open = zipfile.ZipFile.open
 
@@ -134,20 +119,20 @@ def test_zip_reads_only_needed_members_never_lung_data(dev_data: Path, tmp_path:
         with pytest.raises(SourceError, match="not a dataset member"):
             src.read(next(iter(lung_tree)))
     m = extract_to(archive, tmp_path / "w")  # COVID-19 only
-    assert [m[s]["count"] for s in ("train", "val", "test")] == [PER_SPLIT] * 3
+    assert [m[s]["count"] for s in ("train", "val", "test")] == [DEV_PART_PER_SPLIT] * 3
     assert read and not any("Lung Segmentation Data" in n for n in read)
-    assert sorted(read) == sorted(f"{DEV_NEST}/{rel}" for rel in files if "/COVID-19/" in rel)
+    assert sorted(read) == sorted(f"{KAGGLE_NEST}/{rel}" for rel in files if "/COVID-19/" in rel)
 
 
 def test_folder_never_walks_lung_data_or_macos_debris(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=1)
     write_triplet(
         tmp_path / "src" / "Lung Segmentation Data" / "Lung Segmentation Data", "Train", "COVID-19", "covid_1.png", 1
     )
-    write_triplet(tmp_path / "src" / "__MACOSX" / NEST, "Train", "COVID-19", "covid_1.png", 1)
-    (tmp_path / "src" / NEST / "Train/COVID-19/images/._covid_1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
+    write_triplet(tmp_path / "src" / "__MACOSX" / KAGGLE_NEST, "Train", "COVID-19", "covid_1.png", 1)
+    (tmp_path / "src" / KAGGLE_NEST / "Train/COVID-19/images/._covid_1.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")
     with open_source(tmp_path / "src") as src:
-        assert locate_root(src) == NEST
+        assert locate_root(src) == KAGGLE_NEST
         assert not any(f.startswith(("Lung", "__MACOSX")) for f in src.files)
     m = extract_to(tmp_path / "src", tmp_path / "w")
     assert m["skipped_total"] == 0 and m["train"]["count"] == 1
@@ -177,18 +162,18 @@ def test_zip_without_layout_and_other_bad_sources(tmp_path: Path) -> None:
 
 
 def test_several_roots_is_an_error(tmp_path: Path) -> None:
-    make_dataset(tmp_path / "src", per_split=1, nest="copy1")
-    make_dataset(tmp_path / "src", per_split=1, nest="copy2")
+    make_kaggle_dataset(tmp_path / "src", per_split=1, nest="copy1")
+    make_kaggle_dataset(tmp_path / "src", per_split=1, nest="copy2")
     with pytest.raises(SourceError, match=r"several dataset roots found \['copy1', 'copy2'\]"):
         extract_to(tmp_path / "src", tmp_path / "w")
 
 
 def test_corrupt_zip_member_is_unreadable_not_a_crash(tmp_path: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=2)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=2)
     files = {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*.png"))}
-    archive = write_zip(tmp_path / "a.zip", files, f"{NEST}/")
+    archive = write_zip(tmp_path / "a.zip", files, f"{KAGGLE_NEST}/")
     data = bytearray(archive.read_bytes())
-    member = f"{NEST}/Val/COVID-19/images/covid_3.png"
+    member = f"{KAGGLE_NEST}/Val/COVID-19/images/covid_3.png"
     with zipfile.ZipFile(archive) as z:
         info = z.getinfo(member)
     start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
@@ -229,13 +214,13 @@ def test_fifo_device_and_symlink_loop_are_refused_by_stat_alone(tmp_path: Path, 
     (tmp_path / "b").symlink_to(tmp_path / "a")
     with pytest.raises(SourceError, match=r"a: data source is a symlink loop"):
         open_source(tmp_path / "a")
-    make_dataset(tmp_path / "src", per_split=1)
+    make_kaggle_dataset(tmp_path / "src", per_split=1)
     (tmp_path / "folder-link").symlink_to(tmp_path / "src")
     assert source_kind(tmp_path / "folder-link") == "folder"
 
 
 def test_read_head_refuses_special_files_before_reading(tmp_path: Path, fifo: Path) -> None:
-    root = make_dataset(tmp_path / "src", per_split=1)
+    root = make_kaggle_dataset(tmp_path / "src", per_split=1)
     image = root / "Train" / "COVID-19" / "images" / "covid_1.png"
     with open_source(tmp_path / "src") as src:
         rel = image.relative_to(tmp_path / "src").as_posix()

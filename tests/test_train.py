@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 import covidseg.training.loop as train_mod
 from covidseg.inference.calibration import tune_temperature, tune_threshold, val_scores
@@ -20,51 +21,13 @@ from covidseg.training.selection import BestEpoch
 
 from conftest import REPO, run
 
-TINY = TrainParams(
-    epochs=3,
-    batch_size=4,
-    base_channels=4,
-    depth=3,
-    downsample=1,
-    lr=1e-3,
-    augment=True,
-    lung_aux_weight=0.5,
-    loss="bce_dice",
-    temperature_scaling=False,
-    precision="fp32",  # the independent references below are fp32
-)
-
-
-def _train(prepared, out, params=TINY, seed=0, on_epoch_end=None):
-    return train(
-        prepared,
-        out / "model.pt",
-        out / "resume",
-        out / "curves.tsv",
-        out / "train.json",
-        params,
-        seed,
-        log=lambda *a: None,
-        on_epoch_end=on_epoch_end,
-    )
-
-
-def interrupt_after(last_epoch):
-    """An end-of-epoch hook that raises KeyboardInterrupt (as Ctrl-C would) once ``last_epoch`` is finished and saved."""
-
-    def hook(trainer, row):
-        if row["epoch"] == last_epoch:
-            raise KeyboardInterrupt
-
-    return hook
-
 
 def _curves(path):
     return pd.read_csv(path, sep="\t")
 
 
 def test_outputs_and_summary(tiny_prepared, tmp_path):
-    summary = _train(tiny_prepared, tmp_path)
+    summary = train_tiny(tiny_prepared, tmp_path)
     curves = pd.read_csv(tmp_path / "curves.tsv", sep="\t")
     assert list(curves["epoch"]) == [1, 2, 3]
     assert {"train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou"} <= set(curves.columns)
@@ -78,8 +41,8 @@ def test_outputs_and_summary(tiny_prepared, tmp_path):
 
 
 def test_flip_averaging_calibrates_on_flipped_val_and_is_saved(tiny_prepared, tmp_path):
-    params = dataclasses.replace(TINY, epochs=1, flip_tta=True, temperature_scaling=True)
-    summary = _train(tiny_prepared, tmp_path, params)
+    params = dataclasses.replace(TINY_TRAIN, epochs=1, flip_tta=True, temperature_scaling=True)
+    summary = train_tiny(tiny_prepared, tmp_path, params)
     model, meta = load_model(tmp_path / "model.pt")
     assert meta["flip_tta"] is True and summary["flip_tta"] is True
     with np.load(tiny_prepared / "val.npz") as z:
@@ -100,18 +63,18 @@ def test_auto_precision_follows_the_capability_and_the_model_file_records_it(
 ):
     """Both branches of train.precision=auto on any CPU (the capability forced); fp32 stays fp32 when forced on."""
     monkeypatch.setenv("COVIDSEG_NATIVE_BF16", forced)
-    auto = _train(tiny_prepared, tmp_path / "auto", dataclasses.replace(TINY, epochs=1, precision="auto"))
+    auto = train_tiny(tiny_prepared, tmp_path / "auto", dataclasses.replace(TINY_TRAIN, epochs=1, precision="auto"))
     assert (
         auto["precision"] == expected and load_model(tmp_path / "auto" / "model.pt")[1]["train_precision"] == expected
     )
-    fixed = _train(tiny_prepared, tmp_path / "fp32", dataclasses.replace(TINY, epochs=1))
+    fixed = train_tiny(tiny_prepared, tmp_path / "fp32", dataclasses.replace(TINY_TRAIN, epochs=1))
     assert fixed["precision"] == "fp32" and load_model(tmp_path / "fp32" / "model.pt")[1]["train_precision"] == "fp32"
 
 
 def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
-    _train(tiny_prepared, tmp_path / "a")
-    _train(tiny_prepared, tmp_path / "b")
-    _train(tiny_prepared, tmp_path / "c", seed=1)
+    train_tiny(tiny_prepared, tmp_path / "a")
+    train_tiny(tiny_prepared, tmp_path / "b")
+    train_tiny(tiny_prepared, tmp_path / "c", seed=1)
     pd.testing.assert_frame_equal(_curves(tmp_path / "a" / "curves.tsv"), _curves(tmp_path / "b" / "curves.tsv"))
     wa, wb = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in ("a", "b"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -120,10 +83,11 @@ def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, ema_decay):
-    params = dataclasses.replace(TINY, ema_decay=ema_decay)
-    _train(tiny_prepared, tmp_path / "full", params)
+    params = dataclasses.replace(TINY_TRAIN, ema_decay=ema_decay)
+    train_tiny(tiny_prepared, tmp_path / "full", params)
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path / "cut", params, on_epoch_end=interrupt_after(2))  # Ctrl-C once epoch 2 is saved
+        # Ctrl-C once epoch 2 is saved
+        train_tiny(tiny_prepared, tmp_path / "cut", params, on_epoch_end=interrupt_after(2))
     assert (tmp_path / "cut" / "resume" / "state.pt").exists()
     assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
     logs = []
@@ -144,14 +108,14 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
 
 
 def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_prepared, tmp_path):
-    _train(tiny_prepared, tmp_path / "raw")
+    train_tiny(tiny_prepared, tmp_path / "raw")
     kept = {}
 
     def remember_average(trainer, row):  # the average as validated this epoch (val does not change it)
         kept[row["epoch"]] = {k: v.clone() for k, v in trainer.ema.model.state_dict().items()}
 
-    summary = _train(
-        tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY, ema_decay=0.9), on_epoch_end=remember_average
+    summary = train_tiny(
+        tiny_prepared, tmp_path / "ema", dataclasses.replace(TINY_TRAIN, ema_decay=0.9), on_epoch_end=remember_average
     )
     raw, ema = _curves(tmp_path / "raw" / "curves.tsv"), _curves(tmp_path / "ema" / "curves.tsv")
     pd.testing.assert_series_equal(
@@ -164,7 +128,7 @@ def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_p
 
 def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
+        train_tiny(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
     logs = []
     train(
         tiny_prepared,
@@ -172,7 +136,7 @@ def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
         tmp_path / "resume",
         tmp_path / "curves.tsv",
         tmp_path / "train.json",
-        dataclasses.replace(TINY, lr=5e-4),
+        dataclasses.replace(TINY_TRAIN, lr=5e-4),
         0,
         log=logs.append,
     )
@@ -215,7 +179,7 @@ def test_killed_process_resumes_from_last_finished_epoch(tiny_prepared, tmp_path
 def test_nan_loss_stops_with_a_clear_message(tiny_prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(train_mod, "make_loss", lambda *a, **k: lambda logits, target: logits.mean() * float("nan"))
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 1, step 1; lower train.lr"):
-        _train(tiny_prepared, tmp_path)
+        train_tiny(tiny_prepared, tmp_path)
     assert not (tmp_path / "model.pt").exists()
 
 
@@ -234,10 +198,10 @@ def test_early_stopping_keeps_the_best_epoch():
 
 def test_training_stops_early_patience_epochs_after_the_best_and_keeps_it(tiny_prepared, tmp_path):
     seen = []
-    summary = _train(
+    summary = train_tiny(
         tiny_prepared,
         tmp_path,
-        dataclasses.replace(TINY, epochs=30, patience=1, lr=3e-3),
+        dataclasses.replace(TINY_TRAIN, epochs=30, patience=1, lr=3e-3),
         on_epoch_end=lambda trainer, row: seen.append(row["val_dice"]),
     )
     best = int(np.argmax(seen)) + 1  # first epoch with the highest val_dice@0.5
@@ -246,8 +210,11 @@ def test_training_stops_early_patience_epochs_after_the_best_and_keeps_it(tiny_p
 
 
 def test_a_hook_returning_false_ends_training_and_the_run_finishes(tiny_prepared, tmp_path):
-    summary = _train(
-        tiny_prepared, tmp_path, dataclasses.replace(TINY, epochs=5), on_epoch_end=lambda trainer, row: row["epoch"] < 2
+    summary = train_tiny(
+        tiny_prepared,
+        tmp_path,
+        dataclasses.replace(TINY_TRAIN, epochs=5),
+        on_epoch_end=lambda trainer, row: row["epoch"] < 2,
     )
     assert summary["epochs_run"] == 2 and (tmp_path / "model.pt").exists()
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from test_train import TINY, _train, interrupt_after
+from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 import covidseg.inference.calibration as calibration_mod
 import covidseg.training.loop as train_mod
@@ -17,13 +17,13 @@ from covidseg.model.checkpoint import load_model
 from covidseg.training.codehash import code_hash
 from covidseg.training.loop import CURVE_FIELDS, train
 
-TWO = dataclasses.replace(TINY, epochs=2)
+TWO = dataclasses.replace(TINY_TRAIN, epochs=2)
 
 
 def _cut_after_epoch_1(tiny_prepared, out, params=TWO):
     """Train and interrupt once epoch 1 is saved, leaving a resume state after epoch 1."""
     with pytest.raises(KeyboardInterrupt):
-        _train(tiny_prepared, out, params, on_epoch_end=interrupt_after(1))
+        train_tiny(tiny_prepared, out, params, on_epoch_end=interrupt_after(1))
     assert (out / "resume" / "state.pt").exists()
 
 
@@ -110,13 +110,13 @@ def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tin
 
 def test_same_params_and_seed_give_byte_identical_outputs(tiny_prepared, tmp_path):
     for name in ("a", "b"):
-        _train(tiny_prepared, tmp_path / name, TWO)
+        train_tiny(tiny_prepared, tmp_path / name, TWO)
     for f in ("model.pt", "train.json", "curves.tsv"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
 def test_metrics_hold_headline_numbers_and_the_run_log_holds_timings(tiny_prepared, tmp_path):
-    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
+    summary = train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
     metrics = json.loads((tmp_path / "train.json").read_text())
     assert {
         "epochs_run",
@@ -144,7 +144,7 @@ def test_metrics_hold_headline_numbers_and_the_run_log_holds_timings(tiny_prepar
 
 
 def test_model_file_records_provenance(tiny_prepared, tmp_path):
-    summary = _train(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
+    summary = train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
     _, meta = load_model(tmp_path / "model.pt")
     prov = meta["provenance"]
     assert prov["data_source"] == "raw" and prov["synthetic"] is False  # tiny_prepared's source folder is named raw
@@ -181,7 +181,7 @@ def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_p
         tmp_path / "resume",
         tmp_path / "curves.tsv",
         tmp_path / "train.json",
-        dataclasses.replace(TINY, epochs=1, temperature_scaling=True),
+        dataclasses.replace(TINY_TRAIN, epochs=1, temperature_scaling=True),
         0,
         log=logs.append,
     )
