@@ -187,7 +187,7 @@ class Trainer:
             )
         self.ema = WeightAverage(self.model, p.ema_decay) if p.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        self.loss_fn = make_loss(p.loss, p.pos_weight, p.focal_gamma, p.tversky_alpha, p.tversky_gamma)
+        self.loss_fn = make_loss(p)
 
     @property
     def eval_model(self) -> torch.nn.Module:
