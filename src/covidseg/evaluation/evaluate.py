@@ -32,8 +32,8 @@ from covidseg.evaluation.metrics import (
 )
 from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.masks.severity import LUNG_THRESHOLD
-from covidseg.masks.severity_eval import HEADLINE as SEVERITY_HEADLINE
-from covidseg.masks.severity_eval import evaluate_severity, median_lung_share
+from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
+from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 
@@ -185,7 +185,7 @@ def _severity(
     params: EvaluateParams,
     baseline_share: float,
 ) -> tuple[dict, dict, pd.DataFrame]:
-    """The severity block (see :mod:`covidseg.masks.severity_eval`): headline, details, per-image table.
+    """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table.
 
     ``baseline_share``: the constant per-lung share (percent) of the trivial baseline, the train split's median.
     """
