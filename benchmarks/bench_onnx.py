@@ -24,9 +24,9 @@ import onnxruntime
 import torch
 
 from covidseg.atomic import write_json, write_text
+from covidseg.export.graph import export_onnx, parity
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.inference.onnx_runtime import OnnxPredictor
-from covidseg.model.onnx_export import export_onnx, parity
 from covidseg.model.unet import UNet, UNetConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,8 +26,8 @@ from covidseg.atomic import write_json, write_text
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import decode_grey
 from covidseg.device import cpu_has_native_bf16
-from covidseg.evaluation.severity import LUNG_THRESHOLD, image_severity
 from covidseg.inference.backends import prepare_model
+from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -62,7 +62,7 @@ def bare_step_rate(p: TrainParams, size: int, steps: int) -> float:
     )
     model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr)
-    loss_fn = make_loss(p.loss)
+    loss_fn = make_loss(p)
     x = torch.rand(p.batch_size, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = (torch.rand(p.batch_size, 2 if aux else 1, size, size, device=device) > 0.8).float()
     times = []

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
-from covidseg.model.export import export_stage  # noqa: E402
+from covidseg.export.stage import export_stage  # noqa: E402
 from covidseg.params import ExportParams, load_section  # noqa: E402
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from covidseg.export.graph import export_onnx, parity
+from covidseg.export.stage import export_stage
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model, save_model
-from covidseg.model.export import export_stage
-from covidseg.model.onnx_export import export_onnx, parity
 from covidseg.model.unet import AttentionGate, DoubleConv, UNet, UNetConfig
 from covidseg.params import ExportParams, TrainParams
 from covidseg.training.loop import train

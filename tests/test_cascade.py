@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
+from covidseg.export.graph import export_onnx
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.model import cascade
 from covidseg.model.cascade import LungCascade, crop, crop_batch, lung_boxes, paste
 from covidseg.model.checkpoint import load_model
 from covidseg.model.ensemble import SnapshotEnsemble
-from covidseg.model.onnx_export import export_onnx
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import ParamsError, TrainParams, from_dict
 from covidseg.training.loop import train

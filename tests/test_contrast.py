@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from covidseg.data.contrast import CLIP_LIMIT, METHODS, TILES, clahe, equalize, normalise_contrast
-from covidseg.params import CONTRASTS, ParamsError, PreprocessParams, from_dict
+from covidseg.data.contrast import CLIP_LIMIT, TILES, clahe, equalize, normalise_contrast
+from covidseg.params import CONTRAST_METHODS, ParamsError, PreprocessParams, from_dict
 
 
 def ramp(h: int = 256, w: int = 256, lo: int = 100, hi: int = 140) -> np.ndarray:
@@ -18,7 +18,7 @@ def ramp(h: int = 256, w: int = 256, lo: int = 100, hi: int = 140) -> np.ndarray
 
 
 def test_the_params_list_the_methods_the_module_knows():
-    assert CONTRASTS == METHODS == ("none", "equalize", "clahe")
+    assert CONTRAST_METHODS == ("none", "equalize", "clahe")
     assert (TILES, CLIP_LIMIT) == (8, 2.0)
 
 

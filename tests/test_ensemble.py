@@ -25,14 +25,14 @@ from helpers import (
 
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.model_card import render_card
+from covidseg.export.graph import export_onnx, parity
+from covidseg.export.stage import export_stage
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.inference.forward import predict_all_logits
 from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.inference.predict import read_csv
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.ensemble import SnapshotEnsemble, mean_probability_logits
-from covidseg.model.export import export_stage
-from covidseg.model.onnx_export import export_onnx, parity
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams, ExportParams, ParamsError, TrainParams, from_dict
 
@@ -208,8 +208,8 @@ def test_training_saves_the_ensemble_of_the_last_epochs(snap_run, tiny_prepared)
     got = torch.sigmoid(predict_all_logits(model, images, dev))
     torch.testing.assert_close(got, mean_prob, rtol=0, atol=1e-5)
     # val_dice_at_0.5 is the ensemble's own, not a single epoch's
-    from covidseg.inference.calibration import val_scores
     from covidseg.inference.forward import predict_logits
+    from covidseg.training.calibration import val_scores
 
     s = val_scores(predict_logits(model, images, dev), np.load(tiny_prepared / "val.npz")["masks"])
     assert summary["val_dice_at_0.5"] == pytest.approx(s["dice_sum"] / max(s["scored"], 1), abs=1e-6)

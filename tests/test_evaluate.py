@@ -301,9 +301,9 @@ def test_missing_model_names_the_file(tmp_path):
 
 def test_severity_block_from_a_model_with_a_lung_head(tmp_path):
     """With a lung head: lungs predicted and saved, severity scored against the truth, headline numbers set."""
-    from covidseg.evaluation.severity import LUNG_THRESHOLD, severity_table
     from covidseg.evaluation.severity_eval import HEADLINE, lung_dice
     from covidseg.inference.calibration import Calibration, calibrated_outputs
+    from covidseg.masks.severity import LUNG_THRESHOLD, severity_table
 
     prepared = make_eval_prepared(tmp_path / "prepared")
     torch.manual_seed(0)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from covidseg.data.arrays import load_split
+from covidseg.export.graph import ParityError
+from covidseg.export.stage import export_stage
 from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.model.checkpoint import save_model
-from covidseg.model.export import export_stage
-from covidseg.model.onnx_export import ParityError
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import ExportParams, ParamsError, from_dict
 

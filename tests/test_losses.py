@@ -1,10 +1,20 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
-from covidseg.model.losses import bce_loss, focal_loss, make_loss, segmentation_loss, soft_dice_loss, training_targets
-from covidseg.params import LOSSES
+from covidseg.model.losses import (
+    LOSS_BUILDERS,
+    bce_loss,
+    focal_loss,
+    make_loss,
+    segmentation_loss,
+    soft_dice_loss,
+    training_targets,
+    tversky_loss,
+)
+from covidseg.params import LOSSES, TrainParams
 
 
 def test_bce_hand_checked():
@@ -41,14 +51,36 @@ def test_focal_reduces_easy_pixels_and_matches_weighted_bce_at_gamma_zero():
 def test_every_loss_is_finite_and_differentiable(name):
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
     target = (torch.rand(2, 1, 8, 8) > 0.7).float()
-    loss = make_loss(name)(logits, target)
+    loss = make_loss(TrainParams(loss=name))(logits, target)
     loss.backward()
     assert torch.isfinite(loss) and logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
 def test_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'l1'"):
-        make_loss("l1")
+        make_loss(TrainParams(loss="l1"))
+
+
+def test_the_registry_holds_exactly_the_names_params_validates():
+    """params.LOSSES (checked without torch by the check stage) and the builders never drift apart."""
+    assert tuple(LOSS_BUILDERS) == LOSSES
+
+
+def test_each_builder_reads_its_own_params():
+    logits = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    target = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) > 0.7).float()
+    p = TrainParams(pos_weight=3.0, focal_gamma=1.5, tversky_alpha=0.6, tversky_gamma=0.8)
+
+    def loss(name):
+        return make_loss(dataclasses.replace(p, loss=name))(logits, target)
+
+    torch.testing.assert_close(loss("bce"), bce_loss(logits, target, 3.0))
+    torch.testing.assert_close(loss("focal"), focal_loss(logits, target, 1.5))
+    torch.testing.assert_close(loss("bce_tversky"), bce_loss(logits, target, 3.0) + tversky_loss(logits, target, 0.6))
+    torch.testing.assert_close(
+        loss("bce_focal_tversky"), bce_loss(logits, target, 3.0) + tversky_loss(logits, target, 0.6, 0.8)
+    )
+    torch.testing.assert_close(loss("bce_dice"), bce_loss(logits, target, 3.0) + soft_dice_loss(logits, target))
 
 
 def test_training_targets_stack_the_lung_mask_only_with_the_lung_head():
@@ -68,7 +100,7 @@ def test_segmentation_loss_adds_the_weighted_lung_bce_by_hand():
     logits[:, 1] = math.log(3)
     target = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [0.0, 0.0]]]])
     lung_bce = (math.log(4 / 3) + math.log(4)) / 2
-    bce = make_loss("bce")
+    bce = make_loss(TrainParams(loss="bce"))
     assert segmentation_loss(logits, target, bce, 0.5).item() == pytest.approx(math.log(2) + 0.5 * lung_bce, rel=1e-6)
     assert segmentation_loss(logits, target, bce, 0.0).item() == pytest.approx(
         math.log(2), rel=1e-6

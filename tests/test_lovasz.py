@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from covidseg.model.losses import bce_loss, lovasz_grad, lovasz_hinge, make_loss
+from covidseg.params import TrainParams
 
 
 def test_lovasz_grad_by_hand():
@@ -83,7 +84,7 @@ def test_bce_lovasz_is_bce_plus_lovasz_hinge():
     logits = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     target = (torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(3)) > 0.7).float()
     target[1] = 0  # a negative image
-    got = make_loss("bce_lovasz", pos_weight=2.0)(logits, target)
+    got = make_loss(TrainParams(loss="bce_lovasz", pos_weight=2.0))(logits, target)
     torch.testing.assert_close(got, bce_loss(logits, target, 2.0) + lovasz_hinge(logits, target))
 
 
@@ -96,7 +97,7 @@ def test_finite_and_differentiable_under_cpu_autocast(dtype):
     target[0, :, 4:9, 5:12] = 1  # image 1 is empty
     with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
         logits = conv(x)
-        loss = make_loss("bce_lovasz")(logits, target)
+        loss = make_loss(TrainParams(loss="bce_lovasz"))(logits, target)
     assert logits.dtype == dtype
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     loss.backward()

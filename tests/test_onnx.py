@@ -15,10 +15,10 @@ import onnx
 import pytest
 import torch
 
+from covidseg.export import graph as onnxexport
+from covidseg.export.graph import ParityError, check_parity, export_onnx, parity
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor
-from covidseg.model import onnx_export as onnxexport
-from covidseg.model.onnx_export import ParityError, check_parity, export_onnx, parity
 from covidseg.model.unet import UNet, UNetConfig
 
 from conftest import REPO
@@ -183,7 +183,7 @@ def test_export_holds_no_source_paths(tmp_path):
     import onnx
     import torch
 
-    from covidseg.model.onnx_export import export_onnx
+    from covidseg.export.graph import export_onnx
     from covidseg.model.unet import UNet, UNetConfig
 
     torch.manual_seed(0)

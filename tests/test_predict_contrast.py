@@ -12,12 +12,12 @@ from PIL import Image
 
 from covidseg.data.arrays import load_split, resize_image
 from covidseg.data.contrast import normalise_contrast
+from covidseg.export.stage import export_stage
 from covidseg.inference import backends
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor
 from covidseg.inference.predict import resize_probs
 from covidseg.model.checkpoint import load_model, save_model
-from covidseg.model.export import export_stage
 from covidseg.params import ExportParams, TrainParams
 from covidseg.training.loop import train
 
@@ -140,7 +140,7 @@ def test_an_onnx_file_without_contrast_means_none_and_a_bad_one_is_refused(clahe
 
 
 def test_export_refuses_an_unknown_contrast(tmp_path):
-    from covidseg.model.onnx_export import export_onnx
+    from covidseg.export.graph import export_onnx
     from covidseg.model.unet import UNet, UNetConfig
 
     net = UNet(UNetConfig(base_channels=4, depth=2)).eval()

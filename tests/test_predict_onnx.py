@@ -14,11 +14,11 @@ import torch
 from helpers import FAST_PREDICT_FLAGS, invoke_predict, save_image
 from PIL import Image
 
-from covidseg.evaluation.severity import LUNG_THRESHOLD
+from covidseg.export.graph import export_onnx
 from covidseg.inference.calibration import Calibration
 from covidseg.inference.predict import CSV_COLUMNS, read_csv
+from covidseg.masks.severity import LUNG_THRESHOLD
 from covidseg.model.checkpoint import save_model
-from covidseg.model.onnx_export import export_onnx
 from covidseg.model.unet import UNet, UNetConfig
 
 from conftest import REPO

@@ -1,4 +1,4 @@
-"""Hand-checked tests of covidseg.evaluation.severity on synthetic masks whose answer is known."""
+"""Hand-checked tests of covidseg.masks.severity on synthetic masks whose answer is known."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from covidseg.evaluation.severity import extent_score, lung_shares, severity_table, split_lungs
+from covidseg.masks.severity import extent_score, lung_shares, severity_table, split_lungs
 
 H, W = 60, 80
 

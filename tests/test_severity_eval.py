@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 
-from covidseg.evaluation.severity import severity_table
 from covidseg.evaluation.severity_eval import (
     HEADLINE,
     constant_share_table,
@@ -14,6 +13,7 @@ from covidseg.evaluation.severity_eval import (
     median_lung_share,
     score_against_truth,
 )
+from covidseg.masks.severity import severity_table
 
 H, W = 8, 12  # image-left lung: columns 1-4 (patient's right), image-right lung: columns 7-10
 

@@ -12,10 +12,10 @@ import torch
 from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 import covidseg.training.loop as train_mod
-from covidseg.inference.calibration import tune_temperature, tune_threshold, val_scores
 from covidseg.inference.forward import predict_logits
 from covidseg.model.checkpoint import load_model
 from covidseg.params import TrainParams
+from covidseg.training.calibration import tune_temperature, tune_threshold, val_scores
 from covidseg.training.loop import TrainingDiverged, lr_at, train
 from covidseg.training.selection import BestEpoch
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
-import covidseg.inference.calibration as calibration_mod
+import covidseg.training.calibration as calibration_mod
 import covidseg.training.loop as train_mod
-from covidseg.inference.calibration import TEMPERATURES
 from covidseg.model.checkpoint import load_model
+from covidseg.training.calibration import TEMPERATURES
 from covidseg.training.codehash import code_hash
 from covidseg.training.loop import CURVE_FIELDS, train
 

@@ -17,12 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from covidseg.data.contrast import METHODS as CONTRASTS  # the values of preprocess.contrast
-
 T = TypeVar("T")
 
 DEFAULT_SEED = 42  # params.yaml's top-level ``seed``; the one fallback when a file has none
 CLASSES = ("COVID-19", "Non-COVID", "Normal")
+CONTRAST_METHODS = ("none", "equalize", "clahe")  # the values of preprocess.contrast (covidseg.data.contrast)
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
 
@@ -113,7 +112,7 @@ class PreprocessParams:
             "preprocess",
             "image_size must be a multiple of 16 in [32, 1024]",
         )
-        _check(self.contrast in CONTRASTS, "preprocess", f"contrast must be one of {list(CONTRASTS)}")
+        _check(self.contrast in CONTRAST_METHODS, "preprocess", f"contrast must be one of {list(CONTRAST_METHODS)}")
 
 
 @dataclasses.dataclass(frozen=True)

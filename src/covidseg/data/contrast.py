@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import numpy as np
 
-METHODS = ("none", "equalize", "clahe")  # the values of preprocess.contrast
+from covidseg.params import CONTRAST_METHODS
+
 TILES = 8  # CLAHE tiles per side
 CLIP_LIMIT = 2.0  # CLAHE clip limit, in multiples of the uniform bin height (tile_pixels / 256)
 LEVELS = 256
 
 
 def check_method(method: str, where: str = "contrast") -> str:
-    """``method`` if it is one of :data:`METHODS`, else ValueError naming it and ``where`` it came from."""
-    if method not in METHODS:
-        raise ValueError(f"{where}: unknown contrast method {method!r}; choose from {list(METHODS)}")
+    """``method`` if it is one of :data:`CONTRAST_METHODS`, else ValueError naming it and ``where`` it came from."""
+    if method not in CONTRAST_METHODS:
+        raise ValueError(f"{where}: unknown contrast method {method!r}; choose from {list(CONTRAST_METHODS)}")
     return method
 
 

@@ -20,8 +20,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
 from covidseg.data.arrays import load_split  # noqa: E402
-from covidseg.evaluation.severity import LUNG_THRESHOLD  # noqa: E402
 from covidseg.inference.overlay import TINT, draw_outline, tint  # noqa: E402
+from covidseg.masks.severity import LUNG_THRESHOLD  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
 
 FIGURES = (

@@ -1,9 +1,12 @@
-"""Segmentation metrics from confusion counts, with an explicit empty-mask policy.
+"""Segmentation metrics: the per-image and global tables, calibration, HD95 and the trivial baselines.
+
+The confusion counts and the ratios made from them (Dice, IoU, precision, recall) are
+:mod:`covidseg.masks.counts`, shared with training's calibration; this module builds on them.
 
 Shapes: ``pred`` and ``truth`` are boolean arrays (N, H, W) (one mask per image);
 ``prob`` is float (N, H, W) in [0, 1]. Counts are int64 arrays (N,).
 
-Empty-truth rule (as nnU-Net and MONAI): an image whose truth *and* prediction are both
+Empty-truth rule (nnU-Net's; not MONAI's default, docs/metrics.md): an image whose truth *and* prediction are both
 empty has an undefined Dice/IoU (NaN) and is left out of per-image means; a false
 positive on an empty truth scores 0. ``empty_score`` overrides the NaN. The same rule holds
 for every ratio: precision is NaN on an image with no predicted pixel, recall on an image
@@ -15,79 +18,19 @@ formula on hand-computed cases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-
-@dataclass(frozen=True)
-class Counts:
-    """Per-image confusion counts, each int64 (N,)."""
-
-    tp: np.ndarray
-    fp: np.ndarray
-    fn: np.ndarray
-    tn: np.ndarray
-
-    def total(self) -> Counts:
-        """Counts summed over images, as arrays of shape (1,) (for global, 'micro' metrics)."""
-        return Counts(*(np.array([a.sum()], dtype=np.int64) for a in (self.tp, self.fp, self.fn, self.tn)))
-
-
-def confusion(pred: np.ndarray, truth: np.ndarray) -> Counts:
-    """Per-image TP, FP, FN, TN of boolean masks (N, H, W)."""
-    pred, truth = _as_batch(pred).astype(bool), _as_batch(truth).astype(bool)
-    _same_shape(pred, truth, "pred", "truth")
-    axes = tuple(range(1, pred.ndim))
-    tp = np.sum(pred & truth, axis=axes, dtype=np.int64)
-    fp = np.sum(pred & ~truth, axis=axes, dtype=np.int64)
-    fn = np.sum(~pred & truth, axis=axes, dtype=np.int64)
-    tn = np.sum(~pred & ~truth, axis=axes, dtype=np.int64)
-    return Counts(tp, fp, fn, tn)
-
-
-def _ratio(num: np.ndarray, den: np.ndarray, empty_score: float) -> np.ndarray:
-    num, den = num.astype(np.float64), den.astype(np.float64)
-    out = np.full(num.shape, empty_score, dtype=np.float64)
-    np.divide(num, den, out=out, where=den > 0)
-    return out
-
-
-def dice(c: Counts, empty_score: float = np.nan) -> np.ndarray:
-    """2TP / (2TP + FP + FN) per image; ``empty_score`` when truth and prediction are empty."""
-    return _ratio(2 * c.tp, 2 * c.tp + c.fp + c.fn, empty_score)
-
-
-def iou(c: Counts, empty_score: float = np.nan) -> np.ndarray:
-    """TP / (TP + FP + FN) per image (Jaccard); ``empty_score`` when both are empty."""
-    return _ratio(c.tp, c.tp + c.fp + c.fn, empty_score)
-
-
-def precision(c: Counts, empty_score: float = np.nan) -> np.ndarray:
-    """TP / (TP + FP): the share of predicted pixels that are infected; undefined with no prediction."""
-    return _ratio(c.tp, c.tp + c.fp, empty_score)
-
-
-def recall(c: Counts, empty_score: float = np.nan) -> np.ndarray:
-    """TP / (TP + FN): the share of infected pixels found (sensitivity); undefined on empty truth."""
-    return _ratio(c.tp, c.tp + c.fn, empty_score)
-
-
-def squared_error_sum(prob: np.ndarray, truth: np.ndarray, chunk: int = 64) -> float:
-    """Sum over all pixels of (p - t)^2, accumulated in float64 ``chunk`` images at a time.
-
-    prob float (N, H, W) (or (H, W)) in [0, 1]; truth bool or {0, 1} of the same shape.
-    Chunking keeps memory at a few float64 copies of ``chunk`` images, not of the whole split.
-    """
-    prob, truth = _as_batch(prob), _as_batch(truth)
-    _same_shape(prob, truth, "prob", "truth")
-    total = 0.0
-    for s in range(0, len(prob), chunk):
-        diff = prob[s : s + chunk].astype(np.float64) - truth[s : s + chunk].astype(np.float64)
-        total += float(np.sum(diff * diff))
-    return total
+from covidseg.masks.counts import (
+    confusion,
+    dice,
+    iou,
+    precision,
+    recall,
+    same_shape,
+    squared_error_sum,
+)
 
 
 def brier(prob: np.ndarray, truth: np.ndarray) -> float:
@@ -116,7 +59,7 @@ def hd95(pred: np.ndarray, truth: np.ndarray) -> float:
     either mask is empty (undefined, left out of means).
     """
     pred, truth = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
-    _same_shape(pred, truth, "pred", "truth")
+    same_shape(pred, truth, "pred", "truth")
     if pred.ndim != 2:
         raise ValueError(f"hd95 takes one mask (H, W) at a time, got shape {pred.shape}")
     if not pred.any() or not truth.any():
@@ -149,7 +92,7 @@ def calibration_bins(prob: np.ndarray, truth: np.ndarray, bins: int) -> tuple[np
     """
     if bins < 1:
         raise ValueError(f"calibration_bins: bins must be >= 1, got {bins}")
-    _same_shape(np.asarray(prob), np.asarray(truth), "prob", "truth")
+    same_shape(np.asarray(prob), np.asarray(truth), "prob", "truth")
     p = np.asarray(prob).reshape(-1).astype(np.float64)
     idx = np.clip(np.floor(p * bins).astype(np.int64), 0, bins - 1)
     count = np.bincount(idx, minlength=bins).astype(np.float64)
@@ -157,18 +100,6 @@ def calibration_bins(prob: np.ndarray, truth: np.ndarray, bins: int) -> tuple[np
     tsum = np.bincount(idx, weights=np.asarray(truth).reshape(-1).astype(np.float64), minlength=bins)
     return count, psum, tsum
 
-
-def _same_shape(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} {a.shape} and {name_b} {b.shape} differ in shape")
-
-
-def _as_batch(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    return a[None] if a.ndim == 2 else a
-
-
-# ---------------------------------------------------------------- tables over a split
 
 EMPTY_TRUTH_RULE = (
     "Per-image Dice/IoU/precision/recall/HD95 are undefined (NaN) when the quantity's denominator is 0, "

@@ -1,6 +1,6 @@
 """Severity measured against the truth: the ``severity`` block of the test metrics.
 
-The same measures (:func:`covidseg.evaluation.severity.severity_table`: infected share of each
+The same measures (:func:`covidseg.masks.severity.severity_table`: infected share of each
 lung in percent, extent score 0-8) are computed from predicted masks and from the true masks,
 and compared. Three predictors are scored the same way:
 
@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from covidseg.evaluation import agreement
-from covidseg.evaluation.metrics import confusion, dice
-from covidseg.evaluation.severity import extent_score, severity_table
+from covidseg.masks.counts import confusion, dice
+from covidseg.masks.severity import extent_score, severity_table
 
 HEADLINE = (
     "lung_dice",

@@ -1,6 +1,6 @@
 """Run an exported covidseg model (.onnx) with onnxruntime on CPU, without torch.
 
-The graph (written by ``covidseg.model.onnx_export``) has calibration baked in: input ``image`` float32
+The graph (written by ``covidseg.export.graph``) has calibration baked in: input ``image`` float32
 (N, 1, S, S) in [0, 1]; outputs ``probability`` float32 (N, S, S), the calibrated infection
 probability (flip averaging, lung gating and temperature included), and ``logits`` float32
 (N, C, S, S), the (flip-averaged) raw model outputs. Its metadata_props record the calibration, the
@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from covidseg.data.contrast import METHODS, normalise_contrast
+from covidseg.data.contrast import normalise_contrast
+from covidseg.params import CONTRAST_METHODS
 
 FORMAT_KEY = "covidseg.format_version"
 FORMAT_VERSION = "1"
@@ -79,10 +80,10 @@ class OnnxPredictor:
         threshold = self.metadata.get("covidseg.threshold", "")
         self.threshold: float | None = float(threshold) if threshold else None
         self.contrast = self.metadata.get(CONTRAST_KEY, "none")
-        if self.contrast not in METHODS:
+        if self.contrast not in CONTRAST_METHODS:
             raise OnnxModelError(
                 f"{self.path}: unknown contrast method {self.contrast!r} in metadata {CONTRAST_KEY}; "
-                f"this code knows {list(METHODS)}"
+                f"this code knows {list(CONTRAST_METHODS)}"
             )
 
     @property

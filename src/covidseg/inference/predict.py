@@ -41,10 +41,10 @@ from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
-from covidseg.evaluation.severity import LUNG_THRESHOLD, image_severity
 from covidseg.inference import backends
 from covidseg.inference.backends import Prepared, model_warnings, provenance_lines
 from covidseg.inference.overlay import draw_outline, tint
+from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
 __all__ = ["Prepared", "model_warnings", "provenance_lines", "prepare_model", "predict_files", "collect_inputs"]
 
@@ -74,7 +74,7 @@ CSV_COLUMNS = (
     "warning",
 )
 OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs")
-SEVERITY_COLUMNS = {  # CSV column: key of covidseg.evaluation.severity.lung_shares / extent scores
+SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares / extent scores
     "right_lung_infected_pct": "right_pct",
     "left_lung_infected_pct": "left_pct",
     "lungs_infected_pct": "lungs_pct",

@@ -13,7 +13,8 @@ from pathlib import Path
 PACKAGE = "covidseg"
 
 
-def _direct_imports(path: Path) -> set[str]:
+def direct_imports(path: Path) -> set[str]:
+    """The covidseg modules (dotted names) that one file imports itself."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = set()
     for node in ast.walk(tree):
@@ -35,7 +36,7 @@ def module_files(script: str | Path, src_root: str | Path = "src") -> set[Path]:
     todo = [Path(script)]
     while todo:
         current = todo.pop()
-        for name in _direct_imports(current):
+        for name in direct_imports(current):
             parts = name.split(".")
             candidates = [src_root.joinpath(*parts).with_suffix(".py"), src_root.joinpath(*parts, "__init__.py")]
             for c in candidates:

@@ -6,7 +6,7 @@ averaging (validated and kept instead of the raw weights) or a snapshot ensemble
 K epochs' weights (``train.snapshots``, kept instead of the best epoch), a per-epoch resume state
 (``resume_dir/state.pt``), early stopping on val Dice at threshold 0.5 (``val_dice@0.5``),
 and after training a lung gating, temperature and threshold fitted on val
-(:func:`covidseg.inference.calibration.fit_calibration`). Under ``torchrun`` it runs DDP and only
+(:func:`covidseg.training.calibration.fit_calibration`). Under ``torchrun`` it runs DDP and only
 rank 0 writes. An optional end-of-epoch hook (``on_epoch_end``) sees each epoch's curve row and can
 stop the run.
 
@@ -39,7 +39,6 @@ from covidseg import __version__
 from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.data.arrays import load_source, load_split
 from covidseg.device import autocast, choose_device, choose_precision
-from covidseg.inference.calibration import at_grid_edge, fit_calibration, val_scores
 from covidseg.inference.forward import predict_logits
 from covidseg.model.cascade import LungCascade, crop_batch
 from covidseg.model.checkpoint import save_model
@@ -49,6 +48,7 @@ from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
 from covidseg.training.augment import augment_batch
 from covidseg.training.averaging import WeightAverage
+from covidseg.training.calibration import at_grid_edge, fit_calibration, val_scores
 from covidseg.training.codehash import code_hash as _hash_sources
 from covidseg.training.distributed import DistContext
 from covidseg.training.selection import BestEpoch
@@ -187,7 +187,7 @@ class Trainer:
             )
         self.ema = WeightAverage(self.model, p.ema_decay) if p.ema_decay > 0 else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        self.loss_fn = make_loss(p.loss, p.pos_weight, p.focal_gamma, p.tversky_alpha, p.tversky_gamma)
+        self.loss_fn = make_loss(p)
 
     @property
     def eval_model(self) -> torch.nn.Module:

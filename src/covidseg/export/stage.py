@@ -1,6 +1,6 @@
 """The ``export`` stage: models/model.pt -> models/model.onnx, checked against torch on the test images.
 
-The graph and its metadata are :func:`covidseg.model.onnx_export.export_onnx`'s; this adds the
+The graph and its metadata are :func:`covidseg.export.graph.export_onnx`'s; this adds the
 model file's provenance and contrast method to the metadata and a parity check on the real test split (uint8
 (N, 1, S, S) from ``data/prepared/test.npz``) that must pass before the file appears.
 """
@@ -16,9 +16,9 @@ import torch
 
 from covidseg.atomic import atomic_path, write_json
 from covidseg.data.arrays import load_split
+from covidseg.export.graph import ParityError, export_onnx, parity
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model
-from covidseg.model.onnx_export import ParityError, export_onnx, parity
 from covidseg.params import ExportParams
 
 
