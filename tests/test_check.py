@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import KAGGLE_NEST, make_kaggle_dataset, write_triplet
 
 from covidseg.check import STAMP_TEXT, check
 from covidseg.data.extract import ExtractError, extract
@@ -24,6 +23,7 @@ from covidseg.data.sources import SourceError
 from covidseg.params import DataParams
 
 from conftest import set_params
+from helpers import KAGGLE_NEST, make_kaggle_dataset, write_triplet
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_S = 30  # the stage takes about 1 s; a hang or an endless read is killed here

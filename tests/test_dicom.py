@@ -6,12 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DICOM_UID, write_dicom
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEGLSLossless
 
 from covidseg.data.dicom import DicomError, decode_dicom, is_dicom
+
+from helpers import DICOM_UID, write_dicom
 
 
 def decode(path: Path) -> tuple[np.ndarray, dict]:

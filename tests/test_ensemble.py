@@ -10,18 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import (
-    CARD_TEST_DETAILS,
-    CARD_TEST_METRICS,
-    FAST_PREDICT_FLAGS,
-    TINY_TRAIN,
-    copy_repo_params,
-    interrupt_after,
-    invoke_predict,
-    save_image,
-    train_tiny,
-    write_card_per_image,
-)
 
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.model_card import render_card
@@ -35,6 +23,19 @@ from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.ensemble import SnapshotEnsemble, mean_probability_logits
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams, ExportParams, ParamsError, TrainParams, from_dict
+
+from helpers import (
+    CARD_TEST_DETAILS,
+    CARD_TEST_METRICS,
+    FAST_PREDICT_FLAGS,
+    TINY_TRAIN,
+    copy_repo_params,
+    interrupt_after,
+    invoke_predict,
+    save_image,
+    train_tiny,
+    write_card_per_image,
+)
 
 CONFIG = UNetConfig(out_channels=2, base_channels=4, depth=2)
 SNAP = dataclasses.replace(TINY_TRAIN, snapshots=2)  # 3 epochs: the model is epochs 2 and 3

@@ -14,7 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import EVAL_TUNED_THRESHOLD, TINY_SIZE, make_eval_model, make_eval_prepared, run_evaluate
 
 from covidseg.evaluation.evaluate import evaluate
 from covidseg.evaluation.metrics import PR_BINS, baselines, class_breakdown
@@ -22,6 +21,8 @@ from covidseg.inference.forward import predict_logits, probabilities
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams
+
+from helpers import EVAL_TUNED_THRESHOLD, TINY_SIZE, make_eval_model, make_eval_prepared, run_evaluate
 
 
 def _strict_json(path: Path) -> dict:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import dvc_experiments, wait_for_dvc_queue
 
 from conftest import TINY_PARAMS, dvc, make_repo_copy
+from helpers import dvc_experiments, wait_for_dvc_queue
 
 pytestmark = pytest.mark.slow  # 2 minutes each on 2 cores: `make test-all` runs them
 

@@ -15,6 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image
+
+from covidseg import atomic
+from covidseg.data import extract as extract_mod
+from covidseg.data.extract import SKIP_REASONS, ExtractError, extract
+from covidseg.params import DataParams
+
 from helpers import (
     KAGGLE_NEST,
     KAGGLE_SPLIT_DIRS,
@@ -26,12 +33,6 @@ from helpers import (
     write_png,
     write_triplet,
 )
-from PIL import Image
-
-from covidseg import atomic
-from covidseg.data import extract as extract_mod
-from covidseg.data.extract import SKIP_REASONS, ExtractError, extract
-from covidseg.params import DataParams
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TINY_SIZE, run_figures
 from PIL import Image
 
 from covidseg.evaluation.figures import FIGURES, gallery_figure, make_figures
 from covidseg.params import PlotsParams
+
+from helpers import TINY_SIZE, run_figures
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

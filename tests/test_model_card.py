@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import yaml
-from helpers import CARD_TEST_DETAILS, CARD_TEST_METRICS, copy_repo_params, write_card_per_image
 
 from covidseg.evaluation.model_card import recipe_flags, render_card
 from covidseg.params import SECTIONS, from_dict, read_params
+
+from helpers import CARD_TEST_DETAILS, CARD_TEST_METRICS, copy_repo_params, write_card_per_image
 
 TRAIN = {"best_epoch": 3, "epochs_run": 4}
 META = {"threshold": 0.45, "temperature": 1.25, "lung_gate": True, "flip_tta": False, "size": 64, "seed": 42,
@@ -16,16 +17,15 @@ META = {"threshold": 0.45, "temperature": 1.25, "lung_gate": True, "flip_tta": F
 EXPORT = {"opset": 18, "parity_images": 10, "parity_max_abs_diff": 6e-08, "parity_tolerance": 0.0001}
 
 
-def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
-    card = render_card(
-        copy_repo_params(tmp_path),
-        META,
-        CARD_TEST_METRICS,
-        CARD_TEST_DETAILS,
-        TRAIN,
-        write_card_per_image(tmp_path),
-        EXPORT,
+def _card(tmp_path, meta=META, details=CARD_TEST_DETAILS) -> str:
+    """The card of the fixed test files above, with ``meta`` / ``details`` in place of theirs."""
+    return render_card(
+        copy_repo_params(tmp_path), meta, CARD_TEST_METRICS, details, TRAIN, write_card_per_image(tmp_path), EXPORT
     )
+
+
+def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
+    card = _card(tmp_path)
     for heading in ("Intended use", "Training data", "Licence of the weights", "Input contract", "Metrics",
                     "Per class", "Calibration", "Known failure modes", "How it was made"):  # fmt: skip
         assert f"## {heading}" in card, heading
@@ -46,20 +46,9 @@ def test_card_holds_every_section_with_the_numbers_of_the_files(tmp_path):
 
 
 def test_card_names_the_training_and_evaluation_precisions(tmp_path):
-    meta, details = {**META, "train_precision": "bf16"}, {**CARD_TEST_DETAILS, "evaluate_precision": "fp32"}
-    card = render_card(
-        copy_repo_params(tmp_path), meta, CARD_TEST_METRICS, details, TRAIN, write_card_per_image(tmp_path), EXPORT
-    )
+    card = _card(tmp_path, {**META, "train_precision": "bf16"}, {**CARD_TEST_DETAILS, "evaluate_precision": "fp32"})
     assert "trained in bf16, test metrics computed in fp32" in card
-    old = render_card(
-        copy_repo_params(tmp_path),
-        META,
-        CARD_TEST_METRICS,
-        CARD_TEST_DETAILS,
-        TRAIN,
-        write_card_per_image(tmp_path),
-        EXPORT,
-    )
+    old = _card(tmp_path)
     assert "trained in unknown, test metrics computed in unknown" in old  # files from before it was recorded
 
 

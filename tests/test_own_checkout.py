@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import dvc_experiments, wait_for_dvc_queue
-
 from conftest import dvc, make_repo_copy, run
+from helpers import dvc_experiments, wait_for_dvc_queue
 
 LINE = "write_json(metrics_tmp, report.headline())"
 

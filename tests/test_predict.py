@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import FAST_PREDICT_FLAGS, TINY_SIZE, grey_array, invoke_predict, make_predict_model, save_image
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,6 +21,8 @@ from covidseg.inference.overlay import TINT, TINT_ALPHA
 from covidseg.inference.predict import CSV_COLUMNS, read_csv, unique_stems
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.unet import UNet, UNetConfig
+
+from helpers import FAST_PREDICT_FLAGS, TINY_SIZE, grey_array, invoke_predict, make_predict_model, save_image
 
 runner = CliRunner()
 

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict
 from PIL import Image
 
 from covidseg.data.arrays import load_split, resize_image
@@ -20,6 +19,8 @@ from covidseg.inference.predict import resize_probs
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.params import ExportParams, TrainParams
 from covidseg.training.loop import train
+
+from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict
 
 SIZE = 64
 CPU = torch.device("cpu")

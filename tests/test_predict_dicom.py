@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import DICOM_UID, FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
 from PIL import Image
 
 from covidseg.inference.predict import collect_inputs, read_csv
 from covidseg.model.checkpoint import save_model
 from covidseg.model.unet import UNet, UNetConfig
+
+from helpers import DICOM_UID, FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
 
 W, H = 60, 50
 

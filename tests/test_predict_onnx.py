@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_PREDICT_FLAGS, invoke_predict, save_image
 from PIL import Image
 
 from covidseg.export.graph import export_onnx
@@ -22,6 +21,7 @@ from covidseg.model.checkpoint import save_model
 from covidseg.model.unet import UNet, UNetConfig
 
 from conftest import REPO
+from helpers import FAST_PREDICT_FLAGS, invoke_predict, save_image
 
 SIZE = 32
 CALIBRATION = Calibration(threshold=0.45, temperature=1.3, lung_gate=True, flip_tta=True)

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from helpers import FAST_PREDICT_FLAGS, invoke_predict, make_predict_model, save_image
 
 from covidseg.model.checkpoint import save_model
 from covidseg.model.unet import UNet, UNetConfig
+
+from helpers import FAST_PREDICT_FLAGS, invoke_predict, make_predict_model, save_image
 
 PROVENANCE = {
     "data_source": "covidqu.zip",

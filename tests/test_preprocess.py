@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, snapshot_files, write_png
 from PIL import Image
 
 from covidseg.data.arrays import load_source, load_split, resize_mask
@@ -16,6 +15,8 @@ from covidseg.data.contrast import normalise_contrast
 from covidseg.data.extract import extract
 from covidseg.data.preprocess import preprocess
 from covidseg.params import DataParams, PreprocessParams
+
+from helpers import KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, snapshot_files, write_png
 
 SPLITS = ("train", "val", "test")
 

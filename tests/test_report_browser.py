@@ -13,11 +13,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from helpers import run_figures
 from PIL import Image
 
 from covidseg.evaluation.figures import FIGURES
 from covidseg.evaluation.report import write_report
+
+from helpers import run_figures
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [

@@ -10,7 +10,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import DEV_PART_PER_SPLIT, KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, write_triplet
 
 from covidseg.data.extract import extract
 from covidseg.data.layout import find_roots
@@ -24,6 +23,8 @@ from covidseg.data.sources import (
     source_kind,
 )
 from covidseg.params import DataParams
+
+from helpers import DEV_PART_PER_SPLIT, KAGGLE_NEST, dev_part_files, make_kaggle_dataset, read_csv_rows, write_triplet
 
 
 def write_zip(path: Path, files: dict[str, Path], prefix: str, extra: dict[str, Path] | None = None) -> Path:

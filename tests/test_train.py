@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 import covidseg.training.loop as train_mod
 from covidseg.inference.forward import predict_logits
@@ -20,6 +19,7 @@ from covidseg.training.loop import TrainingDiverged, lr_at, train
 from covidseg.training.selection import BestEpoch
 
 from conftest import REPO, run
+from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 
 def _curves(path):

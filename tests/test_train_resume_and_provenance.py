@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 import covidseg.training.calibration as calibration_mod
 import covidseg.training.loop as train_mod
@@ -16,6 +15,8 @@ from covidseg.model.checkpoint import load_model
 from covidseg.training.calibration import TEMPERATURES
 from covidseg.training.codehash import code_hash
 from covidseg.training.loop import CURVE_FIELDS, train
+
+from helpers import TINY_TRAIN, interrupt_after, train_tiny
 
 TWO = dataclasses.replace(TINY_TRAIN, epochs=2)
 

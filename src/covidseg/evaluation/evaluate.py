@@ -30,10 +30,10 @@ from covidseg.evaluation.metrics import (
     pr_curve,
     threshold_metrics,
 )
-from covidseg.inference.calibration import Calibration, calibrated_outputs
-from covidseg.masks.severity import LUNG_THRESHOLD
 from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
 from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
+from covidseg.inference.calibration import Calibration, calibrated_outputs
+from covidseg.masks.severity import LUNG_THRESHOLD
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 
