@@ -1,7 +1,7 @@
 """What `covidseg predict --precision bf16` changes against the default fp32, and how much faster it is.
 
 One torch model file on real films (e.g. the dev data's Test COVID-19 images), run through the
-same code as `covidseg predict` (:func:`covidseg.inference.backends.prepare_model`) in fp32 and
+same code as `covidseg predict` (:func:`covidseg.inference.backends.load_any_model`) in fp32 and
 in bf16. Measured per image at the model's input size: the share of mask pixels that change
 (pixels whose mask differs / pixels in either mask), the infected share of each lung (percent,
 lungs from the fp32 run's lung head, so only the infection mask differs) and the 0-8 extent score,
@@ -26,7 +26,7 @@ from covidseg.atomic import write_json, write_text
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import decode_grey
 from covidseg.device import cpu_has_native_bf16
-from covidseg.inference.backends import prepare_model
+from covidseg.inference.backends import load_any_model
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    prepared = {p: prepare_model(args.model, device="cpu", precision=p) for p in ("fp32", "bf16")}
+    prepared = {p: load_any_model(args.model, device="cpu", precision=p) for p in ("fp32", "bf16")}
     names, images = load_images(args.folder, prepared["fp32"].size, args.limit)
     results, rates = {}, {}
     for precision, model in prepared.items():

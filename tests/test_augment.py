@@ -29,11 +29,11 @@ def test_sampling_grid_equals_affine_grid():
 
 def test_intensity_lut_is_identity_without_intensity_changes_and_hand_checked_otherwise():
     image, _ = _batch()
-    off = dataclasses.replace(TrainParams(), brightness=0.0, contrast=0.0, gamma=0.0)
+    off = dataclasses.replace(TrainParams(), aug_brightness=0.0, aug_contrast=0.0, aug_gamma=0.0)
     lut = intensity_luts(image, off, torch.Generator().manual_seed(0))
     torch.testing.assert_close(lut, (torch.arange(256) / 255.0).expand(4, 256), atol=1e-6, rtol=0)
     # contrast 1, gamma 1, brightness b: the table is g / 255 + b, clamped to [0, 1]
-    p = dataclasses.replace(TrainParams(), brightness=0.1, contrast=0.0, gamma=0.0)
+    p = dataclasses.replace(TrainParams(), aug_brightness=0.1, aug_contrast=0.0, aug_gamma=0.0)
     lut = intensity_luts(image, p, torch.Generator().manual_seed(0))
     b = 0.1 * (2 * torch.rand(4, generator=torch.Generator().manual_seed(0)) - 1)
     torch.testing.assert_close(lut, ((torch.arange(256) / 255.0)[None] + b[:, None]).clamp(1e-6, 1), atol=1e-6, rtol=0)
@@ -57,7 +57,9 @@ def test_same_generator_state_gives_same_result():
 
 def test_geometry_moves_image_and_masks_together_and_masks_stay_binary():
     image, masks = _batch()
-    p = dataclasses.replace(TrainParams(), brightness=0.0, contrast=0.0, gamma=0.0, rotate_deg=20.0, scale=0.2)
+    p = dataclasses.replace(
+        TrainParams(), aug_brightness=0.0, aug_contrast=0.0, aug_gamma=0.0, aug_rotate_deg=20.0, aug_scale=0.2
+    )
     out_image, out_masks = augment_batch(image, masks, p, torch.Generator().manual_seed(0))
     assert set(out_masks.unique().tolist()) <= {0.0, 1.0}
     bright = out_image > 0.5
@@ -68,7 +70,9 @@ def test_geometry_moves_image_and_masks_together_and_masks_stay_binary():
 
 def test_flip_only_mirrors_left_right():
     image, masks = _batch()
-    p = dataclasses.replace(TrainParams(), rotate_deg=0.0, scale=0.0, brightness=0.0, contrast=0.0, gamma=0.0)
+    p = dataclasses.replace(
+        TrainParams(), aug_rotate_deg=0.0, aug_scale=0.0, aug_brightness=0.0, aug_contrast=0.0, aug_gamma=0.0
+    )
     gen = torch.Generator().manual_seed(1)
     out_image, out_masks = augment_batch(image, masks, p, gen)
     for i in range(4):
@@ -81,7 +85,13 @@ def test_flip_only_mirrors_left_right():
 def test_intensity_changes_touch_only_the_image_and_stay_in_range():
     image, masks = _batch()
     p = dataclasses.replace(
-        TrainParams(), flip=False, rotate_deg=0.0, scale=0.0, brightness=0.3, contrast=0.3, gamma=0.3
+        TrainParams(),
+        aug_flip=False,
+        aug_rotate_deg=0.0,
+        aug_scale=0.0,
+        aug_brightness=0.3,
+        aug_contrast=0.3,
+        aug_gamma=0.3,
     )
     out_image, out_masks = augment_batch(image, masks, p, torch.Generator().manual_seed(2))
     assert torch.equal(out_masks, masks)

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- fixture writers
 
 
-def run_extract(src: Path, work: Path, **params) -> extract_mod.Report:
+def run_extract(src: Path, work: Path, **params) -> extract_mod.ExtractReport:
     return extract(src, work / "extracted", work / "metrics" / "data.json", DataParams(source=str(src), **params))
 
 

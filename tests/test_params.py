@@ -185,3 +185,12 @@ def test_a_preset_with_a_typo_or_bad_value_is_refused_by_name(tmp_path):
     bad.write_text("trian:\n  lr: 0.1\n")
     with pytest.raises(ParamsError, match=r"unknown section 'trian'"):
         preset_flags(bad, REPO / "params.yaml")
+
+
+def test_renamed_augmentation_keys_are_refused_with_their_new_names(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  contrast: 0.2\n  gamma: 0.1\n")
+    with pytest.raises(ParamsError, match=r"'contrast' is now 'aug_contrast', 'gamma' is now 'aug_gamma'"):
+        load_section(TrainParams, "train", path)
+    path.write_text("train:\n  aug_contrast: 0.2\n  aug_gamma: 0.1\n")
+    assert load_section(TrainParams, "train", path).aug_contrast == 0.2

@@ -72,7 +72,7 @@ def _expected(model_path: Path, grey: np.ndarray, contrast: str) -> np.ndarray:
 def test_training_on_clahe_arrays_records_clahe_in_the_model_file(clahe_run):
     _, meta = load_model(clahe_run["trained"])
     assert meta["contrast"] == "clahe"
-    prepared = backends.prepare_model(clahe_run["trained"], device="cpu", precision="fp32")
+    prepared = backends.load_any_model(clahe_run["trained"], device="cpu", precision="fp32")
     assert prepared.contrast == "clahe" and prepared.description.endswith("contrast clahe")
 
 
@@ -116,10 +116,10 @@ def test_a_model_file_without_contrast_means_none_and_a_bad_one_is_refused(clahe
     net, meta = load_model(clahe_run["model"])
     old = {k: v for k, v in meta.items() if k != "contrast"}
     save_model(tmp_path / "old.pt", net, old)
-    assert backends.prepare_model(tmp_path / "old.pt", device="cpu", precision="fp32").contrast == "none"
+    assert backends.load_any_model(tmp_path / "old.pt", device="cpu", precision="fp32").contrast == "none"
     save_model(tmp_path / "bad.pt", net, old | {"contrast": "sharpen"})
     with pytest.raises(ValueError, match=r"bad\.pt: model file: unknown contrast method 'sharpen'"):
-        backends.prepare_model(tmp_path / "bad.pt", device="cpu", precision="fp32")
+        backends.load_any_model(tmp_path / "bad.pt", device="cpu", precision="fp32")
 
 
 def test_an_onnx_file_without_contrast_means_none_and_a_bad_one_is_refused(clahe_run, tmp_path):

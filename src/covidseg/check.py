@@ -86,7 +86,7 @@ def _folder(source: Source, root: str, *parts: str) -> str:
     return source.describe("/".join(p for p in (root, *parts) if p))
 
 
-def _check_triplet(source: Source, split: str, class_dir: str, name: str, paths: dict[str, str]) -> _Bad | None:
+def _triplet_problem(source: Source, split: str, class_dir: str, name: str, paths: dict[str, str]) -> _Bad | None:
     """Signatures and PNG sizes of one complete triplet; SourceError for a FIFO or device among them."""
     sizes = {}
     for kind, rel in paths.items():
@@ -158,7 +158,7 @@ def check_layout(source: Source, root: str, params: DataParams) -> int:
                         f"(expected {folder}/{missing[0]}/{name})",
                     )
                 else:
-                    item = _check_triplet(source, split, class_dir, name, {k: files[k][name] for k in KIND_DIRS})
+                    item = _triplet_problem(source, split, class_dir, name, {k: files[k][name] for k in KIND_DIRS})
                 if item is None:
                     usable[(split, class_dir)] += 1
                     continue

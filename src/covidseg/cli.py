@@ -125,10 +125,10 @@ def predict(
         OutputError,
         PredictOptions,
         collect_inputs,
+        load_model_for_predict,
         model_warnings,
         mostly_infected_warning,
         predict_files,
-        prepare_model,
         provenance_lines,
     )
 
@@ -147,7 +147,7 @@ def predict(
     except InputError as exc:
         _die(console, str(exc))
     try:
-        prepared = prepare_model(model, options)
+        prepared = load_model_for_predict(model, options)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _die(console, str(exc))
     for line in ([] if quiet else provenance_lines(prepared)) + model_warnings(prepared):

@@ -20,7 +20,8 @@ import yaml
 T = TypeVar("T")
 
 DEFAULT_SEED = 42  # params.yaml's top-level ``seed``; the one fallback when a file has none
-CLASSES = ("COVID-19", "Non-COVID", "Normal")
+CLASSES = ("COVID-19", "Non-COVID", "Normal")  # the dataset's classes, also its folder names
+NEGATIVE_CLASSES = CLASSES[1:]  # no infection: their infection masks are empty
 CONTRAST_METHODS = ("none", "equalize", "clahe")  # the values of preprocess.contrast (covidseg.data.contrast)
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
@@ -137,12 +138,12 @@ class TrainParams:
     downsample: int = 2
     attention: bool = False
     augment: bool = False
-    flip: bool = True
-    rotate_deg: float = 10.0
-    scale: float = 0.1
-    brightness: float = 0.1
-    contrast: float = 0.1
-    gamma: float = 0.15
+    aug_flip: bool = True
+    aug_rotate_deg: float = 10.0
+    aug_scale: float = 0.1
+    aug_brightness: float = 0.1
+    aug_contrast: float = 0.1
+    aug_gamma: float = 0.15
     patience: int = 0
     ema_decay: float = 0.0
     snapshots: int = 1
@@ -178,8 +179,8 @@ class TrainParams:
         )
         for problem in architecture_problems(self.base_channels, self.depth, self.downsample):
             _check(False, s, problem)
-        _check(0 <= self.rotate_deg <= 45, s, "rotate_deg must be in [0, 45]")
-        for name in ("scale", "brightness", "contrast", "gamma"):
+        _check(0 <= self.aug_rotate_deg <= 45, s, "aug_rotate_deg must be in [0, 45]")
+        for name in ("aug_scale", "aug_brightness", "aug_contrast", "aug_gamma"):
             _check(0 <= getattr(self, name) < 1, s, f"{name} must be in [0, 1)")
         _check(self.patience >= 0, s, "patience must be >= 0 (0 disables early stopping)")
         _check(0 <= self.ema_decay < 1, s, "ema_decay must be in [0, 1) (0: no weight averaging)")
@@ -281,12 +282,33 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys renamed since earlier versions: refused with the new name, never silently ignored or mapped.
+RENAMED_KEYS = {
+    "train": {
+        "flip": "aug_flip",
+        "rotate_deg": "aug_rotate_deg",
+        "scale": "aug_scale",
+        "brightness": "aug_brightness",
+        "contrast": "aug_contrast",
+        "gamma": "aug_gamma",
+    },
+}
+
+
 def from_dict(cls: type[T], section: str, raw: Any) -> T:
     """Build and validate the dataclass ``cls`` from a mapping, rejecting unknown keys and bad types."""
     if raw is None:
         raw = {}
     _check(isinstance(raw, dict), section, "expected a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    renamed = {k: v for k, v in RENAMED_KEYS.get(section, {}).items() if k in raw}
+    _check(
+        not renamed,
+        section,
+        "renamed keys: "
+        + ", ".join(f"{k!r} is now {v!r}" for k, v in sorted(renamed.items()))
+        + " (augmentation keys take aug_)",
+    )
     unknown = sorted(set(raw) - set(fields))
     _check(not unknown, section, f"unknown keys {unknown}; known keys are {sorted(fields)}")
     hints = typing.get_type_hints(cls)

@@ -84,7 +84,7 @@ class ExtractError(ValueError):
 
 
 @dataclass(frozen=True)
-class PairTask:
+class TripletTask:
     """One complete triplet to check: source paths (POSIX, relative to the source's top)."""
 
     split: str
@@ -97,9 +97,9 @@ class PairTask:
 
 @dataclass
 class Checked:
-    """The outcome of :func:`check_pair`: a skip ``reason`` and ``message``, or the data to keep."""
+    """The outcome of :func:`check_triplet`: a skip ``reason`` and ``message``, or the data to keep."""
 
-    task: PairTask
+    task: TripletTask
     reason: str | None = None
     message: str = ""
     payload: dict[str, bytes] = field(default_factory=dict)  # kind -> PNG bytes to store
@@ -113,7 +113,7 @@ class Checked:
 
 
 @dataclass
-class Report:
+class ExtractReport:
     """What extraction took, skipped and fixed, per split."""
 
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLIT_DIRS})
@@ -181,8 +181,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[PairTask | tuple[str, str, str, str, str]]:
-    """Every triplet in output order: a PairTask, or (split, class, name, reason, message) when a file is missing."""
+def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[TripletTask | tuple[str, str, str, str, str]]:
+    """Every triplet in output order: a TripletTask, or (split, class, name, reason, message) when a file is missing."""
     index = layout_index(source, root)
     plan: list = []
     for split, split_dir in SPLIT_DIRS.items():
@@ -223,11 +223,11 @@ def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[PairTask 
                         )
                     )
                 else:
-                    plan.append(PairTask(split, class_dir, name, images[name], masks[name], lungs[name]))
+                    plan.append(TripletTask(split, class_dir, name, images[name], masks[name], lungs[name]))
     return plan
 
 
-def check_pair(source: Source, task: PairTask) -> Checked:
+def check_triplet(source: Source, task: TripletTask) -> Checked:
     """Read, decode and check one triplet; every file is decoded exactly once."""
     paths = {IMAGES: task.image, INFECTION: task.infection, LUNG: task.lung}
     out = Checked(task)
@@ -306,16 +306,16 @@ def _init_worker(location: str) -> None:
     _WORKER_SOURCE = open_source(location)
 
 
-def _check_in_worker(task: PairTask) -> Checked:
+def _check_in_worker(task: TripletTask) -> Checked:
     assert _WORKER_SOURCE is not None
-    return check_pair(_WORKER_SOURCE, task)
+    return check_triplet(_WORKER_SOURCE, task)
 
 
 @contextlib.contextmanager
-def _checked(source: Source, tasks: list[PairTask], workers: int) -> Iterator[Iterator[Checked]]:
-    """Yield an iterator of :func:`check_pair` results in task order, from a process pool when it pays."""
+def _checked(source: Source, tasks: list[TripletTask], workers: int) -> Iterator[Iterator[Checked]]:
+    """Yield an iterator of :func:`check_triplet` results in task order, from a process pool when it pays."""
     if workers <= 1 or len(tasks) < PARALLEL_MIN:
-        yield (check_pair(source, t) for t in tasks)
+        yield (check_triplet(source, t) for t in tasks)
         return
     pool = ProcessPoolExecutor(
         workers,
@@ -336,22 +336,22 @@ def extract(
     params: DataParams,
     workers: int | None = None,
     details_path: str | Path | None = None,
-) -> Report:
+) -> ExtractReport:
     """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
 
     ``workers``: processes that decode and check (default :func:`default_workers`); the
     outputs do not depend on it. Raises SourceError when the source or its layout is not
     found, ExtractError on the first bad triplet under ``on_error: fail`` or when a split
     ends up without COVID-19 pairs; then nothing is written and the targets are left as they were.
-    ``metrics_path`` gets :meth:`Report.headline`, ``details_path`` (default:
-    ``atomic.details_path_for(metrics_path)``) :meth:`Report.to_json`.
+    ``metrics_path`` gets :meth:`ExtractReport.headline`, ``details_path`` (default:
+    ``atomic.details_path_for(metrics_path)``) :meth:`ExtractReport.to_json`.
     """
     workers = default_workers() if workers is None else workers
-    report = Report()
+    report = ExtractReport()
     with open_source(source_path) as source:
         root = locate_root(source)
         plan = _plan(source, root, params.classes)
-        tasks = [p for p in plan if isinstance(p, PairTask)]
+        tasks = [p for p in plan if isinstance(p, TripletTask)]
         details_path = details_path or details_path_for(metrics_path)
         with (
             atomic_path(metrics_path) as metrics_tmp,
@@ -396,7 +396,7 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
         zipfile.ZipFile(subset_path, "w", compression=zipfile.ZIP_STORED) as out_zip,
     ):
         for item in plan:
-            if not isinstance(item, PairTask):
+            if not isinstance(item, TripletTask):
                 skip(*item)
                 continue
             c = next(results)

@@ -8,10 +8,12 @@ Layout (the root folder name appears twice in the Kaggle download)::
 
 from __future__ import annotations
 
+from covidseg.params import CLASSES
+
 ROOT_NAME = "Infection Segmentation Data"
 SPLIT_DIRS = {"train": "Train", "val": "Val", "test": "Test"}
 SPLITS = tuple(SPLIT_DIRS)
-CLASS_DIRS = ("COVID-19", "Non-COVID", "Normal")
+CLASS_DIRS = CLASSES  # the class folders are named as the classes
 IMAGES, INFECTION, LUNG = "images", "infection masks", "lung masks"
 KIND_DIRS = (IMAGES, INFECTION, LUNG)
 # The other half of the Kaggle archive (33,920 lung-segmentation images): never listed nor read.

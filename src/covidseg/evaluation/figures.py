@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from covidseg.atomic import atomic_path  # noqa: E402
 from covidseg.data.arrays import load_split  # noqa: E402
+from covidseg.evaluation.report import REPORT_RMSE  # noqa: E402
 from covidseg.inference.overlay import TINT, draw_outline, tint  # noqa: E402
 from covidseg.masks.severity import LUNG_THRESHOLD  # noqa: E402
 from covidseg.params import PlotsParams  # noqa: E402
@@ -37,7 +38,6 @@ FIGURES = (
     "bland_altman.png",
     "extent_confusion.png",
 )
-REPORT_RMSE = 0.2288  # the student report's U-Net test RMSE on the real COVID-QU-Ex COVID-19 test split
 TRUTH_COLOR, PRED_COLOR = (0.1, 0.85, 0.2), TINT
 
 

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from covidseg.atomic import write_text
-from covidseg.params import DEFAULT_SEED, SECTIONS, _flag_value, from_dict, read_params
+from covidseg.params import DEFAULT_SEED, NEGATIVE_CLASSES, SECTIONS, _flag_value, from_dict, read_params
 
 # Sections whose values make the model: the data, its preparation and training (seed too).
 RECIPE_SECTIONS = ("synth", "data", "preprocess", "train")
-NEGATIVE_CLASSES = ("Non-COVID", "Normal")
 QU_EX_CITATION = (
     'A. M. Tahir et al., "COVID-19 infection localization and severity grading from chest X-ray images", '
     "Computers in Biology and Medicine 139:105002, 2021; dataset: Kaggle anasmohammedtahir/covidqu, "

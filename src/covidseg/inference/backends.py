@@ -1,6 +1,6 @@
 """The model behind ``covidseg predict``: a torch checkpoint (``model.pt``) or an exported ``model.onnx``.
 
-Both become a :class:`Prepared`, whose ``run`` maps uint8 images (n, 1, S, S) to calibrated
+Both become a :class:`LoadedModel`, whose ``run`` maps uint8 images (n, 1, S, S) to calibrated
 infection probabilities float32 (n, S, S) and lung probabilities float32 (n, S, S) (None without a
 lung head), so the image and output code of :mod:`covidseg.inference.predict` is shared. ``run``
 first applies the contrast normalisation the model was trained with (the model file's
@@ -28,7 +28,7 @@ Runner = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
 
 
 @dataclass(frozen=True)
-class Prepared:
+class LoadedModel:
     """A model ready to run and the settings read from its file.
 
     ``run``: uint8 (n, 1, S, S) resized grey levels, before contrast normalisation -> (float32 (n, S, S)
@@ -64,14 +64,14 @@ def model_backend(path: str | Path) -> str:
     return "torch"
 
 
-def prepare_model(
+def load_any_model(
     model_path: str | Path,
     threshold: float | None = None,
     flip_tta: bool | None = None,
     device: str = "auto",
     precision: str = "fp32",
     batch_size: int = 8,
-) -> Prepared:
+) -> LoadedModel:
     """Load ``model_path`` with the backend :func:`model_backend` picks.
 
     ``threshold`` None: the model's val-tuned threshold (0.5 if it has none); ``flip_tta`` None: as
@@ -93,7 +93,7 @@ def _pick_threshold(option: float | None, saved: float | None) -> tuple[float, s
 
 def _prepare_torch(
     path: Path, threshold: float | None, flip_tta: bool | None, device: str, precision: str, batch_size: int
-) -> Prepared:
+) -> LoadedModel:
     from dataclasses import replace
 
     from covidseg.data.contrast import check_method, normalise_contrast
@@ -122,7 +122,7 @@ def _prepare_torch(
         return calibrated_outputs(model, images, torch_device, chosen, calibration, batch_size=batch_size)
 
     provenance = meta.get("provenance")
-    return Prepared(
+    return LoadedModel(
         run=run,
         size=int(meta["size"]),
         threshold=value,
@@ -147,7 +147,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(np.float32)
 
 
-def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, batch_size: int) -> Prepared:
+def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, batch_size: int) -> LoadedModel:
     from covidseg.inference.onnx_runtime import OnnxPredictor
 
     predictor = OnnxPredictor(path)  # FileNotFoundError, or OnnxModelError (a ValueError) naming the file
@@ -167,7 +167,7 @@ def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, ba
     channels = predictor.session.get_outputs()[1].shape[1]
     if not isinstance(channels, int):  # not fixed in the graph: read it from the recorded config
         channels = int(json.loads(predictor.metadata.get("covidseg.config", "{}")).get("out_channels", 1))
-    return Prepared(
+    return LoadedModel(
         run=run,
         size=predictor.size,
         threshold=value,
@@ -189,7 +189,7 @@ def _onnx_provenance(metadata: dict[str, str]) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def provenance_lines(prepared: Prepared) -> list[str]:
+def provenance_lines(prepared: LoadedModel) -> list[str]:
     """What the model was trained on, for the user: one or two lines, or a note that the file does not say."""
     p = prepared.provenance
     if not p:
@@ -206,7 +206,7 @@ def provenance_lines(prepared: Prepared) -> list[str]:
     ]
 
 
-def model_warnings(prepared: Prepared) -> list[str]:
+def model_warnings(prepared: LoadedModel) -> list[str]:
     """Loud warnings about the model itself (printed even with --quiet)."""
     warnings = []
     if prepared.provenance.get("synthetic"):

@@ -42,11 +42,18 @@ from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
 from covidseg.inference import backends
-from covidseg.inference.backends import Prepared, model_warnings, provenance_lines
+from covidseg.inference.backends import LoadedModel, model_warnings, provenance_lines
 from covidseg.inference.overlay import draw_outline, tint
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
-__all__ = ["Prepared", "model_warnings", "provenance_lines", "prepare_model", "predict_files", "collect_inputs"]
+__all__ = [
+    "LoadedModel",
+    "model_warnings",
+    "provenance_lines",
+    "load_model_for_predict",
+    "predict_files",
+    "collect_inputs",
+]
 
 # Files a folder or a glob pattern contributes (case-insensitive); files named explicitly are always tried.
 # Files with no suffix are taken from a folder or pattern when their header says DICOM.
@@ -225,11 +232,6 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
 # ----------------------------------------------------------------------------- images
 
 
-def load_grey(path: Path) -> np.ndarray:
-    """uint8 (H, W) grey levels of any image file (see :func:`load_input`)."""
-    return load_input(path)[0]
-
-
 def load_input(path: Path) -> tuple[np.ndarray, str]:
     """(uint8 (H, W) grey levels, SOPInstanceUID or "") of an image or DICOM file.
 
@@ -369,13 +371,13 @@ def _reason(exc: OSError) -> str:
 # ----------------------------------------------------------------------------- model
 
 
-def prepare_model(model_path: str | Path, options: PredictOptions) -> Prepared:
+def load_model_for_predict(model_path: str | Path, options: PredictOptions) -> LoadedModel:
     """Load a ``model.pt`` (torch) or ``model.onnx`` (onnxruntime, no torch) with ``options`` applied.
 
-    See :func:`covidseg.inference.backends.prepare_model`; raises FileNotFoundError / ValueError
+    See :func:`covidseg.inference.backends.load_any_model`; raises FileNotFoundError / ValueError
     naming the model file, RuntimeError for an unusable device.
     """
-    return backends.prepare_model(
+    return backends.load_any_model(
         model_path,
         threshold=options.threshold,
         flip_tta=options.flip_tta,
@@ -403,7 +405,7 @@ def mostly_infected_warning(rows: Iterable[Row]) -> str | None:
 def predict_files(
     paths: Sequence[Path],
     out_dir: str | Path,
-    prepared: Prepared,
+    prepared: LoadedModel,
     options: PredictOptions,
     on_row: Callable[[Row], None] | None = None,
 ) -> list[Row]:

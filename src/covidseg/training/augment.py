@@ -29,9 +29,9 @@ def intensity_luts(images: torch.Tensor, params: TrainParams, gen: torch.Generat
     with m_i the image's mean grey level in [0, 1].
     """
     n = images.shape[0]
-    brightness = _uniform(n, -params.brightness, params.brightness, gen)[:, None]
-    contrast = _uniform(n, 1 - params.contrast, 1 + params.contrast, gen)[:, None]
-    gamma = torch.exp(_uniform(n, -params.gamma, params.gamma, gen))[:, None]
+    brightness = _uniform(n, -params.aug_brightness, params.aug_brightness, gen)[:, None]
+    contrast = _uniform(n, 1 - params.aug_contrast, 1 + params.aug_contrast, gen)[:, None]
+    gamma = torch.exp(_uniform(n, -params.aug_gamma, params.aug_gamma, gen))[:, None]
     mean = images.reshape(n, -1).float().mean(1, keepdim=True) / 255.0
     levels = torch.arange(256, dtype=torch.float32)[None, :] / 255.0
     return (((levels - mean) * contrast + mean + brightness).clamp(0, 1).clamp_min(1e-6) ** gamma).clamp(0, 1)
@@ -70,17 +70,17 @@ def augment_batch(
     if images.dtype != torch.uint8:
         raise TypeError(f"augment_batch expects uint8 images, got {images.dtype}")
     n, _, height, width = images.shape
-    angle = _uniform(n, -params.rotate_deg, params.rotate_deg, gen) * math.pi / 180
-    scale = _uniform(n, 1 - params.scale, 1 + params.scale, gen)
-    flip = (torch.rand(n, generator=gen) < 0.5) if params.flip else torch.zeros(n, dtype=torch.bool)
+    angle = _uniform(n, -params.aug_rotate_deg, params.aug_rotate_deg, gen) * math.pi / 180
+    scale = _uniform(n, 1 - params.aug_scale, 1 + params.aug_scale, gen)
+    flip = (torch.rand(n, generator=gen) < 0.5) if params.aug_flip else torch.zeros(n, dtype=torch.bool)
     luts = intensity_luts(images, params, gen)
     out = torch.gather(luts, 1, images.reshape(n, -1).long()).view(n, 1, height, width)
-    if params.rotate_deg > 0 or params.scale > 0:
+    if params.aug_rotate_deg > 0 or params.aug_scale > 0:
         grid = sampling_grid(angle, scale, flip, height, width)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="border", align_corners=False)
         # Nearest keeps masks binary and exactly aligned with the image's transform.
         masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    elif params.flip:
+    elif params.aug_flip:
         out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks)
     return out, masks
