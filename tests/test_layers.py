@@ -20,7 +20,7 @@ LAYERS = (
     ("training",),  # the training loop, calibration fitted
     ("evaluation",),  # test metrics, figures, the report, the card, compare
     ("export",),  # the ONNX graph and the export stage
-    ("check", "cli", "runcache"),  # entry points
+    ("__main__", "check", "cli", "runcache"),  # entry points
 )
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

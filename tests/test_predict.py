@@ -260,7 +260,11 @@ def test_bad_files_are_reported_and_the_others_still_run(tmp_path, model):
     assert [r["stem"] for r in read_csv(out / "predictions.csv")] == ["good1", "truncated", "notes", "good2", "empty"]
     for stem in ("truncated", "notes", "empty"):
         assert rows[stem]["status"] == "error"
-        assert rows[stem]["input"] in rows[stem]["error"] and "cannot decode image" in rows[stem]["error"]
+        assert rows[stem]["input"] in rows[stem]["error"] and "BytesIO" not in rows[stem]["error"]
+    assert "cannot decode image" in rows["truncated"]["error"]
+    assert "not an image (starts with b'this is " in rows["notes"]["error"]
+    assert "not an image (an empty file" in rows["empty"]["error"]
+    for stem in ("truncated", "notes", "empty"):
         assert rows[stem]["width"] == rows[stem]["infected_fraction"] == ""
         assert not (out / "masks" / f"{stem}.png").exists()
     for stem, size in (("good1", (50, 40)), ("good2", (70, 30))):
@@ -598,3 +602,15 @@ def test_lungs_and_severity_columns_match_the_files_written(tmp_path):
     edge = outline(lungs == 255)
     if edge.any():
         assert (overlay[edge] == np.round(255 * np.asarray(LUNG_OUTLINE))).all()
+
+
+def test_version_is_defined_once_and_python_m_covidseg_runs_the_cli():
+    import importlib.metadata
+
+    import covidseg
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"covidseg {covidseg.__version__}"
+    assert importlib.metadata.version("covidseg") == covidseg.__version__  # pyproject reads it (dynamic)
+    proc = subprocess.run([sys.executable, "-m", "covidseg", "--version"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"covidseg {covidseg.__version__}"

@@ -38,8 +38,20 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from covidseg import __version__
+
+        typer.echo(f"covidseg {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
     """covidseg: COVID-19 infection segmentation on chest X-rays."""
 
 

@@ -115,7 +115,14 @@ def decode(data: bytes, name: str) -> tuple[np.ndarray, str]:
             return np.asarray(img.convert("L"), dtype=np.uint8).copy(), mode
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        if data.startswith((_PNG_SIGNATURE, b"\xff\xd8\xff")):
+            raise BadImageError(
+                f"{name}: cannot decode image (a damaged PNG or JPEG: its header is unreadable)"
+            ) from None
+        kind = "an empty file" if not data else f"starts with {data[:8]!r}"
+        raise BadImageError(f"{name}: not an image ({kind}; no image format recognised)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise BadImageError(f"{name}: cannot decode image ({exc})") from None
 
 
