@@ -100,9 +100,11 @@ def pr_figure(pr: pd.DataFrame, points: list[tuple[str, float, float]]) -> plt.F
         base = float(pr["precision"].iloc[0]) if float(pr["threshold"].iloc[0]) == 0 else None
         if base is not None:  # at threshold 0 every pixel is predicted: precision = prevalence
             ax.axhline(base, ls=":", color="grey", label=f"prevalence ({base:.3f})")
-    for (label, r, p), marker in zip(points, ("o", "s", "^")):
+    # The fixed point last, hollow and larger, so a tuned point at (nearly) the same place never hides it.
+    styles = ({"marker": "o", "ms": 11, "mfc": "none", "mew": 2, "zorder": 4}, {"marker": "s", "ms": 6, "zorder": 3})
+    for (label, r, p), style in reversed(list(zip(points, styles))):
         if np.isfinite(r) and np.isfinite(p):
-            ax.plot([r], [p], marker, ms=7, label=label)
+            ax.plot([r], [p], ls="none", label=label, **style)
     ax.set_xlabel("recall (pixels)")
     ax.set_ylabel("precision (pixels)")
     ax.set_xlim(0, 1.02)
@@ -201,12 +203,12 @@ def make_figures(
 
     fig, axes = plt.subplots(1, 2, figsize=(7, 3.6))
     _show(axes[0], images[i0], f"X-ray {ids[i0]}")
-    _show(axes[1], overlay(images[i0], truth[i0]), "infection mask (red) overlaid")
+    _show(axes[1], overlay(images[i0], truth[i0], color=TRUTH_COLOR), "infection mask (green) overlaid")
     written.append(_save(fig, out_dir / "sample_overlay.png", dpi))
 
     for metric, ylabel, name, ref in (
         ("loss", "loss", "loss_curves.png", None),
-        ("rmse", "pixel RMSE", "rmse_curves.png", REPORT_RMSE),
+        ("rmse", "pixel RMSE (uncalibrated, temperature 1)", "rmse_curves.png", REPORT_RMSE),
     ):
         written.append(_save(curves_figure(curves, metric, ylabel, ref), out_dir / name, dpi))
 
@@ -214,7 +216,7 @@ def make_figures(
     fig, axes = plt.subplots(len(rows), 3, figsize=(8.6, 2.8 * len(rows)), squeeze=False)
     for r, i in enumerate(rows):
         _show(axes[r, 0], images[i], f"input {ids[i]}")
-        _show(axes[r, 1], truth[i].astype(np.uint8), "ground truth", cmap="gray", vmin=0, vmax=1)
+        _show(axes[r, 1], overlay(images[i], truth[i], color=TRUTH_COLOR), "ground truth (green)")
         handle = _show(axes[r, 2], probs[i], "predicted probability", cmap="magma", vmin=0, vmax=1)
     fig.colorbar(handle, ax=axes, fraction=0.025, pad=0.02, label="probability of infection")
     written.append(_save(fig, out_dir / "prediction_triplets.png", dpi))
@@ -259,15 +261,20 @@ def severity_figures(severity_csv: Path, severity: dict, out_dir: Path, dpi: int
         "model (predicted lungs)" if who == "pred" else "oracle: predicted infection in the true lungs (no lung head)"
     )
     pred, true = per_lung_shares(table, who)
+    counts = f"{len(true)} lungs of {len(table)} films"
     written = [
-        _save(bland_altman_figure(pred, true, f"Per-lung infected share, {label}"), out_dir / "bland_altman.png", dpi)
+        _save(
+            bland_altman_figure(pred, true, f"Per-lung infected share, {label} ({counts})"),
+            out_dir / "bland_altman.png",
+            dpi,
+        )
     ]
     block = severity.get("model" if who == "pred" else "oracle_true_lungs") or {}
     matrix = block.get("extent_confusion")
     if matrix is None:  # details file absent: count from the table
         matrix = np.zeros((9, 9), int)
         np.add.at(matrix, (table["true_extent_score"].to_numpy(), table[f"{who}_extent_score"].to_numpy()), 1)
-    title = f"Extent score (0-8), {label}"
+    title = f"Extent score (0-8), {label} ({int(np.asarray(matrix).sum())} films)"
     written.append(_save(extent_confusion_figure(np.asarray(matrix), title), out_dir / "extent_confusion.png", dpi))
     return written
 

@@ -24,12 +24,12 @@ MEDSEGBENCH_DICE = (0.740, 0.756)
 MEDSEGBENCH_IOU = (0.627, 0.647)
 
 FIGURE_CAPTIONS = {
-    "sample_overlay.png": "A test X-ray and its infection mask (red).",
+    "sample_overlay.png": "A test X-ray and its infection mask (green, as the truth is in every figure).",
     "loss_curves.png": "Training and validation loss per epoch.",
     "rmse_curves.png": "Training and validation pixel RMSE per epoch; dotted: the report's test RMSE. The curves are of "
     "the uncalibrated probabilities (temperature 1): the temperature is fitted on val after training, "
     "so they are not comparable with the calibrated val and test RMSE in the tables.",
-    "prediction_triplets.png": "Input, ground truth and predicted probability for test images spread over the split.",
+    "prediction_triplets.png": "Input, ground truth (green) and predicted probability for test images spread over the split.",
     "prediction_overlay.png": "Predicted infection (tuned threshold) overlaid on the X-ray.",
     "pr_curve.png": "Pixel precision-recall over thresholds 0 to 1, with the two operating points.",
     "reliability.png": "Reliability diagram: infected share of pixels against their mean predicted probability, "
