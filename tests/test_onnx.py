@@ -193,3 +193,15 @@ def test_export_holds_no_source_paths(tmp_path):
     src = str(Path(__file__).resolve().parents[1] / "src")
     assert src.encode() not in data and b"stack_trace" not in data
     assert all(len(node.metadata_props) == 0 for node in onnx.load(str(path)).graph.node)
+
+
+def test_export_says_nothing_about_torchvision_or_torch_internals(tmp_path):
+    """A fresh interpreter (torch logs its torchvision notes once per process): the export stays quiet."""
+    code = (
+        "import torch; from covidseg.export.graph import export_onnx; from covidseg.model.unet import UNet, UNetConfig; "
+        "torch.manual_seed(0); export_onnx(UNet(UNetConfig(base_channels=4, depth=2)), "
+        f"{str(tmp_path / 'q.onnx')!r}, 32, {{}})"
+    )
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "torchvision" not in proc.stderr and "FutureWarning" not in proc.stderr, proc.stderr

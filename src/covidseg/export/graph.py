@@ -10,8 +10,11 @@ torch-free runner); the contrast normalisation is not in the graph, its callers 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,18 +113,8 @@ def export_onnx(
     example = torch.rand(2, 1, size, size, generator=torch.Generator().manual_seed(0))
     # torch's default (dynamo, torch.export-based) exporter, which needs onnxscript; it traces
     # the wrapper once, so the Python branches on calibration become a fixed graph.
-    program = torch.onnx.export(
-        wrapper,
-        (example,),
-        f=None,
-        dynamo=True,
-        opset_version=opset,
-        input_names=[INPUT_NAME],
-        output_names=list(OUTPUT_NAMES),
-        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
-        optimize=True,
-        verbose=False,
-    )
+    with _quiet_exporter():
+        program = _export(wrapper, example, opset)
     proto = program.model_proto
     _strip_source_locations(proto)
     del proto.metadata_props[:]
@@ -191,3 +184,34 @@ def check_parity(
     if not diff <= tol:
         raise ParityError(f"{name or onnx_path}: ONNX probabilities differ from torch by {diff:.3g} > {tol:g} (fp32)")
     return diff
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what torch's exporter says that is no one's business here: that torchvision (which this
+    project does without) is missing, and a FutureWarning from inside torch's pytree code."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _export(wrapper: nn.Module, example: torch.Tensor, opset: int):
+    """``torch.onnx.export`` of ``wrapper`` (dynamo exporter, dynamic batch), returning its ONNXProgram."""
+    return torch.onnx.export(
+        wrapper,
+        (example,),
+        f=None,
+        dynamo=True,
+        opset_version=opset,
+        input_names=[INPUT_NAME],
+        output_names=list(OUTPUT_NAMES),
+        dynamic_shapes={"image": {0: torch.export.Dim("batch", min=1)}},
+        optimize=True,
+        verbose=False,
+    )
