@@ -19,6 +19,8 @@ from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import ParamsError, TrainParams, from_dict
 from covidseg.training.loop import train
 
+from helpers import TINY_TRAIN, train_tiny
+
 
 def _mask(h=256, w=256, rows=(64, 191), cols=(32, 223)) -> torch.Tensor:
     m = torch.zeros(1, h, w, dtype=torch.bool)
@@ -126,29 +128,9 @@ def test_lung_crop_is_refused_without_the_lung_head():
 
 
 def test_a_cascade_trains_saves_reloads_and_exports_with_parity(tiny_prepared, tmp_path):
-    params = TrainParams(
-        epochs=2,
-        batch_size=4,
-        base_channels=4,
-        depth=3,
-        downsample=1,
-        lr=1e-3,
-        augment=True,
-        lung_crop=True,
-        loss="bce_dice",
-        flip_tta=True,
-    )
+    params = dataclasses.replace(TINY_TRAIN, epochs=2, lung_crop=True, flip_tta=True, temperature_scaling=True)
     out = tmp_path / "run"
-    train(
-        tiny_prepared,
-        out / "model.pt",
-        out / "resume",
-        out / "curves.tsv",
-        out / "train.json",
-        params,
-        0,
-        log=lambda *a: None,
-    )
+    train_tiny(tiny_prepared, out, params)
     model, meta = load_model(out / "model.pt")
     assert isinstance(model, LungCascade) and "lung_crop" not in meta
     assert meta["train_params"]["lung_crop"] is True
