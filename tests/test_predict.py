@@ -614,3 +614,27 @@ def test_version_is_defined_once_and_python_m_covidseg_runs_the_cli():
     assert importlib.metadata.version("covidseg") == covidseg.__version__  # pyproject reads it (dynamic)
     proc = subprocess.run([sys.executable, "-m", "covidseg", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == f"covidseg {covidseg.__version__}"
+
+
+def test_overlays_of_real_sized_films_mark_the_sides_and_carry_a_legend(tmp_path):
+    """256 px and up: "R" top-left, "L" top-right (image left = the patient's right), a legend bottom-left."""
+    from covidseg.inference.overlay import ANNOTATE_MIN_SIDE, TINT, annotate, tint
+
+    grey = np.full((256, 256), 90, np.uint8)
+    plain = tint(grey, np.zeros_like(grey, bool))
+    marked = annotate(plain, 0.5, with_lungs=False)
+    changed = np.any(marked != plain, axis=2)
+    corner = 256 // 6
+    assert changed[:corner, :corner].any() and changed[:corner, -corner:].any()  # R and L
+    assert not changed[corner:-corner, corner:-corner].any()  # the film itself untouched
+    swatch = np.round(255 * np.asarray(TINT)).astype(np.uint8)
+    assert (marked[-corner:, :corner] == swatch).all(axis=2).any()  # the infection swatch
+    small = tint(np.full((ANNOTATE_MIN_SIDE - 1, 200), 90, np.uint8), np.zeros((ANNOTATE_MIN_SIDE - 1, 200), bool))
+    assert np.array_equal(annotate(small, 0.5, with_lungs=True), small)  # too small to mark: unchanged
+
+    model = make_predict_model(tmp_path / "m.pt")
+    Image.fromarray(grey_array(300, 260)).save(tmp_path / "film.png")
+    result = invoke_predict(tmp_path / "film.png", "--model", model, "--out", tmp_path / "out", *FAST_PREDICT_FLAGS)
+    assert result.exit_code == 0, result.output
+    written = np.asarray(Image.open(tmp_path / "out" / "overlays" / "film.png"))
+    assert written.shape == (260, 300, 3) and (written[-corner:, :corner] == swatch).all(axis=2).any()

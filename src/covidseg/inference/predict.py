@@ -5,7 +5,7 @@ For every input image the outputs in ``out_dir`` are
     masks/<stem>.png      uint8 mode L (H, W), 0 = clear, 255 = predicted infected
     lungs/<stem>.png      uint8 mode L (H, W), 0 = not lung, 255 = predicted lung (models with a lung head)
     overlays/<stem>.png   uint8 RGB (H, W, 3), the grey X-ray with the predicted region tinted and the
-                          predicted lungs outlined
+                          predicted lungs outlined, the sides marked R/L and a legend (128 px and up)
     probs/<stem>.npy      float32 (H, W) probabilities in [0, 1] (only with ``save_probs``)
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
@@ -43,7 +43,7 @@ from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
 from covidseg.inference import backends
 from covidseg.inference.backends import LoadedModel, model_warnings, provenance_lines
-from covidseg.inference.overlay import draw_outline, tint
+from covidseg.inference.overlay import annotate, draw_outline, tint
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
 __all__ = [
@@ -329,7 +329,7 @@ def write_outputs(
         if lungs is not None:
             _save_png(paths["lungs"], np.where(lungs, 255, 0).astype(np.uint8))
             overlay = draw_outline(overlay, lungs)
-        _save_png(paths["overlays"], overlay)
+        _save_png(paths["overlays"], annotate(overlay, threshold, lungs is not None))
         if save_probs:
             _save_npy(paths["probs"], prob)
     except BaseException:
