@@ -17,30 +17,19 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from covidseg.atomic import write_text
+from covidseg.data.decode import PNG_SIGNATURE, is_image_start
+from covidseg.data.extract import TripletTask, plan_triplets
 from covidseg.data.layout import IMAGES, INFECTION, KIND_DIRS, LUNG, SPLIT_DIRS
 from covidseg.data.sources import Source, SourceError, layout_index, locate_root, open_source, read_head
 from covidseg.params import DataParams, validate_all
 
 STAMP_TEXT = "params.yaml and data.source passed the check stage\n"
 
-# Enough for every signature below and a PNG's IHDR width and height (bytes 16-24).
+# Enough for every image signature and a PNG's IHDR width and height (bytes 16-24).
 HEAD_BYTES = 24
-# What PIL (covidseg.data.decode) reads, by their first bytes; anything else is not an image.
-_SIGNATURES = (
-    b"\x89PNG\r\n\x1a\n",
-    b"\xff\xd8\xff",  # JPEG
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",  # BMP
-    b"II*\x00",  # TIFF, little-endian
-    b"MM\x00*",  # TIFF, big-endian
-)
-_KIND_NAMES = {IMAGES: "image", INFECTION: "infection mask", LUNG: "lung mask"}
-_MISSING_REASONS = {IMAGES: "missing_image", INFECTION: "missing_mask", LUNG: "missing_lung_mask"}  # extract's
 
 
 def produced_by_pipeline(source: str, outs: Iterable[str], repo: str | Path = ".") -> bool:
@@ -60,43 +49,37 @@ def _image_problem(head: bytes) -> str | None:
     """Why the first bytes of a file cannot start an image, or None when they can."""
     if not head:
         return "empty file, not an image"
-    if head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+    if is_image_start(head):
         return None
     return f"not an image (starts with {head[:8]!r}; expected a PNG or JPEG signature)"
 
 
 def _png_size(head: bytes) -> tuple[int, int] | None:
     """(width, height) from a PNG's IHDR, or None for another format."""
-    if head.startswith(_SIGNATURES[0]) and head[12:16] == b"IHDR" and len(head) >= 24:
+    if head.startswith(PNG_SIGNATURE) and head[12:16] == b"IHDR" and len(head) >= 24:
         return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
     return None
-
-
-@dataclass
-class _Bad:
-    """One triplet extract would skip (``on_error: skip``) or stop at (``fail``)."""
-
-    split: str
-    class_dir: str
-    reason: str
-    message: str
 
 
 def _folder(source: Source, root: str, *parts: str) -> str:
     return source.describe("/".join(p for p in (root, *parts) if p))
 
 
-def _triplet_problem(source: Source, split: str, class_dir: str, name: str, paths: dict[str, str]) -> _Bad | None:
-    """Signatures and PNG sizes of one complete triplet; SourceError for a FIFO or device among them."""
+def _triplet_problem(source: Source, task: TripletTask) -> tuple[str, str] | None:
+    """(reason, message) from the signatures and PNG sizes of one complete triplet, or None when they pass.
+
+    Raises SourceError for a FIFO or device among its files.
+    """
+    paths = {IMAGES: task.image, INFECTION: task.infection, LUNG: task.lung}
     sizes = {}
     for kind, rel in paths.items():
         try:
             head = read_head(source, rel, HEAD_BYTES)
-        except OSError as exc:
-            return _Bad(split, class_dir, "unreadable", str(exc))
+        except OSError as exc:  # a SourceError (a FIFO, a device) is not one: it stops the check
+            return "unreadable", str(exc)
         problem = _image_problem(head)
         if problem:
-            return _Bad(split, class_dir, "unreadable", f"{source.describe(rel)}: {problem}")
+            return "unreadable", f"{source.describe(rel)}: {problem}"
         sizes[kind] = _png_size(head)
     image = sizes[IMAGES]
     odd = [
@@ -105,12 +88,7 @@ def _triplet_problem(source: Source, split: str, class_dir: str, name: str, path
         if s is not None and image is not None and s != image
     ]
     if odd:
-        return _Bad(
-            split,
-            class_dir,
-            "size_mismatch",
-            f"{source.describe(paths[IMAGES])}: image is {image[0]}x{image[1]} but " + ", ".join(odd),
-        )
+        return "size_mismatch", f"{source.describe(task.image)}: image is {image[0]}x{image[1]} but " + ", ".join(odd)
     return None
 
 
@@ -118,10 +96,12 @@ def check_layout(source: Source, root: str, params: DataParams) -> int:
     """Refuse (SourceError, one line naming the path) what extract would refuse; return the triplets seen.
 
     Every class in ``params.classes`` needs its three folders, each holding ``.png`` files, in every
-    split. Each file extract would read is opened only as far as its first :data:`HEAD_BYTES`: a
-    FIFO or device stops the check whatever ``on_error`` says (extract would hang on it); a file
-    without an image signature, a missing partner file or PNGs of different sizes stop it under
-    ``on_error: fail`` and, under ``skip``, when a split is left without a usable COVID-19 triplet.
+    split. The triplets are extract's own (:func:`covidseg.data.extract.plan_triplets`, with its
+    messages for a missing partner file); each file extract would read is opened only as far as its
+    first :data:`HEAD_BYTES`: a FIFO or device stops the check whatever ``on_error`` says (extract
+    would hang on it); a file without an image signature, a missing partner file or PNGs of different
+    sizes stop it under ``on_error: fail`` and, under ``skip``, when a split is left without a usable
+    COVID-19 triplet.
     """
     index = layout_index(source, root)
     for split_dir in SPLIT_DIRS.values():
@@ -137,42 +117,32 @@ def check_layout(source: Source, root: str, params: DataParams) -> int:
                         f"{_folder(source, root, split_dir, class_dir, kind)}: folder missing or without .png files "
                         f"(data.classes asks for {class_dir} in every split; {hint})"
                     )
+    plan = plan_triplets(source, root, params.classes)
     usable: collections.Counter = collections.Counter()
-    bad: list[_Bad] = []
-    seen = 0
-    for split, split_dir in SPLIT_DIRS.items():
-        for class_dir in params.classes:
-            files = {k: index[(split_dir, class_dir, k)] for k in KIND_DIRS}
-            folder = f"{root}/{split_dir}/{class_dir}".lstrip("/")
-            for name in sorted(set().union(*files.values())):
-                seen += 1
-                missing = [k for k in KIND_DIRS if name not in files[k]]
-                if missing:
-                    have = next(files[k][name] for k in KIND_DIRS if name in files[k])
-                    found = _KIND_NAMES[next(k for k in KIND_DIRS if name in files[k])]
-                    item = _Bad(
-                        split,
-                        class_dir,
-                        _MISSING_REASONS[missing[0]],
-                        f"{source.describe(have)}: {found} has no {_KIND_NAMES[missing[0]]} "
-                        f"(expected {folder}/{missing[0]}/{name})",
-                    )
-                else:
-                    item = _triplet_problem(source, split, class_dir, name, {k: files[k][name] for k in KIND_DIRS})
-                if item is None:
-                    usable[(split, class_dir)] += 1
-                    continue
-                if params.on_error == "fail":
-                    raise SourceError(f"{item.message} [{item.reason}; data.on_error is 'fail']")
-                bad.append(item)
+    first_bad: dict[str, str] = {}  # split -> the first COVID-19 problem in it
+    n_bad = 0
+    for item in plan:
+        if isinstance(item, TripletTask):
+            split, class_dir, problem = item.split, item.class_dir, _triplet_problem(source, item)
+        else:
+            split, class_dir, _, reason, message = item
+            problem = (reason, message)
+        if problem is None:
+            usable[(split, class_dir)] += 1
+            continue
+        reason, message = problem
+        if params.on_error == "fail":
+            raise SourceError(f"{message} [{reason}; data.on_error is 'fail']")
+        n_bad += 1
+        if class_dir == "COVID-19":
+            first_bad.setdefault(split, message)
     empty = [s for s in SPLIT_DIRS if usable[(s, "COVID-19")] == 0]
     if empty:
-        first = next((b for b in bad if b.split == empty[0] and b.class_dir == "COVID-19"), None)
         raise SourceError(
             f"{source.location}: no usable COVID-19 triplets in split(s) {', '.join(empty)} under '{root or '.'}' "
-            f"({len(bad)} triplets bad; first: {first.message if first else 'none'})"
+            f"({n_bad} triplets bad; first: {first_bad.get(empty[0], 'none')})"
         )
-    return seen
+    return len(plan)
 
 
 def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo: str | Path = ".") -> str:

@@ -8,13 +8,21 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 _WIDE_INT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+# The first bytes of the formats PIL reads here (WebP: b"RIFF" + 4 size bytes + b"WEBP", see is_image_start).
+IMAGE_SIGNATURES = (PNG_SIGNATURE, JPEG_SIGNATURE, b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
 # An image whose central 98 % of pixels spans fewer grey levels than this (of 0-255) is flagged.
 LOW_RANGE_LEVELS = 16
 
 
 class BadImageError(ValueError):
     """A file cannot be decoded as an image (truncated, corrupt, not an image)."""
+
+
+def is_image_start(head: bytes) -> bool:
+    """Whether ``head``, a file's first bytes (12 suffice), starts one of the formats of :data:`IMAGE_SIGNATURES`."""
+    return head.startswith(IMAGE_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
 def png_significant_bits(data: bytes, name: str) -> int | None:
@@ -24,9 +32,9 @@ def png_significant_bits(data: bytes, name: str) -> int | None:
     the first sBIT byte is the grey channel's bits. Raises BadImageError naming ``name`` when
     the sBIT value is outside 1 to the file's bit depth.
     """
-    if not data.startswith(_PNG_SIGNATURE):
+    if not data.startswith(PNG_SIGNATURE):
         return None
-    pos, depth = len(_PNG_SIGNATURE), None
+    pos, depth = len(PNG_SIGNATURE), None
     while pos + 8 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
         kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
@@ -116,7 +124,7 @@ def decode(data: bytes, name: str) -> tuple[np.ndarray, str]:
     except BadImageError:
         raise
     except UnidentifiedImageError:
-        if data.startswith((_PNG_SIGNATURE, b"\xff\xd8\xff")):
+        if data.startswith((PNG_SIGNATURE, JPEG_SIGNATURE)):
             raise BadImageError(
                 f"{name}: cannot decode image (a damaged PNG or JPEG: its header is unreadable)"
             ) from None

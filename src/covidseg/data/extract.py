@@ -181,7 +181,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _plan(source: Source, root: str, classes: tuple[str, ...]) -> list[TripletTask | tuple[str, str, str, str, str]]:
+def plan_triplets(
+    source: Source, root: str, classes: tuple[str, ...]
+) -> list[TripletTask | tuple[str, str, str, str, str]]:
     """Every triplet in output order: a TripletTask, or (split, class, name, reason, message) when a file is missing."""
     index = layout_index(source, root)
     plan: list = []
@@ -350,7 +352,7 @@ def extract(
     report = ExtractReport()
     with open_source(source_path) as source:
         root = locate_root(source)
-        plan = _plan(source, root, params.classes)
+        plan = plan_triplets(source, root, params.classes)
         tasks = [p for p in plan if isinstance(p, TripletTask)]
         details_path = details_path or details_path_for(metrics_path)
         with (

@@ -31,6 +31,10 @@ class Source:
     def read(self, rel: str) -> bytes:  # pragma: no cover - overridden
         raise NotImplementedError
 
+    def head(self, rel: str, size: int) -> bytes:  # pragma: no cover - overridden
+        """The first ``size`` bytes of ``rel`` (see :func:`read_head`)."""
+        raise NotImplementedError
+
     def describe(self, rel: str) -> str:
         """A human-readable name of one file, for error messages."""
         return f"{self.location}/{rel}" if self.location.is_dir() else f"{self.location}::{rel}"
@@ -61,6 +65,29 @@ class FolderSource(Source):
     def read(self, rel: str) -> bytes:
         return (self.location / rel).read_bytes()
 
+    def head(self, rel: str, size: int) -> bytes:
+        """The first ``size`` bytes of file ``rel``, opened non-blocking and read only when it is a regular file."""
+        where, path = self.describe(rel), self.location / rel
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(f"{where}: symlink loop (its links point back to each other)") from None
+            if exc.errno == errno.ENOENT and os.path.islink(path):
+                raise OSError(f"{where}: dangling symlink (to {os.readlink(path)!r}, which does not exist)") from None
+            raise OSError(f"{where}: cannot open file ({exc.strerror})") from None
+        try:
+            mode = os.fstat(fd).st_mode
+            if not stat.S_ISREG(mode):
+                raise SourceError(
+                    f"{where}: {_file_kind(mode)}, not a regular file; the dataset holds only image files"
+                )
+            return os.read(fd, size)
+        except OSError as exc:
+            raise OSError(f"{where}: cannot read file ({exc.strerror})") from None
+        finally:
+            os.close(fd)
+
 
 class ZipSource(Source):
     """A zip archive read in place: only the central directory is listed, members are read on demand.
@@ -88,6 +115,16 @@ class ZipSource(Source):
         try:
             return self._zip.read(rel)
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            raise OSError(f"{self.describe(rel)}: cannot read archive member ({exc})") from None
+
+    def head(self, rel: str, size: int) -> bytes:
+        """The first ``size`` bytes of member ``rel``, decompressed only that far."""
+        if rel not in self._listed:
+            raise SourceError(f"{self.describe(rel)}: not a dataset member of this archive")
+        try:
+            with self._zip.open(rel) as member:
+                return member.read(size)
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
             raise OSError(f"{self.describe(rel)}: cannot read archive member ({exc})") from None
 
     def close(self) -> None:
@@ -167,33 +204,7 @@ def read_head(source: Source, rel: str, size: int) -> bytes:
     file when it is not a regular file (a FIFO, a device: reading it would hang or never end), and
     OSError naming it when it cannot be read (a symlink loop, a dangling link, a damaged member).
     """
-    where = source.describe(rel)
-    if isinstance(source, ZipSource):
-        if rel not in source._listed:
-            raise SourceError(f"{where}: not a dataset member of this archive")
-        try:
-            with source._zip.open(rel) as member:
-                return member.read(size)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError, RuntimeError) as exc:
-            raise OSError(f"{where}: cannot read archive member ({exc})") from None
-    path = source.location / rel
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(f"{where}: symlink loop (its links point back to each other)") from None
-        if exc.errno == errno.ENOENT and os.path.islink(path):
-            raise OSError(f"{where}: dangling symlink (to {os.readlink(path)!r}, which does not exist)") from None
-        raise OSError(f"{where}: cannot open file ({exc.strerror})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise SourceError(f"{where}: {_file_kind(mode)}, not a regular file; the dataset holds only image files")
-        return os.read(fd, size)
-    except OSError as exc:
-        raise OSError(f"{where}: cannot read file ({exc.strerror})") from None
-    finally:
-        os.close(fd)
+    return source.head(rel, size)
 
 
 def recorded_source_path(location: str | Path, repo: str | Path = ".") -> tuple[str, bool]:
@@ -203,12 +214,9 @@ def recorded_source_path(location: str | Path, repo: str | Path = ".") -> tuple[
     same path in every clone. Outside it: absolute (``/data/covidqu``). Nothing is opened or resolved
     through symlinks here except to compare the two paths.
     """
-    repo = Path(repo).absolute()
-    path = Path(location)
-    path = path if path.is_absolute() else Path.cwd() / path
-    path = Path(os.path.normpath(path))
+    path, repo = Path(os.path.abspath(location)), Path(os.path.abspath(repo))
     try:
-        return PurePosixPath(*path.relative_to(Path(os.path.normpath(repo))).parts).as_posix() or ".", True
+        return PurePosixPath(*path.relative_to(repo).parts).as_posix() or ".", True
     except ValueError:
         return path.as_posix(), False
 
