@@ -238,8 +238,9 @@ TINY_TRAIN = TrainParams(
 )
 
 
-def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None):
-    """train() on ``prepared`` with every output under ``out`` (model.pt, resume/, curves.tsv, train.json), no log."""
+def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None, log=None):
+    """train() on ``prepared`` with every output under ``out`` (model.pt, resume/, curves.tsv, train.json);
+    ``log`` receives the log lines (none kept by default)."""
     return train(
         prepared,
         out / "model.pt",
@@ -248,7 +249,7 @@ def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None):
         out / "train.json",
         params,
         seed,
-        log=lambda *a: None,
+        log=log or (lambda *a: None),
         on_epoch_end=on_epoch_end,
     )
 

@@ -15,7 +15,8 @@ from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.model.unet import AttentionGate, DoubleConv, UNet, UNetConfig
 from covidseg.params import ExportParams, TrainParams
-from covidseg.training.loop import train
+
+from helpers import train_tiny
 
 
 class _OldUp(nn.Module):
@@ -160,16 +161,7 @@ def test_tiny_training_with_attention_saves_reloads_and_exports(tiny_prepared, t
     params = dataclasses.replace(
         TrainParams(), epochs=1, batch_size=4, base_channels=4, depth=3, downsample=1, lr=1e-3, attention=True
     )
-    train(
-        tiny_prepared,
-        tmp_path / "model.pt",
-        tmp_path / "resume",
-        tmp_path / "curves.tsv",
-        tmp_path / "train.json",
-        params,
-        0,
-        log=lambda *a: None,
-    )
+    train_tiny(tiny_prepared, tmp_path, params)
     model, meta = load_model(tmp_path / "model.pt")
     assert model.config.attention is True
     assert any(".gate." in k for k in model.state_dict())

@@ -130,16 +130,7 @@ def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train_tiny(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
     logs = []
-    train(
-        tiny_prepared,
-        tmp_path / "model.pt",
-        tmp_path / "resume",
-        tmp_path / "curves.tsv",
-        tmp_path / "train.json",
-        dataclasses.replace(TINY_TRAIN, lr=5e-4),
-        0,
-        log=logs.append,
-    )
+    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TINY_TRAIN, lr=5e-4), log=logs.append)
     assert any("starting afresh" in line for line in logs)
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2, 3]
 

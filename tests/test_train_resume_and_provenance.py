@@ -157,16 +157,7 @@ def test_model_file_records_provenance(tiny_prepared, tmp_path):
 
 def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared, tmp_path):
     logs = []
-    train(
-        tiny_prepared,
-        tmp_path / "model.pt",
-        tmp_path / "resume",
-        tmp_path / "curves.tsv",
-        tmp_path / "train.json",
-        dataclasses.replace(TWO, max_train_images=5),
-        0,
-        log=logs.append,
-    )
+    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5), log=logs.append)
     assert any("using 5 of 9 training images (train.max_train_images)" in line for line in logs)
     epochs = [line for line in logs if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("val_dice@0.5 " in line for line in epochs)
