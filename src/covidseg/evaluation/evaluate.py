@@ -27,6 +27,7 @@ from covidseg.evaluation.metrics import (
     baselines,
     calibration_table,
     class_breakdown,
+    headline_key,
     pr_curve,
     threshold_metrics,
 )
@@ -37,7 +38,21 @@ from covidseg.masks.severity import LUNG_THRESHOLD
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 
-INTERVAL_KEYS = ("dice_ci95_low", "dice_ci95_high", "iou_ci95_low", "iou_ci95_high", "rmse_ci95_low", "rmse_ci95_high")
+
+def interval_metrics() -> tuple[str, ...]:
+    """What the headline has a bootstrap interval of: each interval metric of the mask table, then RMSE."""
+    return tuple(m.name for m in metrics.MASK_METRICS if m.interval) + ("rmse",)
+
+
+def interval_keys() -> tuple[str, ...]:
+    """The headline's interval keys: ``dice_ci95_low``, ``dice_ci95_high``, ..., ``rmse_ci95_high``."""
+    return tuple(f"{name}_ci95_{side}" for name in interval_metrics() for side in ("low", "high"))
+
+
+def _headline_stats(stat: str, block: dict) -> dict:
+    """The table's headline numbers of one kind (see :data:`~covidseg.evaluation.metrics.HEADLINE_STATS`) from ``block``."""
+    source = "mean" if stat == "tuned_mean" else stat
+    return {headline_key(m, stat): block[f"{m.name}_{source}"] for m in metrics.MASK_METRICS if stat in m.headline}
 
 
 def headline(summary: dict) -> dict:
@@ -55,14 +70,13 @@ def headline(summary: dict) -> dict:
     return {
         "n_images": summary["n_images"],
         "rmse": summary["rmse"],
-        "dice": summary["dice"],
-        "iou": summary["iou"],
+        **_headline_stats("mean", fixed),
         "ece": summary["ece"],
         "threshold": tuned["threshold"],
-        "dice_at_threshold": tuned["dice_mean"],
-        "dice_global": fixed["dice_global"],
-        "hd95_median": fixed["hd95_median"],
-        **{k: (summary.get("intervals") or {}).get(k, float("nan")) for k in INTERVAL_KEYS},
+        **_headline_stats("tuned_mean", tuned),
+        **_headline_stats("global", fixed),
+        **_headline_stats("median", fixed),
+        **{k: (summary.get("intervals") or {}).get(k, float("nan")) for k in interval_keys()},
         **{k: model_severity.get(k, float("nan")) for k in SEVERITY_HEADLINE},
         "covid19_rmse": covid.get("rmse", float("nan")),
         "covid19_dice": covid.get("dice", float("nan")),
@@ -112,8 +126,7 @@ def evaluate(
     summary = {
         "n_images": int(len(prob)),
         "rmse": metrics.rmse(prob, truth),
-        "dice": fixed["dice_mean"],
-        "iou": fixed["iou_mean"],
+        **_headline_stats("mean", fixed),
         "brier": metrics.brier(prob, truth),
         "ece": metrics.expected_calibration_error(count, psum, tsum),
         "ece_bins": params.calibration_bins,
@@ -159,15 +172,15 @@ def evaluate(
 
 
 def _intervals(prob: np.ndarray, truth: np.ndarray, per_fixed: pd.DataFrame, n_resamples: int) -> dict:
-    """95 % percentile-bootstrap intervals (images resampled, seed 0) of the headline dice, iou and rmse.
+    """95 % percentile-bootstrap intervals (images resampled, seed 0) of :func:`interval_metrics`.
 
-    Dice and IoU: mean of the per-image values at the fixed threshold (NaN images dropped, as in the
+    Table metrics (dice, iou): mean of the per-image values at the fixed threshold (NaN images dropped, as in the
     mean); RMSE: root of the mean per-image squared error (every image has the same pixel count, so
     this is the pooled RMSE of the resampled images).
     """
     mse = ((prob - truth) ** 2).mean((1, 2), dtype=np.float64)
     out = {"resamples": n_resamples, "seed": 0, "level": 0.95}
-    for key in ("dice", "iou"):
+    for key in interval_metrics()[:-1]:
         low, high = agreement.bootstrap_ci(per_fixed[key].to_numpy(float), np.mean, n_resamples=n_resamples)
         out[f"{key}_ci95_low"], out[f"{key}_ci95_high"] = low, high
     low, high = agreement.bootstrap_index_ci(len(mse), lambda idx: float(np.sqrt(mse[idx].mean())), n_resamples)

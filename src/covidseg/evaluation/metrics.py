@@ -18,11 +18,15 @@ formula on hand-computed cases.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
 from covidseg.masks.counts import (
+    Counts,
     confusion,
     dice,
     iou,
@@ -109,41 +113,122 @@ EMPTY_TRUTH_RULE = (
 PR_BINS = 200
 
 
+@dataclass(frozen=True)
+class MaskMetric:
+    """One per-image metric of a thresholded mask: how it is computed and how each output reports it.
+
+    ``per_image(pred, truth, counts)`` gives float64 (N,) from bool masks (N, S, S) and their
+    :class:`Counts`, NaN where undefined (EMPTY_TRUTH_RULE). ``pooled(counts)`` gives the global
+    ('micro') value from counts summed over images, shape (1,), or is None when the metric has none.
+    Summaries hold ``{name}_mean`` and ``{name}_std`` (over the images where it is defined), with
+    ``median`` also ``{name}_median``, with ``pooled`` also ``{name}_global``. ``interval``: the
+    headline carries a 95 % bootstrap interval of the per-image mean at the fixed threshold.
+    ``headline``: which summary numbers ``metrics/test.json`` lists: "mean" as ``{name}``
+    (fixed threshold), "tuned_mean" as ``{name}_at_threshold``, "global" as ``{name}_global``,
+    "median" as ``{name}_median`` (fixed threshold). ``label``, ``unit``, ``digits`` and
+    ``definition`` are what the report and the model card print.
+    """
+
+    name: str
+    label: str
+    definition: str
+    per_image: Callable[[np.ndarray, np.ndarray, Counts], np.ndarray]
+    pooled: Callable[[Counts], np.ndarray] | None = None
+    median: bool = False
+    interval: bool = False
+    headline: tuple[str, ...] = ()
+    unit: str = ""
+    digits: int = 4
+
+
+HEADLINE_STATS = ("mean", "tuned_mean", "global", "median")
+
+# The one table of per-image mask metrics: threshold_metrics' columns, the headline, the report's
+# rows and the model card's come from it. A new metric is a row here, its test and its line in docs/metrics.md.
+MASK_METRICS: tuple[MaskMetric, ...] = (
+    MaskMetric(
+        "dice",
+        "Dice",
+        "2TP / (2TP + FP + FN) of the mask p ≥ threshold. Per-image: computed on each image, then mean ± std "
+        "(population) over images; global: from TP, FP, FN summed over the split.",
+        lambda pred, truth, c: dice(c),
+        pooled=dice,
+        interval=True,
+        headline=("mean", "tuned_mean", "global"),
+    ),
+    MaskMetric(
+        "iou",
+        "IoU",
+        "TP / (TP + FP + FN) (Jaccard), per-image and global as for Dice.",
+        lambda pred, truth, c: iou(c),
+        pooled=iou,
+        interval=True,
+        headline=("mean",),
+    ),
+    MaskMetric(
+        "precision",
+        "Precision",
+        "TP / (TP + FP): the share of pixels called infected that are.",
+        lambda pred, truth, c: precision(c),
+        pooled=precision,
+    ),
+    MaskMetric(
+        "recall",
+        "Recall",
+        "TP / (TP + FN): the share of infected pixels found (sensitivity).",
+        lambda pred, truth, c: recall(c),
+        pooled=recall,
+    ),
+    MaskMetric(
+        "hd95",
+        "HD95",
+        "95th-percentile Hausdorff distance in pixels between the predicted and true mask surfaces: "
+        "max of the two directed 95th percentiles (MONAI's convention). Lower is better.",
+        lambda pred, truth, c: np.array([hd95(p, t) for p, t in zip(pred, truth)], dtype=np.float64),
+        median=True,
+        headline=("median",),
+        unit="pixels",
+        digits=2,
+    ),
+)
+
+
+def headline_key(metric: MaskMetric, stat: str) -> str:
+    """The key ``metrics/test.json`` gives one of a metric's ``HEADLINE_STATS``: dice + tuned_mean -> dice_at_threshold."""
+    suffix = {"mean": "", "tuned_mean": "_at_threshold", "global": "_global", "median": "_median"}
+    if stat not in suffix:
+        raise ValueError(f"headline stat must be one of {HEADLINE_STATS}, got {stat!r}")
+    return metric.name + suffix[stat]
+
+
+def _finite_mean_std(v: np.ndarray) -> tuple[float, float]:
+    v = v[np.isfinite(v)]
+    return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+
+
 def threshold_metrics(prob: np.ndarray, truth: np.ndarray, threshold: float) -> tuple[dict, pd.DataFrame]:
     """Summary and per-image table at one threshold (a pixel is predicted infected when p >= threshold).
 
-    prob float (N, S, S) in [0, 1]; truth bool (N, S, S). The table has one row per image and
-    columns dice, iou, precision, recall, hd95 (NaN where undefined, see EMPTY_TRUTH_RULE).
+    prob float (N, S, S) in [0, 1]; truth bool (N, S, S). The table has one row per image and one
+    column per :data:`MASK_METRICS` entry (NaN where undefined, see EMPTY_TRUTH_RULE).
     """
     pred = prob >= threshold
     c = confusion(pred, truth)
     g = c.total()
-    per = pd.DataFrame(
-        {
-            "dice": dice(c),
-            "iou": iou(c),
-            "precision": precision(c),
-            "recall": recall(c),
-            "hd95": [hd95(p, t) for p, t in zip(pred, truth)],
-        }
-    )
-
-    def stat(col: str) -> tuple[float, float]:
-        v = per[col].to_numpy()
-        v = v[np.isfinite(v)]
-        return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
-
+    table = MASK_METRICS  # read once, so a test may swap the module's table
+    per = pd.DataFrame({m.name: m.per_image(pred, truth, c) for m in table})
     summary = {"threshold": float(threshold)}
-    for col in ("dice", "iou", "precision", "recall", "hd95"):
-        summary[f"{col}_mean"], summary[f"{col}_std"] = stat(col)
-    hd = per["hd95"].to_numpy()
-    summary["hd95_median"] = float(np.median(hd[np.isfinite(hd)])) if np.isfinite(hd).any() else float("nan")
-    summary["dice_global"] = float(dice(g)[0])
-    summary["iou_global"] = float(iou(g)[0])
-    summary["precision_global"] = float(precision(g)[0])
-    summary["recall_global"] = float(recall(g)[0])
+    for m in table:
+        summary[f"{m.name}_mean"], summary[f"{m.name}_std"] = _finite_mean_std(per[m.name].to_numpy())
+    for m in table:
+        if m.median:
+            v = per[m.name].to_numpy()
+            summary[f"{m.name}_median"] = float(np.median(v[np.isfinite(v)])) if np.isfinite(v).any() else float("nan")
+    for m in table:
+        if m.pooled is not None:
+            summary[f"{m.name}_global"] = float(m.pooled(g)[0])
     summary["images_scored"] = int(np.isfinite(per["dice"]).sum())
-    summary["hd95_undefined_images"] = int((~np.isfinite(hd)).sum())
+    summary["hd95_undefined_images"] = int((~np.isfinite(per["hd95"].to_numpy())).sum())
     empty = ~truth.reshape(len(truth), -1).any(1)
     summary["empty_truth_images"] = int(empty.sum())
     summary["empty_truth_false_positive_images"] = int((c.fp[empty] > 0).sum())

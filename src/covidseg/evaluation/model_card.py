@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from covidseg.atomic import write_text
+from covidseg.evaluation import metrics
 from covidseg.params import DEFAULT_SEED, NEGATIVE_CLASSES, SECTIONS, _flag_value, from_dict, read_params
 
 # Sections whose values make the model: the data, its preparation and training (seed too).
@@ -75,6 +76,25 @@ def _ci(block: dict, key: str, digits: int = 4) -> str:
     if low is None or high is None:
         return "n/a"
     return f"{_num(low, digits)} to {_num(high, digits)}"
+
+
+def _mask_metric_rows(test: dict) -> list[str]:
+    """The card's rows for the headline's mask metrics (:data:`~covidseg.evaluation.metrics.MASK_METRICS`): key, value, interval, what it is."""
+    what = {
+        "mean": "mean per-image {label} at threshold 0.5 (an image with empty truth and empty prediction left out)",
+        "tuned_mean": "mean per-image {label} at the tuned threshold " + str(test.get("threshold", "?")),
+        "global": "{label} of the counts summed over all images, threshold 0.5",
+        "median": "median per-image {label} at threshold 0.5 ({unit}; images where it is undefined left out)",
+    }
+    rows = []
+    for stat in metrics.HEADLINE_STATS:
+        for m in metrics.MASK_METRICS:
+            if stat in m.headline:
+                key = metrics.headline_key(m, stat)
+                ci = _ci(test, m.name) if stat == "mean" and m.interval else "n/a"
+                text = what[stat].format(label=m.label, unit=m.unit)
+                rows.append(f"| {key} | {_num(test.get(key), m.digits)} | {ci} | {text} |")
+    return rows
 
 
 def _num(x: Any, digits: int = 4) -> str:
@@ -186,11 +206,7 @@ def render_card(
         "|---|---|---|---|",
         f"| rmse | {_num(test.get('rmse'))} | {_ci(test, 'rmse')} | sqrt of the mean squared error of the calibrated probability "
         "against the 0/1 truth over all pixels |",
-        f"| dice | {_num(test.get('dice'))} | {_ci(test, 'dice')} | mean per-image Dice at threshold 0.5 (images with an empty "
-        "truth and an empty prediction left out) |",
-        f"| iou | {_num(test.get('iou'))} | {_ci(test, 'iou')} | mean per-image IoU at threshold 0.5, same rule |",
-        f"| dice_at_threshold | {_num(test.get('dice_at_threshold'))} | n/a | mean per-image Dice at the tuned "
-        f"threshold {test.get('threshold', '?')} |",
+        *_mask_metric_rows(test),
         f"| lung_dice | {_num(model_sev.get('lung_dice'))} | {_ci(model_sev, 'lung_dice')} | mean Dice of the lung head's lungs |",
         f"| share_mae | {_num(model_sev.get('share_mae'), 2)} | "
         f"{_num(model_sev.get('share_mae_ci95_low'), 2)} to {_num(model_sev.get('share_mae_ci95_high'), 2)} | "

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from covidseg.atomic import write_text
+from covidseg.evaluation import metrics
 
 # Published quality on the real COVID-QU-Ex COVID-19 test split: the student report's U-Net test RMSE, and
 # MedSegBench's smp U-Nets trained from scratch with Dice loss on the official 1864/466/583 split (per-image
@@ -43,7 +44,8 @@ FIGURE_CAPTIONS = {
     "against predicted (columns).",
 }
 
-DEFINITIONS = (
+# The threshold-free metrics; the mask metrics' definitions come from MASK_METRICS.
+PROBABILITY_DEFINITIONS = (
     (
         "RMSE",
         "sqrt((1/P) &Sigma; (p - t)&sup2;) over all P test pixels, p the predicted probability and t the 0/1 truth. "
@@ -55,24 +57,10 @@ DEFINITIONS = (
         "Expected calibration error: pixels binned by p into equal-width bins; "
         "&Sigma;<sub>b</sub> (n<sub>b</sub>/P) |mean t<sub>b</sub> - mean p<sub>b</sub>|. 0 is perfectly calibrated.",
     ),
-    (
-        "Dice",
-        "2TP / (2TP + FP + FN) of the mask p &ge; threshold. Per-image: computed on each image, then mean &plusmn; "
-        "std (population) over images; global: from TP, FP, FN summed over the split.",
-    ),
-    ("IoU", "TP / (TP + FP + FN) (Jaccard), per-image and global as for Dice."),
-    ("Precision", "TP / (TP + FP): the share of pixels called infected that are."),
-    ("Recall", "TP / (TP + FN): the share of infected pixels found (sensitivity)."),
-    (
-        "HD95",
-        "95th-percentile Hausdorff distance in pixels between the predicted and true mask surfaces: "
-        "max of the two directed 95th percentiles (MONAI's convention). Lower is better.",
-    ),
-    (
-        "Tuned threshold",
-        "The threshold that maximised mean per-image Dice on the validation split; the test split "
-        "never chooses anything.",
-    ),
+)
+TUNED_THRESHOLD_DEFINITION = (
+    "Tuned threshold",
+    "The threshold that maximised mean per-image Dice on the validation split; the test split never chooses anything.",
 )
 
 
@@ -127,8 +115,25 @@ def _intervals(block: dict) -> str:
         return "n/a"
     return "; ".join(
         f"{name} [{_fmt(block.get(f'{key}_ci95_low'))}, {_fmt(block.get(f'{key}_ci95_high'))}]"
-        for name, key in (("RMSE", "rmse"), ("Dice", "dice"), ("IoU", "iou"))
+        for name, key in (("RMSE", "rmse"), *((m.label, m.name) for m in metrics.MASK_METRICS if m.interval))
     )
+
+
+def _mask_metric_rows(fixed: dict, tuned: dict) -> list[list[str]]:
+    """Per :data:`~covidseg.evaluation.metrics.MASK_METRICS` entry: its per-image mean ± std, then its global and median where it has them."""
+    rows = []
+    for m in metrics.MASK_METRICS:
+        label = f"{m.label} ({m.unit})" if m.unit else m.label
+        rows.append(
+            [f"{label}, per-image mean &plusmn; std", _pm(fixed, m.name, m.digits), _pm(tuned, m.name, m.digits)]
+        )
+        if m.pooled is not None:
+            key = f"{m.name}_global"
+            rows.append([f"{label}, global", _fmt(fixed.get(key), m.digits), _fmt(tuned.get(key), m.digits)])
+        if m.median:
+            key = f"{m.name}_median"
+            rows.append([f"{label}, median", _fmt(fixed.get(key), m.digits), _fmt(tuned.get(key), m.digits)])
+    return rows
 
 
 def metrics_table(test: dict) -> str:
@@ -141,16 +146,7 @@ def metrics_table(test: dict) -> str:
         ["RMSE, Dice, IoU (0.5): 95 % intervals", *same(_intervals(test.get("intervals") or {}))],
         ["Brier score", *same(_fmt(test.get("brier")))],
         [f"ECE ({_fmt(test.get('ece_bins'))} bins)", *same(_fmt(test.get("ece")))],
-        ["Dice, per-image mean &plusmn; std", _pm(fixed, "dice"), _pm(tuned, "dice")],
-        ["Dice, global", _fmt(fixed.get("dice_global")), _fmt(tuned.get("dice_global"))],
-        ["IoU, per-image mean &plusmn; std", _pm(fixed, "iou"), _pm(tuned, "iou")],
-        ["IoU, global", _fmt(fixed.get("iou_global")), _fmt(tuned.get("iou_global"))],
-        ["Precision, per-image mean &plusmn; std", _pm(fixed, "precision"), _pm(tuned, "precision")],
-        ["Precision, global", _fmt(fixed.get("precision_global")), _fmt(tuned.get("precision_global"))],
-        ["Recall, per-image mean &plusmn; std", _pm(fixed, "recall"), _pm(tuned, "recall")],
-        ["Recall, global", _fmt(fixed.get("recall_global")), _fmt(tuned.get("recall_global"))],
-        ["HD95 (pixels), mean &plusmn; std", _pm(fixed, "hd95", 2), _pm(tuned, "hd95", 2)],
-        ["HD95 (pixels), median", _fmt(fixed.get("hd95_median"), 2), _fmt(tuned.get("hd95_median"), 2)],
+        *_mask_metric_rows(fixed, tuned),
         ["images with a defined Dice", _fmt(fixed.get("images_scored")), _fmt(tuned.get("images_scored"))],
         [
             "images with empty truth (of which predicted infected)",
@@ -303,7 +299,9 @@ def render_report(test: dict, train: dict, data: dict, figures: list[Path], sour
             f'<figure id="{html.escape(path.stem)}"><img alt="{html.escape(caption)}" '
             f'src="{_png_data_uri(path)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
         )
-    defs = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in DEFINITIONS)
+    mask_defs = tuple((m.label, html.escape(m.definition)) for m in metrics.MASK_METRICS)
+    definitions = (*PROBABILITY_DEFINITIONS, *mask_defs, TUNED_THRESHOLD_DEFINITION)
+    defs = "".join(f"<dt>{name}</dt><dd>{text}</dd>" for name, text in definitions)
     rule = html.escape(test.get("empty_truth_rule", "not stated in metrics/test_details.json"))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
