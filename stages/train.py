@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # this che
 
 import typer  # noqa: E402
 
+from covidseg import logs  # noqa: E402
 from covidseg.params import TrainParams, load_section, load_seed  # noqa: E402
 from covidseg.training.loop import train  # noqa: E402
 
@@ -23,6 +24,7 @@ def main(
     params: str = "params.yaml",
     train_log: str = "models/train_log.json",
 ) -> None:
+    logs.configure(logs.stage_verbosity())  # COVIDSEG_LOG=quiet|normal|verbose; ranks other than 0 log errors only
     summary = train(
         prepared,
         model,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -238,9 +239,10 @@ TINY_TRAIN = TrainParams(
 )
 
 
-def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None, log=None):
-    """train() on ``prepared`` with every output under ``out`` (model.pt, resume/, curves.tsv, train.json);
-    ``log`` receives the log lines (none kept by default)."""
+def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None):
+    """train() on ``prepared`` with every output under ``out`` (model.pt, resume/, curves.tsv, train.json).
+
+    Its log lines go to the ``covidseg`` loggers: read them with :func:`log_lines` and pytest's ``caplog``."""
     return train(
         prepared,
         out / "model.pt",
@@ -249,7 +251,6 @@ def train_tiny(prepared, out, params=TINY_TRAIN, seed=0, on_epoch_end=None, log=
         out / "train.json",
         params,
         seed,
-        log=log or (lambda *a: None),
         on_epoch_end=on_epoch_end,
     )
 
@@ -454,3 +455,17 @@ def wait_for_dvc_queue(repo, timeout: float = 400) -> str:
             return status
         assert time.monotonic() < deadline, f"queue still busy after {timeout}s:\n{status}"
         time.sleep(3)
+
+
+def log_lines(caplog, level: int = logging.INFO) -> list[str]:
+    """The messages the ``covidseg`` loggers emitted at ``level`` or above since ``caplog`` started capturing them.
+
+    Call ``caplog.set_level(logging.INFO, logger="covidseg")`` (or :func:`capture_logs`) first.
+    """
+    return [r.getMessage() for r in caplog.records if r.name.startswith("covidseg") and r.levelno >= level]
+
+
+def capture_logs(caplog, level: int = logging.INFO):
+    """Capture the ``covidseg`` loggers at ``level`` and up; returns ``caplog``."""
+    caplog.set_level(level, logger="covidseg")
+    return caplog

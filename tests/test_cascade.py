@@ -151,7 +151,7 @@ def test_the_model_file_says_whether_the_network_runs_as_a_cascade(tiny_prepared
     params = TrainParams(epochs=1, batch_size=4, base_channels=4, depth=3, downsample=1, lung_aux_weight=0.5)
     a, b = tmp_path / "a", tmp_path / "b"
     for out, p in ((a, params), (b, dataclasses.replace(params, lung_crop=True))):
-        train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", p, 0, log=lambda *a: None)
+        train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", p, 0)
     assert not isinstance(load_model(a / "model.pt")[0], LungCascade)
     assert isinstance(load_model(b / "model.pt")[0], LungCascade)
 
@@ -161,7 +161,7 @@ def test_a_snapshot_ensemble_runs_inside_the_cascade(tiny_prepared, tmp_path):
         epochs=2, batch_size=4, base_channels=4, depth=3, downsample=1, lung_crop=True, snapshots=2, lung_aux_weight=0.5
     )
     out = tmp_path / "run"
-    train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", params, 0, log=lambda *a: None)
+    train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", params, 0)
     model, meta = load_model(out / "model.pt")
     assert isinstance(model, LungCascade) and isinstance(model.net, SnapshotEnsemble)
     assert meta["snapshots"] == 2 and meta["snapshot_epochs"] == [1, 2]

@@ -12,7 +12,7 @@ from conftest import REPO
 
 SRC = REPO / "src" / "covidseg"
 LAYERS = (
-    ("__init__", "atomic", "device", "params"),  # foundation: no covidseg imports but among these
+    ("__init__", "atomic", "device", "logs", "params"),  # foundation: no covidseg imports but among these
     ("data",),  # the dataset: layout, sources, decoding, extraction, preprocessing
     ("masks",),  # what is computed from masks alone: confusion counts, severity
     ("model",),  # networks, losses, the model file

@@ -19,7 +19,7 @@ from covidseg.training.loop import TrainingDiverged, lr_at, train
 from covidseg.training.selection import BestEpoch
 
 from conftest import REPO, run
-from helpers import TINY_TRAIN, interrupt_after, train_tiny
+from helpers import TINY_TRAIN, capture_logs, interrupt_after, log_lines, train_tiny
 
 
 def _curves(path):
@@ -82,7 +82,7 @@ def test_same_seed_same_curves_and_weights(tiny_prepared, tmp_path):
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, ema_decay):
+def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared, tmp_path, ema_decay, caplog):
     params = dataclasses.replace(TINY_TRAIN, ema_decay=ema_decay)
     train_tiny(tiny_prepared, tmp_path / "full", params)
     with pytest.raises(KeyboardInterrupt):
@@ -90,7 +90,7 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
         train_tiny(tiny_prepared, tmp_path / "cut", params, on_epoch_end=interrupt_after(2))
     assert (tmp_path / "cut" / "resume" / "state.pt").exists()
     assert list(pd.read_csv(tmp_path / "cut" / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
-    logs = []
+    capture_logs(caplog)
     train(
         tiny_prepared,
         tmp_path / "cut" / "model.pt",
@@ -99,9 +99,8 @@ def test_interrupted_run_resumes_and_matches_an_uninterrupted_one(tiny_prepared,
         tmp_path / "cut" / "train.json",
         params,
         0,
-        log=logs.append,
     )
-    assert any("continuing after epoch 2" in line for line in logs)
+    assert any("continuing after epoch 2" in line for line in log_lines(caplog))
     pd.testing.assert_frame_equal(_curves(tmp_path / "full" / "curves.tsv"), _curves(tmp_path / "cut" / "curves.tsv"))
     wa, wb = (torch.load(tmp_path / n / "model.pt", weights_only=True)["state_dict"] for n in ("full", "cut"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -126,12 +125,12 @@ def test_weight_average_is_validated_and_kept_while_training_is_untouched(tiny_p
     assert all(torch.equal(saved[k], kept[summary["best_epoch"]][k]) for k in saved)  # the best epoch's average is kept
 
 
-def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path):
+def test_resume_state_from_other_params_is_ignored(tiny_prepared, tmp_path, caplog):
     with pytest.raises(KeyboardInterrupt):
         train_tiny(tiny_prepared, tmp_path, on_epoch_end=interrupt_after(1))
-    logs = []
-    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TINY_TRAIN, lr=5e-4), log=logs.append)
-    assert any("starting afresh" in line for line in logs)
+    capture_logs(caplog)
+    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TINY_TRAIN, lr=5e-4))
+    assert any("starting afresh" in line for line in log_lines(caplog))
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2, 3]
 
 
@@ -162,7 +161,7 @@ def test_killed_process_resumes_from_last_finished_epoch(tiny_prepared, tmp_path
     proc.wait()
     done = len(pd.read_csv(tmp_path / "c.tsv", sep="\t"))
     assert 1 <= done < 40 and not (tmp_path / "m.pt").exists()
-    out = run(args, cwd=REPO, timeout=600).stdout
+    out = run(args, cwd=REPO, timeout=600).stderr  # the log goes to stderr, the stage's result line to stdout
     assert "resume: continuing after epoch" in out
     assert list(pd.read_csv(tmp_path / "c.tsv", sep="\t")["epoch"]) == list(range(1, 41))
 

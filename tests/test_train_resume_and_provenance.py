@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from covidseg.training.calibration import TEMPERATURES
 from covidseg.training.codehash import code_hash
 from covidseg.training.loop import CURVE_FIELDS, train
 
-from helpers import TINY_TRAIN, interrupt_after, train_tiny
+from helpers import TINY_TRAIN, capture_logs, interrupt_after, log_lines, train_tiny
 
 TWO = dataclasses.replace(TINY_TRAIN, epochs=2)
 
@@ -28,8 +29,8 @@ def _cut_after_epoch_1(tiny_prepared, out, params=TWO):
     assert (out / "resume" / "state.pt").exists()
 
 
-def _rerun(tiny_prepared, out, params=TWO):
-    logs = []
+def _rerun(tiny_prepared, out, caplog, params=TWO):
+    capture_logs(caplog).clear()
     train(
         tiny_prepared,
         out / "model.pt",
@@ -38,15 +39,14 @@ def _rerun(tiny_prepared, out, params=TWO):
         out / "train.json",
         params,
         0,
-        log=logs.append,
     )
-    return [line for line in logs if line.startswith("resume:")]
+    return [line for line in log_lines(caplog) if line.startswith("resume:")]
 
 
-def test_resume_state_from_other_training_code_starts_afresh(tiny_prepared, tmp_path, monkeypatch):
+def test_resume_state_from_other_training_code_starts_afresh(tiny_prepared, tmp_path, monkeypatch, caplog):
     _cut_after_epoch_1(tiny_prepared, tmp_path)
     monkeypatch.setattr(train_mod, "code_hash", lambda: "edited-loss")  # as after an edit to losses.py
-    lines = _rerun(tiny_prepared, tmp_path)
+    lines = _rerun(tiny_prepared, tmp_path, caplog)
     assert len(lines) == 1 and "training code changed" in lines[0] and "starting afresh" in lines[0]
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
 
@@ -82,18 +82,18 @@ def test_code_hash_covers_the_modules_train_imports(tmp_path):
     assert code_hash(entry, root) == before
 
 
-def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_path):
+def test_resume_state_from_another_world_size_starts_afresh(tiny_prepared, tmp_path, caplog):
     _cut_after_epoch_1(tiny_prepared, tmp_path)
     path = tmp_path / "resume" / "state.pt"
     state = torch.load(path, weights_only=False)
     state["world_size"] = 2
     torch.save(state, path)
-    lines = _rerun(tiny_prepared, tmp_path)
+    lines = _rerun(tiny_prepared, tmp_path, caplog)
     assert len(lines) == 1 and "2 process(es), this run has 1" in lines[0] and "starting afresh" in lines[0]
 
 
 @pytest.mark.parametrize("content", [b"garbage, not a torch file", "list", "wrong-model"])
-def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tiny_prepared, tmp_path, content):
+def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tiny_prepared, tmp_path, content, caplog):
     _cut_after_epoch_1(tiny_prepared, tmp_path)
     path = tmp_path / "resume" / "state.pt"
     if content == "list":
@@ -104,7 +104,7 @@ def test_unreadable_or_unfitting_resume_state_starts_afresh_without_crashing(tin
         torch.save(state, path)
     else:
         path.write_bytes(content)
-    lines = _rerun(tiny_prepared, tmp_path)
+    lines = _rerun(tiny_prepared, tmp_path, caplog)
     assert len(lines) == 1 and "starting afresh" in lines[0]
     assert list(pd.read_csv(tmp_path / "curves.tsv", sep="\t")["epoch"]) == [1, 2]
 
@@ -155,18 +155,19 @@ def test_model_file_records_provenance(tiny_prepared, tmp_path):
     assert str(tmp_path) not in json.dumps(meta, default=str)
 
 
-def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared, tmp_path):
-    logs = []
-    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5), log=logs.append)
+def test_logs_label_the_selection_dice_and_report_the_images_used(tiny_prepared, tmp_path, caplog):
+    capture_logs(caplog)
+    train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TWO, max_train_images=5))
+    logs = log_lines(caplog)
     assert any("using 5 of 9 training images (train.max_train_images)" in line for line in logs)
     epochs = [line for line in logs if line.startswith("epoch ")]
     assert len(epochs) == 2 and all("val_dice@0.5 " in line for line in epochs)
     assert any(line.startswith("model: epoch") and "val_dice@0.5" in line for line in logs)
 
 
-def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_path, monkeypatch):
+def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(calibration_mod, "tune_temperature", lambda logits, masks: float(TEMPERATURES[-1]))
-    logs = []
+    capture_logs(caplog)
     summary = train(
         tiny_prepared,
         tmp_path / "model.pt",
@@ -175,8 +176,8 @@ def test_temperature_at_the_grid_edge_warns_and_is_recorded(tiny_prepared, tmp_p
         tmp_path / "train.json",
         dataclasses.replace(TINY_TRAIN, epochs=1, temperature_scaling=True),
         0,
-        log=logs.append,
     )
     assert summary["temperature_at_grid_edge"] is True and summary["temperature"] == 10.0
     assert json.loads((tmp_path / "train.json").read_text())["temperature_at_grid_edge"] is True
-    assert any(line.startswith("warning: the tuned temperature 10 is at the edge of its grid") for line in logs)
+    warnings = log_lines(caplog, logging.WARNING)
+    assert any(line.startswith("the tuned temperature 10 is at the edge of its grid") for line in warnings)

@@ -5,6 +5,7 @@ Heavy imports (torch) happen inside the commands, so ``covidseg --help`` answers
 
 from __future__ import annotations
 
+import logging
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
@@ -48,11 +49,31 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
     ),
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="Also log debug detail (devices, threads, what was resolved)."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
 ) -> None:
     """covidseg: COVID-19 infection segmentation on chest X-rays."""
+    from covidseg import logs
+
+    try:
+        verbosity = logs.verbosity_from_flags(verbose, quiet)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    logs.configure(verbosity)
+    ctx.obj = {"verbosity": verbosity}
+
+
+def _verbosity(ctx: typer.Context) -> int:
+    """The verbosity the top-level ``-v`` / ``-q`` chose (normal when a command is invoked on its own)."""
+    from covidseg import logs
+
+    return (ctx.find_root().obj or {}).get("verbosity", logs.NORMAL)
 
 
 def _stderr_console() -> Console:
@@ -68,6 +89,7 @@ def _die(console: Console, message: str) -> NoReturn:
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: list[str] = typer.Argument(
         ...,
         metavar="INPUT",
@@ -114,7 +136,9 @@ def predict(
     recursive: bool = typer.Option(
         False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."
     ),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar and no summary line."),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress bar and no summary line (as `covidseg -q predict`)."
+    ),
 ) -> None:
     """Segment infection on X-rays of any size and mode (grey, RGB, RGBA, 16-bit, palette; PNG, JPEG, ...; DICOM).
 
@@ -144,6 +168,7 @@ def predict(
         provenance_lines,
     )
 
+    quiet = quiet or _verbosity(ctx) < 0
     console = _stderr_console()
     options = PredictOptions(
         threshold=threshold,
@@ -162,6 +187,10 @@ def predict(
         prepared = load_model_for_predict(model, options)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         _die(console, str(exc))
+    logging.getLogger(__name__).debug(
+        f"predict: {len(paths)} inputs; model {model} ({prepared.description}), input {prepared.size} px, "
+        f"threshold {prepared.threshold:g} ({prepared.threshold_source}), batch {batch_size}"
+    )
     for line in ([] if quiet else provenance_lines(prepared)) + model_warnings(prepared):
         console.print(line, markup=False, soft_wrap=True)
 

@@ -8,7 +8,7 @@ saved in the model file and applied by :mod:`covidseg.inference.calibration`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import numpy as np
 import torch
@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from covidseg.inference.calibration import Calibration
 from covidseg.inference.forward import predict_logits
 from covidseg.masks.counts import confusion, dice, iou, squared_error_sum
+
+_LOG = logging.getLogger(__name__)
 
 THRESHOLDS = np.round(np.arange(0.05, 0.951, 0.025), 3)
 TEMPERATURES = np.round(np.exp(np.linspace(np.log(0.1), np.log(10.0), 81)), 4)  # ratio 1.059 per step; includes 1
@@ -85,13 +87,12 @@ def fit_calibration(
     flip_tta: bool,
     temperature_scaling: bool,
     with_lung_head: bool,
-    log: Callable[[str], None] = print,
 ) -> tuple[Calibration, dict[str, float]]:
     """Choose on val: lung gating (with a lung head), then temperature, then threshold.
 
     val_images: uint8 (N, 1, S, S); val_masks: uint8 (N, 1, S, S) in {0, 1}. Returns (the
     calibration, :func:`val_scores` with it). Gating is kept only if it raises mean per-image val
-    Dice at its own tuned threshold. A temperature at the edge of its grid is logged as a warning.
+    Dice at its own tuned threshold. A temperature at the edge of its grid is a warning on this module's logger.
     """
     best = None
     for gate in (False, True) if with_lung_head else (False,):
@@ -100,8 +101,8 @@ def fit_calibration(
         )
         temperature = tune_temperature(logits, val_masks) if temperature_scaling else 1.0
         if temperature_scaling and at_grid_edge(temperature):
-            log(
-                f"warning: the tuned temperature {temperature:g} is at the edge of its grid "
+            _LOG.warning(
+                f"the tuned temperature {temperature:g} is at the edge of its grid "
                 f"[{TEMPERATURES[0]:g}, {TEMPERATURES[-1]:g}]; the best value may lie outside, so val "
                 "probabilities stay miscalibrated (recorded as temperature_at_grid_edge in the metrics)"
             )

@@ -25,8 +25,8 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from functools import cache
@@ -52,6 +52,8 @@ from covidseg.training.calibration import at_grid_edge, fit_calibration, val_sco
 from covidseg.training.codehash import code_hash as _hash_sources
 from covidseg.training.distributed import DistContext
 from covidseg.training.selection import BestEpoch
+
+_LOG = logging.getLogger(__name__)
 
 # val_dice/val_iou at threshold 0.5; val_rmse of the uncalibrated probabilities (temperature 1).
 CURVE_FIELDS = ["epoch", "train_loss", "val_loss", "train_rmse", "val_rmse", "val_dice", "val_iou", "lr"]
@@ -114,10 +116,8 @@ class Trainer:
     :meth:`_build_model`, :meth:`_maybe_resume`.
     """
 
-    def __init__(
-        self, prepared_dir: Path, resume_dir: Path, params: TrainParams, seed: int, ctx: DistContext, log=print
-    ):
-        self.params, self.seed, self.ctx, self.log = params, seed, ctx, log
+    def __init__(self, prepared_dir: Path, resume_dir: Path, params: TrainParams, seed: int, ctx: DistContext):
+        self.params, self.seed, self.ctx = params, seed, ctx
         self.resume_path = Path(resume_dir) / "state.pt"
         self._setup_device()
         self._load_data(Path(prepared_dir))
@@ -131,6 +131,11 @@ class Trainer:
         self._maybe_resume()
 
     # ----- construction steps ---------------------------------------------------------------
+    def log(self, message: str) -> None:
+        """Progress for the user: the module logger at info level, on rank 0 only (the others would repeat it)."""
+        if self.ctx.is_main:
+            _LOG.info(message)
+
     def _setup_device(self) -> None:
         """Threads, device (this rank's GPU under DDP), precision, and the process group."""
         p, ctx = self.params, self.ctx
@@ -142,6 +147,11 @@ class Trainer:
         self.device = device
         self.precision = choose_precision(device, p.precision)
         ctx.init(device)
+        if ctx.is_main:
+            _LOG.debug(
+                f"train: device {device}, precision {self.precision} (train.precision {p.precision}), "
+                f"{torch.get_num_threads()} threads, world size {ctx.world_size}"
+            )
 
     def _load_data(self, prepared_dir: Path) -> None:
         """Train/val arrays and the source record; the seeded train subset (``max_train_images``); the run fingerprint.
@@ -317,11 +327,9 @@ class Trainer:
             seen += n
             if ctx.is_main and ((step + 1) % report_every == 0 or step + 1 == steps_per_epoch):
                 rate = seen / max(time.perf_counter() - start, 1e-9)
-                print(
+                self.log(
                     f"  epoch {epoch} step {step + 1}/{steps_per_epoch} loss {loss_sum / seen:.4f} "
-                    f"{rate * ctx.world_size:.1f} img/s",
-                    file=sys.stderr,
-                    flush=True,
+                    f"{rate * ctx.world_size:.1f} img/s"
                 )
         elapsed = time.perf_counter() - start
         loss_sum, sse, pixels, seen = ctx.all_sum([loss_sum, sse, pixels, seen])
@@ -413,7 +421,7 @@ class Trainer:
                 del self.snapshots[: -p.snapshots]
         mean_epoch = sum(self.epoch_seconds[-3:]) / len(self.epoch_seconds[-3:])
         if self.ctx.is_main:
-            self.log(
+            _LOG.info(
                 f"epoch {epoch}/{p.epochs} train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
                 f"val_rmse {row['val_rmse']:.4f} val_dice@0.5 {row['val_dice']:.4f} "
                 f"({seconds:.0f}s, about {_format_time(mean_epoch * (p.epochs - epoch))} left)"
@@ -481,7 +489,6 @@ class Trainer:
             flip_tta=p.flip_tta,
             temperature_scaling=p.temperature_scaling,
             with_lung_head=self.aux,
-            log=self.log,
         )
         chosen = dataclasses.asdict(calibration)
         val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
@@ -560,19 +567,19 @@ def train(
     metrics_path: str | Path,
     params: TrainParams,
     seed: int,
-    log=print,
     log_path: str | Path | None = None,
     on_epoch_end: EpochHook | None = None,
 ) -> dict:
     """Train end to end; returns the metrics written to ``metrics_path`` merged with the run log.
 
     ``log_path`` (timings, device, precision, world size) defaults to ``train_log.json`` beside the model.
-    ``on_epoch_end``: see :meth:`Trainer.run`.
+    ``on_epoch_end``: see :meth:`Trainer.run`. Progress goes to the ``covidseg.training.loop`` logger
+    (rank 0 only; see :mod:`covidseg.logs`).
     """
     log_path = Path(model_path).with_name("train_log.json") if log_path is None else Path(log_path)
     ctx = DistContext.from_env()
     prepared_dir = Path(prepared_dir)
-    trainer = Trainer(prepared_dir, Path(resume_dir), params, seed, ctx, log=log if ctx.is_main else (lambda *a: None))
+    trainer = Trainer(prepared_dir, Path(resume_dir), params, seed, ctx)
     try:
         trainer.run(Path(curves_path), on_epoch_end)
         return trainer.finish(Path(model_path), Path(metrics_path), log_path)
