@@ -27,6 +27,7 @@ def test_the_core_install_predicts_with_an_onnx_model_and_has_no_torch(tmp_path)
     shutil.copytree(REPO / "src", project / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, project / name)
+    shutil.copytree(REPO / "models" / "reference", project / "models" / "reference")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
@@ -63,3 +64,16 @@ def test_the_core_install_predicts_with_an_onnx_model_and_has_no_torch(tmp_path)
     assert (out / "predictions.csv").is_file() and Image.open(out / "masks" / "film.png").size == (80, 64)
     version = subprocess.run([str(env_dir / "bin" / "covidseg"), "--version"], capture_output=True, text=True)
     assert version.stdout.startswith("covidseg ")
+
+    # without --model: the reference model, installed as data files under the venv's share/covidseg/reference
+    default = subprocess.run(
+        [str(env_dir / "bin" / "covidseg"), "predict", str(tmp_path / "film.png"), "--out", str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,  # not the checkout: the install alone must find it
+    )
+    assert default.returncode == 0, default.stderr
+    assert "using the reference model" in default.stderr
+    assert str(env_dir / "share" / "covidseg" / "reference" / "model.onnx") in default.stderr.replace("\n", "")
+    assert (tmp_path / "ref" / "masks" / "film.png").is_file()

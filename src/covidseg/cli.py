@@ -97,12 +97,14 @@ def predict(
         help="X-ray files (PNG, JPEG, ..., DICOM), folders (their image and DICOM files) or quoted glob patterns "
         "such as 'scans/**/*.png'.",
     ),
-    model: Path = typer.Option(
-        ...,
+    model: Path | None = typer.Option(
+        None,
         "--model",
         "-m",
+        show_default=False,
         help="Trained model file: models/model.pt from `dvc repro` (torch), or an exported .onnx "
-        "(onnxruntime on the CPU, no torch needed).",
+        "(onnxruntime on the CPU, no torch needed). [default: the reference model shipped with covidseg, "
+        "trained on real COVID-QU-Ex films: models/reference/MODEL_CARD.md]",
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (created; files of the same name are replaced)."),
     threshold: float | None = typer.Option(
@@ -183,6 +185,19 @@ def predict(
         paths = collect_inputs(inputs, recursive=recursive)
     except InputError as exc:
         _die(console, str(exc))
+    if model is None:
+        from covidseg.inference.reference import NAME, reference_model
+
+        try:
+            model = reference_model()
+        except FileNotFoundError as exc:
+            _die(console, str(exc))
+        console.print(
+            f"predict: no --model given, using {NAME} ({model}; research use only, not a medical device; "
+            "its MODEL_CARD.md is beside it)",
+            markup=False,
+            soft_wrap=True,
+        )
     try:
         prepared = load_model_for_predict(model, options)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:

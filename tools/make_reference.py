@@ -1,0 +1,44 @@
+"""Build models/reference/ from a finished `make real` checkout (maintainers; rerun whenever presets/real.yaml changes).
+
+    make real DATA=../shared/data/covidqu-dev            # in a clean clone at the commit to record
+    .venv/bin/python tools/make_reference.py RUN_CHECKOUT ../shared/data/covidqu-dev
+
+Copies RUN_CHECKOUT/models/model.{onnx,pt} into models/reference/, computes the card's numbers
+(val and dev-Test with intervals, the Non-COVID and Normal films) and writes MODEL_CARD.md and
+reference.json (covidseg.evaluation.reference_card).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import typer  # noqa: E402
+
+from covidseg import logs  # noqa: E402
+from covidseg.evaluation.reference_card import build_reference  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main(
+    run_checkout: Path = typer.Argument(..., help="The checkout `make real` ran in."),
+    data: Path = typer.Argument(..., help="The data it was trained on (the Kaggle-layout folder)."),
+    out: Path = typer.Option(REPO / "models" / "reference", help="Where the reference files go."),
+    preset: Path = typer.Option(Path("presets/real.yaml"), help="The preset the run used (relative to the repo)."),
+    command: str = typer.Option("make real DATA=../shared/data/covidqu-dev", help="The exact command that trained it."),
+) -> None:
+    logs.configure(logs.stage_verbosity())
+    commit = subprocess.run(
+        ["git", "-C", str(run_checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    record = build_reference(run_checkout, data, out, REPO / preset, command, commit, preset_name=preset.as_posix())
+    typer.echo(
+        f"reference: {out} (commit {commit[:10]}; dev-Test Dice {record['test']['dice']:.3f}, "
+        f"share MAE {record['test_severity']['share_mae']:.1f})"
+    )
+
+
+if __name__ == "__main__":
+    typer.run(main)
