@@ -85,7 +85,9 @@ def test_quiet_training_logs_its_warning_but_no_progress(tiny_prepared, tmp_path
     train_tiny(tiny_prepared, tmp_path, dataclasses.replace(TINY_TRAIN, epochs=1, temperature_scaling=True))
     lines = out.getvalue().splitlines()
     # one warning per calibration candidate (with and without lung gating), and nothing else
-    assert lines and all(line.startswith("warning: the tuned temperature 10 is at the edge of its grid") for line in lines)
+    assert lines and all(
+        line.startswith("warning: the tuned temperature 10 is at the edge of its grid") for line in lines
+    )
 
 
 def test_verbose_training_adds_the_resolved_device_and_precision(tiny_prepared, tmp_path):

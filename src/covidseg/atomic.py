@@ -17,7 +17,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,6 +148,43 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class FolderLocked(OSError):
+    """Another live process holds the folder's lock (the message names its pid, host and start time)."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, name: str = ".covidseg.lock", what: str = "covidseg") -> Iterator[Path]:
+    """Hold ``folder/name`` while the block runs: created exclusively, holding ``pid host start-time``, removed after.
+
+    A lock whose process is gone (same host, pid not running: a killed run) is taken over; a live
+    one raises :class:`FolderLocked` naming it, so two writers never interleave in one folder.
+    """
+    lock = Path(folder) / name
+    for attempt in (1, 2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid_text, host, started = (lock.read_text(encoding="utf-8").split(" ", 2) + ["?", "?"])[:3]
+                pid = int(pid_text)
+            except (OSError, ValueError):
+                pid, host, started = -1, "?", "?"
+            if attempt == 1 and host == socket.gethostname() and pid > 0 and not _pid_alive(pid):
+                _remove(lock)  # left by a killed run on this machine
+                continue
+            raise FolderLocked(
+                f"{folder}: another {what} (pid {pid}, host {host}, started {started.strip()}) is writing there; "
+                f"wait for it to finish or choose another folder (if no such run exists, delete {lock})"
+            ) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S%z')}")
+        yield lock
+    finally:
+        _remove(lock)
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from covidseg.inference.model_meta import checked_meta
+
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 _ONNX_FIRST_BYTE = b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version), a varint
 
@@ -96,15 +98,16 @@ def _prepare_torch(
 ) -> LoadedModel:
     from dataclasses import replace
 
-    from covidseg.data.contrast import check_method, normalise_contrast
+    from covidseg.data.contrast import normalise_contrast
     from covidseg.device import choose_device, choose_precision, cpu_has_native_bf16
     from covidseg.inference.calibration import Calibration, calibrated_outputs
     from covidseg.model.checkpoint import load_model
 
     torch_device = choose_device(device)
     model, meta = load_model(path, torch_device)
-    if "size" not in meta:
-        raise ValueError(f"{path}: model file has no 'size' (the input size it was trained on)")
+    config = model.config
+    checked = checked_meta(path, meta, stride=2 ** (config.depth - 1) * config.downsample)
+    meta = {k: v for k, v in {**meta, **checked}.items() if not (k == "threshold" and v is None)}
     saved = Calibration.from_meta(meta)
     value, source = _pick_threshold(threshold, saved.threshold)
     calibration = replace(saved, threshold=value, flip_tta=saved.flip_tta if flip_tta is None else flip_tta)
@@ -115,7 +118,7 @@ def _prepare_torch(
             "WARNING: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): torch emulates it, "
             "several times slower than fp32. Use --precision fp32 (the default) on this machine."
         )
-    contrast = check_method(str(meta.get("contrast", "none")), f"{path}: model file")
+    contrast = meta["contrast"]
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         images = normalise_contrast(images[:, 0], contrast)[:, None]
@@ -124,11 +127,11 @@ def _prepare_torch(
     provenance = meta.get("provenance")
     return LoadedModel(
         run=run,
-        size=int(meta["size"]),
+        size=meta["size"],
         threshold=value,
         threshold_source=source,
         backend="torch",
-        has_lung_head=getattr(getattr(model, "config", None), "out_channels", 1) > 1,
+        has_lung_head=config.out_channels > 1,
         provenance=provenance if isinstance(provenance, dict) else {},
         description=f"torch on {torch_device.type}, {chosen}" + _contrast_note(contrast),
         contrast=contrast,

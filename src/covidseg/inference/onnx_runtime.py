@@ -14,14 +14,13 @@ This module must not import torch (tests check it): it is what ships with the mo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from covidseg.data.contrast import normalise_contrast
-from covidseg.params import CONTRAST_METHODS
+from covidseg.inference.model_meta import ModelMetadataError, checked_meta, decode_onnx_meta
 
 FORMAT_KEY = "covidseg.format_version"
 FORMAT_VERSION = "1"
@@ -76,25 +75,21 @@ class OnnxPredictor:
                 f"{self.path}: expected input {INPUT_NAME!r} and output {OUTPUT_NAMES[0]!r}, "
                 f"got inputs {inputs} and outputs {outputs}"
             )
-        self.size = int(self.metadata["covidseg.size"])
-        threshold = self.metadata.get("covidseg.threshold", "")
-        self.threshold: float | None = float(threshold) if threshold else None
-        self.contrast = self.metadata.get(CONTRAST_KEY, "none")
-        if self.contrast not in CONTRAST_METHODS:
-            raise OnnxModelError(
-                f"{self.path}: unknown contrast method {self.contrast!r} in metadata {CONTRAST_KEY}; "
-                f"this code knows {list(CONTRAST_METHODS)}"
+        graph_side = self.session.get_inputs()[0].shape[-1]
+        try:
+            self._checked = checked_meta(
+                self.path, decode_onnx_meta(self.path, self.metadata), graph_size=graph_side, prefix="covidseg."
             )
+        except ModelMetadataError as exc:
+            raise OnnxModelError(str(exc)) from None
+        self.size: int = self._checked["size"]
+        self.threshold: float | None = self._checked["threshold"]
+        self.contrast: str = self._checked["contrast"]
 
     @property
     def calibration(self) -> dict[str, Any]:
         """The calibration baked into the graph: temperature, lung_gate, flip_tta, threshold."""
-        return {
-            "temperature": float(self.metadata["covidseg.temperature"]),
-            "lung_gate": json.loads(self.metadata["covidseg.lung_gate"]),
-            "flip_tta": json.loads(self.metadata["covidseg.flip_tta"]),
-            "threshold": self.threshold,
-        }
+        return {k: self._checked[k] for k in ("temperature", "lung_gate", "flip_tta", "threshold")}
 
     def predict(self, images: np.ndarray, batch_size: int = 16, normalised: bool = False) -> np.ndarray:
         """float32 (N, S, S) calibrated probabilities for uint8 (N, 1, S, S) grey levels 0..255 (see :meth:`run`)."""

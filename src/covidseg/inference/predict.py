@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidseg.atomic import atomic_path, check_writable, sweep_stale_temps
+from covidseg.atomic import FolderLocked, atomic_path, check_writable, folder_lock, sweep_stale_temps
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
@@ -81,6 +81,7 @@ CSV_COLUMNS = (
     "warning",
 )
 OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs")
+LOCK_NAME = ".covidseg-predict.lock"  # held while a run writes the folder (covidseg.atomic.folder_lock)
 SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares / extent scores
     "right_lung_infected_pct": "right_pct",
     "left_lung_infected_pct": "left_pct",
@@ -418,9 +419,28 @@ def predict_files(
 
     Raises OutputError when the output folder cannot be written (checked first) or fails
     during the run (full, read-only, removed): then the rows not reached are ``not_run`` and
-    ``predictions.csv`` is still written if it can be. Also raised when the CSV cannot be written.
+    ``predictions.csv`` is still written if it can be. Also raised when the CSV cannot be written, and
+    when another live run holds the folder's lock (``.covidseg-predict.lock``, naming its pid): two runs
+    never write one folder at once. ``predictions.csv`` describes every image whose outputs the folder
+    holds: an earlier run's rows are kept for the images this run does not replace (:func:`earlier_rows`).
     """
     out_dir = prepare_out_dir(out_dir)
+    try:
+        with folder_lock(out_dir, LOCK_NAME, "covidseg predict"):
+            return _predict_locked(paths, out_dir, prepared, options, on_row)
+    except FolderLocked as exc:
+        raise OutputError(str(exc)) from None
+
+
+def _predict_locked(
+    paths: Sequence[Path],
+    out_dir: Path,
+    prepared: LoadedModel,
+    options: PredictOptions,
+    on_row: Callable[[Row], None] | None,
+) -> list[Row]:
+    """:func:`predict_files`' work, with ``out_dir`` locked for this run."""
+    earlier = earlier_rows(out_dir)
     stems = unique_stems(paths)
     rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
     step = max(1, options.batch_size)
@@ -459,8 +479,27 @@ def predict_files(
                 setattr(rows[i], name, value)
             if on_row:
                 on_row(rows[i])
-    _write_csv_or_stop(out_dir / "predictions.csv", rows)
+    ours = {r.stem for r in rows}
+    _write_csv_or_stop(out_dir / "predictions.csv", [r for r in earlier if r.stem not in ours] + rows)
     return rows
+
+
+def earlier_rows(out_dir: Path) -> list[Row]:
+    """The rows of an earlier run's ``predictions.csv`` in ``out_dir`` whose mask is still on disk, so the table
+    this run writes describes every image whose outputs the folder holds (this run's rows replace same stems).
+    An unreadable or foreign table is left out (this run's rows are then the whole table)."""
+    path = out_dir / "predictions.csv"
+    try:
+        old = read_csv(path)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+    if not old or set(old[0]) != set(CSV_COLUMNS):
+        return []
+    kept = []
+    for values in old:
+        if values["status"] == "ok" and output_paths(out_dir, values["stem"])["masks"].is_file():
+            kept.append(Row(**{c: (values[c] if values[c] != "" else None) for c in CSV_COLUMNS}))
+    return kept
 
 
 def _stop(out_dir: Path, rows: list[Row], message: str) -> None:
