@@ -143,42 +143,34 @@ class MaskMetric:
 
 HEADLINE_STATS = ("mean", "tuned_mean", "global", "median")
 
+
 # The one table of per-image mask metrics: threshold_metrics' columns, the headline, the report's
 # rows and the model card's come from it. A new metric is a row here, its test and its line in docs/metrics.md.
+def _count_metric(name: str, label: str, definition: str, ratio: Callable[[Counts], np.ndarray], **kw) -> MaskMetric:
+    """A metric that is a ratio of confusion counts: per image from each image's counts, pooled from their sum."""
+    return MaskMetric(name, label, definition, lambda pred, truth, c: ratio(c), pooled=ratio, **kw)
+
+
 MASK_METRICS: tuple[MaskMetric, ...] = (
-    MaskMetric(
+    _count_metric(
         "dice",
         "Dice",
         "2TP / (2TP + FP + FN) of the mask p ≥ threshold. Per-image: computed on each image, then mean ± std "
         "(population) over images; global: from TP, FP, FN summed over the split.",
-        lambda pred, truth, c: dice(c),
-        pooled=dice,
+        dice,
         interval=True,
         headline=("mean", "tuned_mean", "global"),
     ),
-    MaskMetric(
+    _count_metric(
         "iou",
         "IoU",
         "TP / (TP + FP + FN) (Jaccard), per-image and global as for Dice.",
-        lambda pred, truth, c: iou(c),
-        pooled=iou,
+        iou,
         interval=True,
         headline=("mean",),
     ),
-    MaskMetric(
-        "precision",
-        "Precision",
-        "TP / (TP + FP): the share of pixels called infected that are.",
-        lambda pred, truth, c: precision(c),
-        pooled=precision,
-    ),
-    MaskMetric(
-        "recall",
-        "Recall",
-        "TP / (TP + FN): the share of infected pixels found (sensitivity).",
-        lambda pred, truth, c: recall(c),
-        pooled=recall,
-    ),
+    _count_metric("precision", "Precision", "TP / (TP + FP): the share of pixels called infected that are.", precision),
+    _count_metric("recall", "Recall", "TP / (TP + FN): the share of infected pixels found (sensitivity).", recall),
     MaskMetric(
         "hd95",
         "HD95",

@@ -23,6 +23,7 @@ from pathlib import Path
 from covidseg.atomic import write_json, write_text
 from covidseg.data.layout import find_roots
 from covidseg.evaluation.evaluate import evaluate
+from covidseg.inference.backends import LoadedModel
 from covidseg.inference.predict import PredictOptions, load_model_for_predict, predict_files
 from covidseg.inference.reference import CARD, FP32_ONNX, RECORD, TORCH_FILE
 from covidseg.params import NEGATIVE_CLASSES, EvaluateParams, load_section
@@ -110,10 +111,9 @@ def split_root(data_root: Path) -> Path:
     return data_root / roots[0]
 
 
-def negative_behaviour(onnx_path: Path, data_root: Path, work: Path) -> dict[str, NegativeFilms]:
-    """``covidseg predict`` (fp32 ONNX, the model's threshold) on every Non-COVID and Normal film of the dev data."""
+def negative_behaviour(loaded: LoadedModel, data_root: Path, work: Path) -> dict[str, NegativeFilms]:
+    """``covidseg predict`` with ``loaded`` (the fp32 ONNX, its threshold) on every Non-COVID and Normal dev film."""
     root = split_root(data_root)
-    loaded = load_model_for_predict(onnx_path, PredictOptions())
     out = {}
     for cls in NEGATIVE_CLASSES:
         paths = sorted(p for split in SPLIT_DIRS for p in (root / split / cls / "images").glob("*.png"))
@@ -258,10 +258,10 @@ def build_reference(
         files[name] = sha256(out_dir / name)
     if int8:
         files[int8["file"]] = sha256(out_dir / int8["file"])
+    loaded = load_model_for_predict(out_dir / FP32_ONNX, PredictOptions())
     with tempfile.TemporaryDirectory() as tmp:
         val = val_evaluation(out_dir / TORCH_FILE, run_dir / "data" / "prepared", params, Path(tmp))
-        negatives = negative_behaviour(out_dir / FP32_ONNX, data_root, Path(tmp))
-    loaded = load_model_for_predict(out_dir / FP32_ONNX, PredictOptions())
+        negatives = negative_behaviour(loaded, data_root, Path(tmp))
     record = {
         "command": command,
         "commit": commit,

@@ -96,7 +96,7 @@ def _pick_threshold(option: float | None, saved: float | None) -> tuple[float, s
 def _prepare_torch(
     path: Path, threshold: float | None, flip_tta: bool | None, device: str, precision: str, batch_size: int
 ) -> LoadedModel:
-    from dataclasses import replace
+    from dataclasses import fields, replace
 
     from covidseg.data.contrast import normalise_contrast
     from covidseg.device import choose_device, choose_precision, cpu_has_native_bf16
@@ -107,8 +107,7 @@ def _prepare_torch(
     model, meta = load_model(path, torch_device)
     config = model.config
     checked = checked_meta(path, meta, stride=2 ** (config.depth - 1) * config.downsample)
-    meta = {k: v for k, v in {**meta, **checked}.items() if not (k == "threshold" and v is None)}
-    saved = Calibration.from_meta(meta)
+    saved = Calibration(**{f.name: checked[f.name] for f in fields(Calibration)})
     value, source = _pick_threshold(threshold, saved.threshold)
     calibration = replace(saved, threshold=value, flip_tta=saved.flip_tta if flip_tta is None else flip_tta)
     chosen = choose_precision(torch_device, precision)
@@ -118,7 +117,7 @@ def _prepare_torch(
             "WARNING: --precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): torch emulates it, "
             "several times slower than fp32. Use --precision fp32 (the default) on this machine."
         )
-    contrast = meta["contrast"]
+    contrast = checked["contrast"]
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         images = normalise_contrast(images[:, 0], contrast)[:, None]
@@ -127,7 +126,7 @@ def _prepare_torch(
     provenance = meta.get("provenance")
     return LoadedModel(
         run=run,
-        size=meta["size"],
+        size=checked["size"],
         threshold=value,
         threshold_source=source,
         backend="torch",

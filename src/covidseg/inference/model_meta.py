@@ -55,43 +55,37 @@ def checked_meta(
     """
     path = Path(path)
 
-    def _bad(path: Path, key: str, value: Any, rule: str) -> ModelMetadataError:
+    def bad(key: str, value: Any, rule: str) -> ModelMetadataError:
         return _bad_value(path, prefix + key, value, rule)
-
-    def _number(path: Path, key: str, value: Any) -> float:
-        return _number_value(path, prefix + key, value)
-
-    def _flag(path: Path, key: str, value: Any) -> bool:
-        return _flag_value(path, prefix + key, value)
 
     if "size" not in meta:
         raise ModelMetadataError(f"{path}: model file has no 'size' (the input size it was trained on)")
     size = meta["size"]
     if isinstance(size, bool) or not isinstance(size, int):
-        raise _bad(path, "size", size, "is not a whole number of pixels")
+        raise bad("size", size, "is not a whole number of pixels")
     if not MIN_SIZE <= size <= MAX_SIZE:
-        raise _bad(path, "size", size, f"is outside {MIN_SIZE}..{MAX_SIZE} pixels")
+        raise bad("size", size, f"is outside {MIN_SIZE}..{MAX_SIZE} pixels")
     if stride and size % stride:
-        raise _bad(path, "size", size, f"is not a multiple of the network's stride {stride}")
+        raise bad("size", size, f"is not a multiple of the network's stride {stride}")
     if isinstance(graph_size, int) and graph_size != size:
-        raise _bad(path, "size", size, f"differs from the ONNX graph's input side {graph_size}")
+        raise bad("size", size, f"differs from the ONNX graph's input side {graph_size}")
     threshold = meta.get("threshold")
     if threshold is not None:
-        threshold = _number(path, "threshold", threshold)
+        threshold = _number_value(path, prefix + "threshold", threshold)
         if not 0.0 < threshold < 1.0:
-            raise _bad(path, "threshold", meta["threshold"], "is outside (0, 1): it would mark everything or nothing")
-    temperature = _number(path, "temperature", meta.get("temperature", 1.0))
+            raise bad("threshold", meta["threshold"], "is outside (0, 1): it would mark everything or nothing")
+    temperature = _number_value(path, prefix + "temperature", meta.get("temperature", 1.0))
     if temperature <= 0:
-        raise _bad(path, "temperature", meta["temperature"], "is not > 0 (0 divides by zero, < 0 inverts the output)")
+        raise bad("temperature", meta["temperature"], "is not > 0 (0 divides by zero, < 0 inverts the output)")
     contrast = meta.get("contrast", "none")
     if contrast not in CONTRAST_METHODS:
-        raise _bad(path, "contrast", contrast, f"is not one of {', '.join(CONTRAST_METHODS)}")
+        raise bad("contrast", contrast, f"is not one of {', '.join(CONTRAST_METHODS)}")
     return {
         "size": size,
         "threshold": threshold,
         "temperature": temperature,
-        "lung_gate": _flag(path, "lung_gate", meta.get("lung_gate", False)),
-        "flip_tta": _flag(path, "flip_tta", meta.get("flip_tta", False)),
+        "lung_gate": _flag_value(path, prefix + "lung_gate", meta.get("lung_gate", False)),
+        "flip_tta": _flag_value(path, prefix + "flip_tta", meta.get("flip_tta", False)),
         "contrast": contrast,
     }
 

@@ -29,8 +29,7 @@ def candidate_dirs() -> list[Path]:
     when that is set (a folder the user names is never silently passed over)."""
     if os.environ.get(ENV_VAR):
         return [Path(os.environ[ENV_VAR])]
-    out = []
-    out.append(Path(__file__).resolve().parents[3] / "models" / "reference")  # src/covidseg/inference -> repo
+    out = [Path(__file__).resolve().parents[3] / "models" / "reference"]  # src/covidseg/inference -> repo
     for prefix in dict.fromkeys([sysconfig.get_path("data"), sys.prefix, sys.base_prefix]):
         out.append(Path(prefix) / "share" / "covidseg" / "reference")
     return out
