@@ -72,6 +72,18 @@ def test_metadata_of_both_files_agree_with_the_record():
     assert loaded.backend == "onnx" and loaded.has_lung_head
 
 
+def test_the_int8_file_is_shipped_because_it_ties_and_carries_the_same_calibration():
+    int8 = RECORD["int8"]
+    assert int8["file"] == reference.INT8_ONNX and int8["dice"]["tie"] and int8["share_error"]["tie"]
+    assert abs(int8["dice"]["difference"]) <= int8["dice"]["margin"]
+    a, b = OnnxPredictor(REF / "model.onnx"), OnnxPredictor(REF / reference.INT8_ONNX)
+    assert b.size == a.size and b.calibration == a.calibration
+    assert b.metadata["covidseg.quantization"].startswith("int8 QDQ")
+    assert (REF / reference.INT8_ONNX).stat().st_size < (REF / "model.onnx").stat().st_size / 2
+    card = (REF / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"{int8['dice']['difference']:+.4f} [" in card
+
+
 def test_predict_without_a_model_uses_the_reference_and_says_so_once(tmp_path):
     save_image(tmp_path / "in" / "film.png", "grey", 300, 260)
     result = invoke_predict(tmp_path / "in", "--out", tmp_path / "out")

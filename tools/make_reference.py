@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import typer  # noqa: E402
 
 from covidseg import logs  # noqa: E402
-from covidseg.evaluation.reference_card import build_reference  # noqa: E402
+from covidseg.export.reference_card import build_reference  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -241,16 +241,19 @@ class PlotsParams:
 
 @dataclasses.dataclass(frozen=True)
 class ExportParams:
-    """ONNX export: opset, and the fp32 parity check against torch on the test images."""
+    """ONNX export: opset, the fp32 parity check against torch on the test images, and the int8 model's
+    calibration (the first ``int8_calibration_images`` val films; covidseg.export.int8)."""
 
     opset: int = 18
     parity_tolerance: float = 0.0001
     parity_images: int = 0
+    int8_calibration_images: int = 64
 
     def validate(self) -> None:
         _check(self.opset >= 17, "export", "opset must be >= 17 (older Resize does not match torch's bilinear)")
         _check(0 < self.parity_tolerance <= 0.01, "export", "parity_tolerance must be in (0, 0.01]")
         _check(self.parity_images >= 0, "export", "parity_images must be >= 0 (0: every test image)")
+        _check(self.int8_calibration_images >= 1, "export", "int8_calibration_images must be >= 1 (val films)")
 
 
 SECTIONS: dict[str, type] = {

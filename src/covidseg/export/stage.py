@@ -17,6 +17,7 @@ import torch
 from covidseg.atomic import atomic_path, write_json
 from covidseg.data.arrays import load_split
 from covidseg.export.graph import ParityError, export_onnx, parity
+from covidseg.export.int8 import compare, quantize
 from covidseg.inference.calibration import Calibration, calibrated_probabilities
 from covidseg.model.checkpoint import load_model
 from covidseg.params import ExportParams
@@ -28,21 +29,26 @@ def export_stage(
     onnx_path: str | Path,
     params: ExportParams,
     summary_path: str | Path | None = None,
+    int8_path: str | Path | None = None,
 ) -> dict:
     """Export ``model_pt`` to ``onnx_path`` atomically; fail when ONNX and torch disagree on the test images.
 
     Returns (and writes to ``summary_path`` as JSON when given) ``{"opset", "parity_images",
     "parity_max_abs_diff", "parity_tolerance", "onnx_bytes"}``; ``parity_max_abs_diff`` is
     max |p_torch - p_onnx| over every pixel of the checked images, fp32 calibrated probabilities.
+    With ``int8_path``, also the int8 model there (:mod:`covidseg.export.int8`), calibrated on val and
+    kept only when it ties with the fp32 ONNX on every test image; ``int8`` then holds that comparison.
 
     Raises:
         ParityError: the difference exceeds ``params.parity_tolerance`` (names the file and the number).
         ValueError: the test images do not have the model's input size (names both files).
+        Int8Mismatch: the int8 model does not tie with fp32 (the fp32 ONNX is written, the int8 file not).
     """
     model_pt, onnx_path = Path(model_pt), Path(onnx_path)
     net, meta = load_model(model_pt)
     calibration = Calibration.from_meta(meta)
-    images = load_split(prepared_dir, "test")["images"]
+    test = load_split(prepared_dir, "test")
+    images = test["images"]
     if params.parity_images:
         images = images[: params.parity_images]
     size = int(meta.get("size", images.shape[-1]))
@@ -75,6 +81,19 @@ def export_stage(
         "parity_tolerance": params.parity_tolerance,
         "onnx_bytes": int(n_bytes),
     }
+    if int8_path is not None:
+        summary["int8"] = _int8(onnx_path, Path(int8_path), prepared_dir, test, params)
     if summary_path is not None:
         write_json(summary_path, summary)
     return summary
+
+
+def _int8(onnx_path: Path, int8_path: Path, prepared_dir: str | Path, test: dict, params: ExportParams) -> dict:
+    """Quantise ``onnx_path`` on val films into a temporary file beside ``int8_path``; rename it there only if it ties."""
+    calibration_images = load_split(prepared_dir, "val")["images"][: params.int8_calibration_images]
+    with atomic_path(int8_path) as tmp:
+        quantize(onnx_path, tmp, calibration_images)
+        lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
+        result = compare(onnx_path, tmp, test["images"], test["masks"][:, 0].astype(bool), lungs, name=int8_path)
+        result |= {"calibration_images": int(len(calibration_images)), "int8_bytes": int(tmp.stat().st_size)}
+    return result

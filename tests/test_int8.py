@@ -1,0 +1,141 @@
+"""The int8 model beside the fp32 ONNX: what is quantised, that the covidseg metadata survives, the tie gate, and
+the export stage keeping the file only when it ties."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import covidseg.export.int8 as int8_mod
+import covidseg.export.stage as stage_mod
+from covidseg.data.arrays import load_split
+from covidseg.export.int8 import QUANTIZATION_KEY, Int8Mismatch, compare, quantize
+from covidseg.export.stage import export_stage
+from covidseg.inference.onnx_runtime import OnnxPredictor
+from covidseg.model.checkpoint import save_model
+from covidseg.model.unet import UNet, UNetConfig
+from covidseg.params import ExportParams
+
+META = {"threshold": 0.5, "temperature": 1.0, "lung_gate": False, "flip_tta": True, "size": 64}
+
+
+def _fp32_onnx(tmp_path, tiny_prepared, seed=0, name="m"):
+    torch.manual_seed(seed)
+    net = UNet(UNetConfig(out_channels=2, base_channels=4, depth=3)).eval()
+    save_model(tmp_path / f"{name}.pt", net, META)
+    export_stage(tmp_path / f"{name}.pt", tiny_prepared, tmp_path / f"{name}.onnx", ExportParams())
+    return tmp_path / f"{name}.onnx"
+
+
+def _test_split(tiny_prepared):
+    test = load_split(tiny_prepared, "test")
+    return test["images"], test["masks"][:, 0].astype(bool), test["lungs"][:, 0].astype(bool)
+
+
+def test_only_the_inner_convolutions_are_quantised_and_the_metadata_is_kept(tmp_path, tiny_prepared):
+    fp32 = _fp32_onnx(tmp_path, tiny_prepared)
+    int8 = quantize(fp32, tmp_path / "m-int8.onnx", load_split(tiny_prepared, "val")["images"])
+    graph = onnx.load(str(int8)).graph
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    made_by = {o: n for n in graph.node for o in n.output}
+
+    def quantised(conv) -> bool:  # its input activation comes through a DequantizeLinear
+        src = made_by.get(conv.input[0])
+        return src is not None and src.op_type == "DequantizeLinear"
+
+    assert not quantised(convs[0]) and not quantised(convs[-1])
+    assert all(quantised(c) for c in convs[1:-1])
+    quantised_ops = {made_by[i].op_type for n in graph.node if n.op_type != "Conv" for i in n.input if i in made_by}
+    assert "QLinearConv" not in quantised_ops  # QDQ format, not operator-oriented
+    a, b = OnnxPredictor(fp32), OnnxPredictor(int8)
+    assert b.metadata[QUANTIZATION_KEY].startswith("int8 QDQ")
+    ours = {k: v for k, v in b.metadata.items() if k.startswith("covidseg.") and k != QUANTIZATION_KEY}
+    assert ours == a.metadata
+    images = load_split(tiny_prepared, "test")["images"]
+    pa, pb = a.predict(images, normalised=True), b.predict(images, normalised=True)
+    assert pb.shape == pa.shape and float(np.abs(pa - pb).max()) < 0.1
+
+
+def test_a_model_compared_with_itself_ties_with_a_zero_difference(tmp_path, tiny_prepared):
+    fp32 = _fp32_onnx(tmp_path, tiny_prepared)
+    out = compare(fp32, fp32, *_test_split(tiny_prepared), n_resamples=200)
+    assert "dice" in out
+    for name in {"dice", "share_error"} & set(out):
+        assert out[name]["difference"] == 0 and out[name]["tie"] and out[name]["margin"] >= 0
+        assert out[name]["fp32"] == out[name]["int8"]
+
+
+class _Fake:
+    """Stands in for OnnxPredictor: fixed probabilities (N, S, S) and lung logits, threshold 0.5."""
+
+    threshold = 0.5
+
+    def __init__(self, prob, lung):
+        self.prob, self.lung = prob.astype(np.float32), lung
+
+    def run(self, images, normalised=False):
+        logits = np.stack([np.zeros_like(self.prob), np.where(self.lung, 9.0, -9.0)], 1).astype(np.float32)
+        return self.prob, logits
+
+
+def _two_lungs(n=4, s=32):
+    lungs = np.zeros((n, s, s), bool)
+    lungs[:, 4:28, 2:14] = True  # image left: the patient's right lung, 24 x 12 = 288 px
+    lungs[:, 4:28, 18:30] = True  # the left lung
+    return lungs
+
+
+def test_the_share_error_is_the_mean_absolute_per_lung_share_error_by_hand():
+    lungs = _two_lungs()
+    truth = np.zeros_like(lungs)
+    truth[:, 4:16, 2:14] = True  # right lung half infected (144 / 288 px = 50 %), left clean
+    pred = np.zeros(lungs.shape, np.float32)
+    pred[:, 4:10, 2:14] = 0.9  # right lung 72 / 288 = 25 % marked
+    pred[:, 4:10, 18:30] = 0.9  # left lung 25 % marked
+    scores = int8_mod._scores(_Fake(pred, lungs), None, truth, np.array([[50.0, 0.0]] * 4))
+    # per image: (|25 - 50| + |25 - 0|) / 2 = 25 points; Dice 2 * 72 / (144 + 144) = 0.5
+    assert scores["share_error"] == pytest.approx([25.0] * 4)
+    assert scores["dice"] == pytest.approx([0.5] * 4)
+
+
+def test_a_model_that_answers_differently_is_refused_naming_the_metric(tmp_path, monkeypatch):
+    lungs = _two_lungs(n=6)
+    truth = np.zeros_like(lungs)
+    truth[:, 4:16, 2:14] = True
+    good = np.where(truth, 0.9, 0.1)
+    worse = good.copy()
+    worse[:, 4:10, 2:14] = 0.1  # misses half the infection on every film
+    fakes = {"fp32.onnx": _Fake(good, lungs), "int8.onnx": _Fake(worse, lungs)}
+    monkeypatch.setattr(int8_mod, "OnnxPredictor", lambda path: fakes[Path(path).name])
+    with pytest.raises(
+        Int8Mismatch, match=r"final-int8\.onnx: int8 does not tie with fp32 on dice: difference -0\.3333"
+    ):
+        compare("fp32.onnx", "int8.onnx", np.zeros((6, 1, 32, 32), np.uint8), truth, lungs, name="final-int8.onnx")
+    fakes["int8.onnx"] = _Fake(good, lungs)
+    out = compare("fp32.onnx", "int8.onnx", np.zeros((6, 1, 32, 32), np.uint8), truth, lungs)
+    assert out["dice"]["tie"] and out["share_error"]["tie"] and out["share_error"]["fp32"] == pytest.approx(0.0)
+
+
+def test_the_stage_keeps_the_int8_file_only_when_it_ties(tmp_path, tiny_prepared, monkeypatch):
+    torch.manual_seed(0)
+    save_model(tmp_path / "m.pt", UNet(UNetConfig(out_channels=2, base_channels=4, depth=3)).eval(), META)
+    params = ExportParams(int8_calibration_images=3)
+    s = export_stage(
+        tmp_path / "m.pt", tiny_prepared, tmp_path / "m.onnx", params, tmp_path / "e.json", tmp_path / "m-int8.onnx"
+    )
+    assert (tmp_path / "m-int8.onnx").is_file() and s["int8"]["calibration_images"] == 3
+    assert s["int8"]["dice"]["tie"] and json.loads((tmp_path / "e.json").read_text())["int8"] == s["int8"]
+
+    def never_ties(*args, **kwargs):
+        raise Int8Mismatch("int8 does not tie")
+
+    monkeypatch.setattr(stage_mod, "compare", never_ties)
+    with pytest.raises(Int8Mismatch):
+        export_stage(tmp_path / "m.pt", tiny_prepared, tmp_path / "n.onnx", params, None, tmp_path / "n-int8.onnx")
+    assert (tmp_path / "n.onnx").is_file() and not (tmp_path / "n-int8.onnx").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".n-int8")]  # no temporary left
