@@ -104,6 +104,17 @@ def test_pearson_by_hand_and_constant_input():
     assert math.isnan(pearson([1], [2]))
 
 
+def test_pearson_does_not_depend_on_the_summation_order():
+    # A committed metric's last digit must not change with the machine: BLAS dot products sum in a
+    # CPU-dependent order, exactly rounded sums in none. Reordering the pairs is the same test on one machine.
+    rng = np.random.default_rng(3)
+    x = rng.normal(50, 20, 999)
+    y = x + rng.normal(0, 15, 999)
+    order = rng.permutation(999)
+    assert pearson(x, y) == pearson(x[order], y[order])
+    assert pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1], abs=1e-12)
+
+
 def test_spearman_with_ties_by_hand():
     # x = [1, 2, 2, 3] ranks [1, 2.5, 2.5, 4] (the tie shares ranks 2 and 3); y = [1, 3, 2, 4] ranks [1, 3, 2, 4]
     # Both rank means are 2.5: dx = [-1.5, 0, 0, 1.5], dy = [-1.5, 0.5, -0.5, 1.5]

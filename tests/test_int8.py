@@ -38,18 +38,34 @@ def _test_split(tiny_prepared):
 
 
 def test_only_the_inner_convolutions_are_quantised_and_the_metadata_is_kept(tmp_path, tiny_prepared):
-    fp32 = _fp32_onnx(tmp_path, tiny_prepared)
+    fp32 = _fp32_onnx(tmp_path, tiny_prepared)  # flip averaging on: the graph holds the network twice
     int8 = quantize(fp32, tmp_path / "m-int8.onnx", load_split(tiny_prepared, "val")["images"])
     graph = onnx.load(str(int8)).graph
     convs = [n for n in graph.node if n.op_type == "Conv"]
     made_by = {o: n for n in graph.node for o in n.output}
+    weights = {w.name: w for w in graph.initializer}
 
-    def quantised(conv) -> bool:  # its input activation comes through a DequantizeLinear
-        src = made_by.get(conv.input[0])
+    def quantised(node, slot: int = 0) -> bool:  # that input comes through a DequantizeLinear
+        src = made_by.get(node.input[slot])
         return src is not None and src.op_type == "DequantizeLinear"
 
-    assert not quantised(convs[0]) and not quantised(convs[-1])
-    assert all(quantised(c) for c in convs[1:-1])
+    def kernel(conv) -> list[int]:  # (out, in, kh, kw), the weight read directly or through its DequantizeLinear
+        name = conv.input[1]
+        return list(weights[made_by[name].input[0] if name in made_by else name].dims)
+
+    # fp32: the two convolutions reading the grey input (1 channel in) and the two 1x1 heads writing the logits
+    boundary = [c for c in convs if kernel(c)[1] == 1 or kernel(c)[2:] == [1, 1]]
+    assert len(convs) > 4 and len(boundary) == 4
+    assert not any(quantised(c, slot=1) for c in boundary)  # fp32 weights
+    assert all(quantised(c) and quantised(c, slot=1) for c in convs if c not in boundary)
+    assert all(quantised(n) for n in graph.node if n.op_type in ("MaxPool", "ConvTranspose"))  # 8-bit between convs
+    assert "BatchNormalization" not in {n.op_type for n in graph.node}  # folded into the convolutions
+    # Both copies of the network share each int8 weight: at most a quarter of the fp32 file's weight bytes.
+    int8_bytes = sum(
+        onnx.numpy_helper.to_array(w).nbytes for w in graph.initializer if w.data_type == onnx.TensorProto.INT8
+    )
+    fp32_bytes = sum(onnx.numpy_helper.to_array(w).nbytes for w in onnx.load(str(fp32)).graph.initializer)
+    assert 0 < int8_bytes <= fp32_bytes / 4
     quantised_ops = {made_by[i].op_type for n in graph.node if n.op_type != "Conv" for i in n.input if i in made_by}
     assert "QLinearConv" not in quantised_ops  # QDQ format, not operator-oriented
     a, b = OnnxPredictor(fp32), OnnxPredictor(int8)
@@ -59,6 +75,23 @@ def test_only_the_inner_convolutions_are_quantised_and_the_metadata_is_kept(tmp_
     images = load_split(tiny_prepared, "test")["images"]
     pa, pb = a.predict(images, normalised=True), b.predict(images, normalised=True)
     assert pb.shape == pa.shape and float(np.abs(pa - pb).max()) < 0.1
+
+
+def test_reduce_range_stores_seven_bit_weights_and_says_so(tmp_path, tiny_prepared):
+    fp32 = _fp32_onnx(tmp_path, tiny_prepared)
+    val = load_split(tiny_prepared, "val")["images"]
+    full = onnx.load(str(quantize(fp32, tmp_path / "full.onnx", val)))
+    seven = onnx.load(str(quantize(fp32, tmp_path / "seven.onnx", val, reduce_range=True)))
+
+    def int8_weights(model) -> np.ndarray:
+        arrays = [onnx.numpy_helper.to_array(w) for w in model.graph.initializer]
+        return np.concatenate([a.ravel().astype(int) for a in arrays if a.dtype == np.int8])
+
+    assert np.abs(int8_weights(full)).max() == 127  # symmetric per channel: the largest weight is +-127
+    assert np.abs(int8_weights(seven)).max() == 64  # half of it: 7 bits
+    meta = {p.key: p.value for p in seven.metadata_props}
+    assert "reduce_range" in meta[QUANTIZATION_KEY]
+    assert "reduce_range" not in {p.key: p.value for p in full.metadata_props}[QUANTIZATION_KEY]
 
 
 def test_a_model_compared_with_itself_ties_with_a_zero_difference(tmp_path, tiny_prepared):

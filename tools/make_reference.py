@@ -5,7 +5,12 @@
 
 Copies RUN_CHECKOUT/models/model.{onnx,pt} into models/reference/, computes the card's numbers
 (val and dev-Test with intervals, the Non-COVID and Normal films) and writes MODEL_CARD.md and
-reference.json (covidseg.evaluation.reference_card).
+reference.json (covidseg.export.reference_card).
+
+    .venv/bin/python tools/make_reference.py PREPARED_CHECKOUT DATA --int8-only
+
+rebuilds only model-int8.onnx (after a change to covidseg.export.int8) from the shipped fp32 file, on the
+val and dev-Test films of a checkout where `dvc repro preprocess` ran on the same data (the same split).
 """
 
 import subprocess
@@ -17,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import typer  # noqa: E402
 
 from covidseg import logs  # noqa: E402
-from covidseg.export.reference_card import build_reference  # noqa: E402
+from covidseg.export.reference_card import build_reference, refresh_int8  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +33,17 @@ def main(
     out: Path = typer.Option(REPO / "models" / "reference", help="Where the reference files go."),
     preset: Path = typer.Option(Path("presets/real.yaml"), help="The preset the run used (relative to the repo)."),
     command: str = typer.Option("make real DATA=../shared/data/covidqu-dev", help="The exact command that trained it."),
+    int8_only: bool = typer.Option(
+        False,
+        help="Rebuild only model-int8.onnx and its lines (RUN_CHECKOUT needs only data/prepared and params.yaml).",
+    ),
 ) -> None:
     logs.configure(logs.stage_verbosity())
+    if int8_only:
+        int8 = refresh_int8(out, run_checkout)
+        shown = f"Dice {int8['dice']['difference']:+.4f}" if int8.get("file") else int8["refused"]
+        typer.echo(f"reference: {out / 'model-int8.onnx'} rebuilt ({shown})")
+        return
     commit = subprocess.run(
         ["git", "-C", str(run_checkout), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()

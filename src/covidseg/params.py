@@ -242,12 +242,14 @@ class PlotsParams:
 @dataclasses.dataclass(frozen=True)
 class ExportParams:
     """ONNX export: opset, the fp32 parity check against torch on the test images, and the int8 model's
-    calibration (the first ``int8_calibration_images`` val films; covidseg.export.int8)."""
+    calibration (the first ``int8_calibration_images`` val films; covidseg.export.int8) and whether its weights
+    use 7 bits (``int8_reduce_range``, for CPUs without VNNI)."""
 
     opset: int = 18
     parity_tolerance: float = 0.0001
     parity_images: int = 0
     int8_calibration_images: int = 64
+    int8_reduce_range: bool = False
 
     def validate(self) -> None:
         _check(self.opset >= 17, "export", "opset must be >= 17 (older Resize does not match torch's bilinear)")

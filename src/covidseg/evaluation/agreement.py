@@ -11,6 +11,7 @@ This module depends only on numpy and scipy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -138,8 +139,11 @@ def pearson(x: ArrayLike, y: ArrayLike) -> float:
     if x.size < 2:
         return float("nan")
     dx, dy = x - x.mean(), y - y.mean()
-    denom = np.sqrt((dx @ dx) * (dy @ dy))
-    return float(dx @ dy / denom) if denom > 0 else float("nan")
+    # math.fsum, not a BLAS dot product: BLAS picks its summation order by CPU, and the last digit
+    # of a committed metric must not depend on the machine (fsum is exactly rounded).
+    sxx, syy, sxy = math.fsum(dx * dx), math.fsum(dy * dy), math.fsum(dx * dy)
+    denom = math.sqrt(sxx * syy)
+    return float(sxy / denom) if denom > 0 else float("nan")
 
 
 def spearman(x: ArrayLike, y: ArrayLike) -> float:

@@ -161,8 +161,10 @@ def _int8_lines(int8: dict) -> list[str]:
         return [f"No int8 model is shipped: {int8.get('refused', 'not built')}."]
     d, e = int8["dice"], int8.get("share_error")
     lines = [
-        f"`{INT8_ONNX}`: convolutions int8 (weights per channel, activations calibrated on "
-        f"{int8['calibration_images']} val films), the first and last convolution and the calibration ops fp32. "
+        f"`{INT8_ONNX}`: BatchNorm folded, convolutions int8 (weights per channel"
+        + (", 7 bits" if int8.get("reduce_range") else "")
+        + f", activations between them uint8, calibrated on {int8['calibration_images']} val films); the "
+        "convolutions reading the grey input and writing the logits, and the calibration ops, fp32. "
         f"Against the fp32 file on the {int8['images']} dev-Test films (int8 minus fp32, paired 95 % interval; it "
         "ties when the difference is at most the half-width of fp32's own interval):",
         "",
@@ -264,12 +266,18 @@ def card_text(record: dict, val: dict, test: dict, negatives: dict[str, Negative
 def _int8(out_dir: Path, run_dir: Path, params_path: Path) -> dict:
     """Quantise the shipped fp32 ONNX on the run's val films and keep ``model-int8.onnx`` if it ties on dev-Test."""
     prepared = run_dir / "data" / "prepared"
-    n = load_section(ExportParams, "export", params_path).int8_calibration_images
+    params = load_section(ExportParams, "export", params_path)
+    n = params.int8_calibration_images
     test = load_split(prepared, "test")
     target = out_dir / INT8_ONNX
     try:
         with atomic_path(target) as tmp:
-            quantize(out_dir / FP32_ONNX, tmp, load_split(prepared, "val")["images"][:n])
+            quantize(
+                out_dir / FP32_ONNX,
+                tmp,
+                load_split(prepared, "val")["images"][:n],
+                reduce_range=params.int8_reduce_range,
+            )
             result = compare(
                 out_dir / FP32_ONNX,
                 tmp,
@@ -281,7 +289,26 @@ def _int8(out_dir: Path, run_dir: Path, params_path: Path) -> dict:
     except Int8Mismatch as exc:
         target.unlink(missing_ok=True)
         return {"file": None, "refused": str(exc)}
-    return {"file": INT8_ONNX, "calibration_images": n, **result}
+    return {"file": INT8_ONNX, "calibration_images": n, "reduce_range": params.int8_reduce_range, **result}
+
+
+def refresh_int8(out_dir: Path, run_dir: Path) -> dict:
+    """Rebuild only ``model-int8.onnx`` in ``out_dir`` (after a change to :mod:`covidseg.export.int8`) from the
+    shipped fp32 file and ``run_dir``'s prepared val and dev-Test films (the same split as the training run:
+    ``dvc repro preprocess`` on the same data and params); update reference.json's int8 record and hash and the
+    card's int8 section. The fp32 files and every other number stay as they are. Returns the int8 record."""
+    record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
+    int8 = _int8(out_dir, run_dir, params_path=run_dir / "params.yaml")
+    record["int8"] = int8
+    record["files"].pop(INT8_ONNX, None)
+    if int8.get("file"):
+        record["files"][INT8_ONNX] = sha256(out_dir / INT8_ONNX)
+    card = (out_dir / CARD).read_text(encoding="utf-8")
+    head, rest = card.split("\n## int8\n", 1)
+    tail = rest[rest.index("\n## ") :]
+    write_text(out_dir / CARD, head + "\n## int8\n\n" + "\n".join(_int8_lines(int8)) + "\n" + tail)
+    write_json(out_dir / RECORD, record)
+    return int8
 
 
 def build_reference(

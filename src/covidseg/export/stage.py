@@ -92,7 +92,7 @@ def _int8(onnx_path: Path, int8_path: Path, prepared_dir: str | Path, test: dict
     """Quantise ``onnx_path`` on val films into a temporary file beside ``int8_path``; rename it there only if it ties."""
     calibration_images = load_split(prepared_dir, "val")["images"][: params.int8_calibration_images]
     with atomic_path(int8_path) as tmp:
-        quantize(onnx_path, tmp, calibration_images)
+        quantize(onnx_path, tmp, calibration_images, reduce_range=params.int8_reduce_range)
         lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
         result = compare(onnx_path, tmp, test["images"], test["masks"][:, 0].astype(bool), lungs, name=int8_path)
         result |= {"calibration_images": int(len(calibration_images)), "int8_bytes": int(tmp.stat().st_size)}

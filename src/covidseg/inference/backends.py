@@ -152,7 +152,10 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, batch_size: int) -> LoadedModel:
     from covidseg.inference.onnx_runtime import OnnxPredictor
 
-    predictor = OnnxPredictor(path)  # FileNotFoundError, or OnnxModelError (a ValueError) naming the file
+    # No spinning: predict decodes and writes files in threads beside the model, which need the cores.
+    predictor = OnnxPredictor(
+        path, spinning=False
+    )  # FileNotFoundError, or OnnxModelError (a ValueError) naming the file
     baked = bool(predictor.calibration["flip_tta"])
     if flip_tta is not None and flip_tta != baked:
         raise ValueError(

@@ -45,8 +45,10 @@ class OnnxPredictor:
         contrast: the contrast normalisation :meth:`run` applies first (``covidseg.contrast``).
     """
 
-    def __init__(self, path: str | Path, threads: int = 0):
-        """``threads``: onnxruntime intra-op threads (0: its default, one per core)."""
+    def __init__(self, path: str | Path, threads: int = 0, spinning: bool = True):
+        """``threads``: onnxruntime intra-op threads (0: its default, one per core). ``spinning`` False: idle
+        threads sleep instead of spinning, which leaves the cores to other work between runs (predict's
+        decoding and writing threads; benchmarks/results/inference.md)."""
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -54,6 +56,7 @@ class OnnxPredictor:
             raise FileNotFoundError(f"{self.path}: ONNX model file not found")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         options.log_severity_level = 3  # errors only
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 TINT = (1.0, 0.8, 0.0)  # the prediction colour (RGB in [0, 1])
@@ -46,25 +48,48 @@ def annotate(rgb: np.ndarray, threshold: float, with_lungs: bool) -> np.ndarray:
     "infection (p >= threshold)" and, ``with_lungs``, one of :data:`LUNG_OUTLINE` for the
     predicted lungs' outline. Images with a side under :data:`ANNOTATE_MIN_SIDE` are returned unchanged.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     h, w = rgb.shape[:2]
     if min(h, w) < ANNOTATE_MIN_SIDE:
         return rgb.copy()
+    outline_cover, text_cover, swatches = _marks(h, w, float(threshold), bool(with_lungs))
+    img = Image.fromarray(rgb)
+    for color, (box, cover) in (((0, 0, 0), outline_cover), ((255, 255, 255), text_cover)):
+        img.paste(color, box, mask=cover)  # blends by coverage, as drawing the text does
+    draw = ImageDraw.Draw(img)
+    for box, color in swatches:
+        draw.rectangle(box, fill=color, outline=(0, 0, 0))
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+@functools.lru_cache(maxsize=16)
+def _marks(h: int, w: int, threshold: float, with_lungs: bool):
+    """The marks of :func:`annotate` for an h x w image, rendered once per size (text rendering with an
+    outline costs more than the rest of an overlay): the coverage (mode "L", 0..255, cropped to where it is
+    not 0) of the black text outline and of the white text, each with its box, and the legend's swatches
+    as (box, RGB)."""
+    from PIL import Image, ImageDraw, ImageFont
+
     size = max(12, min(h, w) // 16)
     font = ImageFont.load_default(size=size)
-    img = Image.fromarray(rgb)
-    draw = ImageDraw.Draw(img)
-    pad, white, black = size // 2, (255, 255, 255), (0, 0, 0)
-    draw.text((pad, pad), "R", fill=white, font=font, stroke_width=max(1, size // 8), stroke_fill=black)
-    draw.text(
-        (w - pad, pad), "L", fill=white, font=font, anchor="ra", stroke_width=max(1, size // 8), stroke_fill=black
-    )
+    outline_cover, text_cover = Image.new("L", (w, h), 0), Image.new("L", (w, h), 0)
+    pad = size // 2
+
+    def text(xy: tuple[int, int], label: str, stroke: int, anchor: str = "la") -> None:
+        ImageDraw.Draw(outline_cover).text(
+            xy, label, fill=255, font=font, anchor=anchor, stroke_width=stroke, stroke_fill=255
+        )
+        ImageDraw.Draw(text_cover).text(xy, label, fill=255, font=font, anchor=anchor)
+
+    text((pad, pad), "R", max(1, size // 8))
+    text((w - pad, pad), "L", max(1, size // 8), anchor="ra")
     entries = [(TINT, f"infection (p >= {threshold:g})")] + ([(LUNG_OUTLINE, "lungs (outline)")] if with_lungs else [])
     y = h - pad - len(entries) * (size + pad // 2)
+    swatches = []
     for color, label in entries:
-        swatch = tuple(int(round(255 * c)) for c in color)
-        draw.rectangle((pad, y, pad + size, y + size), fill=swatch, outline=black)
-        draw.text((pad + size + pad // 2, y), label, fill=white, font=font, stroke_width=1, stroke_fill=black)
+        swatches.append(((pad, y, pad + size, y + size), tuple(int(round(255 * c)) for c in color)))
+        text((pad + size + pad // 2, y), label, 1)
         y += size + pad // 2
-    return np.asarray(img, dtype=np.uint8).copy()
+    crops = tuple((cover.getbbox(), cover.crop(cover.getbbox())) for cover in (outline_cover, text_cover))
+    return *crops, tuple(swatches)
