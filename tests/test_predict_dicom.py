@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pydicom import dcmread
 
 from covidseg.inference.predict import collect_inputs, read_csv
 from covidseg.model.checkpoint import save_model
@@ -139,3 +140,73 @@ def test_sop_instance_uid_is_in_the_csv(tmp_path, model, grey):
     assert rows["x"]["sop_instance_uid"] == DICOM_UID and rows["y"]["sop_instance_uid"] == ""
     header = (tmp_path / "out" / "predictions.csv").read_text().splitlines()[0].split(",")
     assert header[header.index("height") + 1] == "sop_instance_uid"
+
+
+@pytest.mark.parametrize(
+    ("attrs", "area", "source"),
+    [
+        ({"PixelSpacing": [0.2, 0.25]}, 0.05, "PixelSpacing"),
+        # Pixel Spacing wins: it is the spacing in the patient
+        ({"PixelSpacing": [0.2, 0.25], "ImagerPixelSpacing": [0.3, 0.3]}, 0.05, "PixelSpacing"),
+        (
+            {"ImagerPixelSpacing": [0.22, 0.22], "EstimatedRadiographicMagnificationFactor": 1.1},
+            0.04,
+            "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
+        ),
+        ({"ImagerPixelSpacing": [0.2, 0.3]}, 0.06, "ImagerPixelSpacing (detector plane)"),
+        ({}, None, ""),
+        ({"PixelSpacing": [0.2, 0.0]}, None, ""),  # not a usable spacing: no area, never a guess
+    ],
+)
+def test_pixel_area_comes_from_the_spacing_the_file_gives(tmp_path, attrs, area, source):
+    from covidseg.data.dicom import pixel_area
+
+    ds = dcmread(write_dicom(tmp_path / "f.dcm", np.zeros((4, 4), np.uint8), **attrs))
+    got, why = pixel_area(ds)
+    assert why == source
+    assert got == pytest.approx(area) if area is not None else got is None
+
+
+def test_lung_and_infected_areas_in_cm2_per_lung_where_the_file_gives_a_spacing(tmp_path, model, grey):
+    from covidseg.masks.severity import split_lungs
+
+    spaced = write_dicom(tmp_path / "spaced.dcm", grey, PixelSpacing=[0.5, 0.4])  # 0.2 mm^2 a pixel
+    bare = write_dicom(tmp_path / "bare.dcm", grey)
+    result, rows = predict(tmp_path, model, spaced, bare, png(tmp_path / "film.png", grey))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    infection = np.asarray(Image.open(out / "masks" / "spaced.png")) > 0
+    right, left = split_lungs(np.asarray(Image.open(out / "lungs" / "spaced.png")) > 0)
+    assert (right | left).any() and infection.any()
+    row = rows["spaced"]
+    assert row["pixel_spacing_source"] == "PixelSpacing"
+    for side, lung in (("right", right), ("left", left)):
+        if not lung.any():  # a lung not found has no area
+            assert row[f"{side}_lung_area_cm2"] == row[f"{side}_infected_area_cm2"] == ""
+            continue
+        assert float(row[f"{side}_lung_area_cm2"]) == pytest.approx(lung.sum() * 0.2 / 100, abs=1e-6)
+        assert float(row[f"{side}_infected_area_cm2"]) == pytest.approx((infection & lung).sum() * 0.2 / 100, abs=1e-6)
+    expected = [f"{side}_{what}_area_cm2" for side in ("right", "left") for what in ("lung", "infected")]
+    for stem in ("bare", "film"):  # no spacing: empty cells
+        assert all(rows[stem][c] == "" for c in (*expected, "pixel_spacing_source")), rows[stem]
+        assert rows[stem]["lungs_infected_pct"] != ""  # the shares are still there
+
+
+def test_areas_by_hand_for_two_lungs_and_for_a_lung_not_found():
+    from covidseg.inference.predict import severity_of
+
+    lungs = np.zeros((40, 60), bool)
+    lungs[5:35, 5:25] = True  # image left = the patient's right lung: 600 pixels
+    lungs[5:25, 35:55] = True  # the left lung: 400 pixels
+    infection = np.zeros_like(lungs)
+    infection[5:15, 5:25] = True  # 200 pixels of the right lung
+    s = severity_of(infection, lungs, pixel_area_mm2=0.25)  # 0.5 mm x 0.5 mm
+    assert s["right_lung_area_cm2"] == pytest.approx(600 * 0.25 / 100)
+    assert s["left_lung_area_cm2"] == pytest.approx(400 * 0.25 / 100)
+    assert s["right_infected_area_cm2"] == pytest.approx(200 * 0.25 / 100) and s["left_infected_area_cm2"] == 0
+    assert s["right_lung_infected_pct"] == pytest.approx(100 * 200 / 600)
+    one = lungs.copy()
+    one[:, 30:] = False
+    s = severity_of(infection, one, pixel_area_mm2=0.25)
+    assert s["left_lung_area_cm2"] is None and s["left_infected_area_cm2"] is None
+    assert all(v is None for k, v in severity_of(infection, lungs).items() if k.endswith("_cm2"))

@@ -25,7 +25,7 @@ from helpers import FAST_PREDICT_FLAGS, invoke_predict, save_image
 
 SIZE = 32
 CALIBRATION = Calibration(threshold=0.45, temperature=1.3, lung_gate=True, flip_tta=True)
-TEXT_COLUMNS = {"input", "stem", "sop_instance_uid", "status", "error", "warning"}
+TEXT_COLUMNS = {"input", "stem", "sop_instance_uid", "pixel_spacing_source", "status", "error", "warning"}
 
 
 @pytest.fixture(scope="module")

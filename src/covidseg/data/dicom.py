@@ -4,17 +4,27 @@ The pipeline follows the DICOM greyscale display chain (PS3.3 C.11 / PS3.4 N.2):
 
 1. Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
 2. VOI LUT Sequence, or else Window Center/Width, when the file has one;
-3. MONOCHROME1 inverted, so bone is bright as in COVID-QU-Ex;
+3. the Presentation LUT Shape: INVERSE inverts, so bone is bright as in COVID-QU-Ex. Absent, it
+   is INVERSE for MONOCHROME1 (the lowest value is white) and IDENTITY for MONOCHROME2 (PS3.3
+   C.11.6.1); a MONOCHROME2 film marked INVERSE is inverted too, a MONOCHROME1 film marked
+   IDENTITY is not (a Presentation LUT Sequence is not applied: only its shape is read);
 4. linear scaling to 0..255 by the *nominal* output range of the last step: the window's or VOI
    LUT's output range, or with neither the stored range (0 .. 2**BitsStored - 1, or the signed
    range) carried through the modality LUT.
 
 Never a per-image min-max stretch: the same stored value gives the same grey level in every file
 with the same header, so the model sees what the acquisition meant.
+
+Compressed pixel data is decoded by pydicom's plugins: GDCM (python-gdcm, BSD licence) for JPEG
+baseline and extended, JPEG Lossless (Process 14 and its Selection Value 1, which most CR and DX
+exports use), JPEG-LS, JPEG 2000 and RLE; pyjpegls (MIT) for JPEG-LS and Pillow for baseline JPEG
+and JPEG 2000 where present. pylibjpeg-libjpeg is not used: it is GPL-3.0 and this project is MIT.
+A transfer syntax none of them decodes is refused in one line naming the file and the syntax.
 """
 
 from __future__ import annotations
 
+import math
 from io import BytesIO
 from typing import Any
 
@@ -24,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 DICM_OFFSET = 128  # after the 128-byte preamble (PS3.10 7.1)
+DECODING_PLUGIN = ""  # "": the first pydicom plugin that can decode the syntax; tests set "gdcm" to test it alone
 
 
 class DicomError(ValueError):
@@ -43,8 +54,9 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         name: shown in error messages (usually the file path).
     Returns:
         (uint8 (H, W) grey levels, bone bright; info dict with ``PhotometricInterpretation``,
-        ``BitsStored``, ``window`` (True when a VOI LUT or window was applied) and
-        ``SOPInstanceUID`` when the file has one).
+        ``BitsStored``, ``window`` (True when a VOI LUT or window was applied),
+        ``PresentationLUTShape`` (the one applied), ``TransferSyntaxUID``, ``pixel_area_mm2`` and
+        ``spacing_source`` (:func:`pixel_area`) and ``SOPInstanceUID`` when the file has one).
     Raises:
         DicomError: not DICOM, no pixel data, multi-frame, colour, or a compressed transfer
             syntax that pydicom cannot decode without extra handlers.
@@ -68,14 +80,18 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         )
     syntax = ds.file_meta.get("TransferSyntaxUID")
     try:
+        if DECODING_PLUGIN:
+            ds.pixel_array_options(decoding_plugin=DECODING_PLUGIN)
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises RuntimeError/NotImplementedError/... for missing handlers
+        # pydicom's message lists every plugin on many lines: one line here, the first of it at most.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(":")
         if syntax is not None and syntax.is_compressed:
             raise DicomError(
-                f"{name}: compressed (transfer syntax {syntax.name}, {syntax}) not supported "
-                f"({type(exc).__name__}: {exc})"
+                f"{name}: cannot decode its compressed pixel data, transfer syntax {syntax.name} ({syntax}): "
+                f"{_one_line(reason)}"
             ) from None
-        raise DicomError(f"{name}: cannot decode pixel data ({type(exc).__name__}: {exc})") from None
+        raise DicomError(f"{name}: cannot decode pixel data ({type(exc).__name__}: {_one_line(reason)})") from None
     if stored.ndim != 2:
         raise DicomError(f"{name}: expected one 2-D greyscale frame, got pixel array of shape {stored.shape}")
 
@@ -92,18 +108,71 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         # else: pydicom's windowing outputs in the modality output range (lo, hi) computed above
     scaled = (np.asarray(values, dtype=np.float64) - lo) / (hi - lo) if hi > lo else np.zeros(stored.shape)
     scaled = np.clip(scaled, 0.0, 1.0)
-    if photometric == "MONOCHROME1":
-        scaled = 1.0 - scaled  # MONOCHROME1: the lowest value is white
+    shape = presentation_shape(ds, name)
+    if shape == "INVERSE":
+        scaled = 1.0 - scaled
     grey = np.rint(scaled * 255.0).astype(np.uint8)
 
     info: dict[str, Any] = {
         "PhotometricInterpretation": photometric,
         "BitsStored": int(ds.BitsStored),
         "window": has_window,
+        "PresentationLUTShape": shape,
+        "TransferSyntaxUID": str(syntax) if syntax is not None else "",
     }
     if "SOPInstanceUID" in ds:
         info["SOPInstanceUID"] = str(ds.SOPInstanceUID)
+    info["pixel_area_mm2"], info["spacing_source"] = pixel_area(ds)
     return grey, info
+
+
+def pixel_area(ds: Any) -> tuple[float | None, str]:
+    """(mm^2 of one pixel at the patient, where it comes from), or (None, "") when the file gives no usable spacing.
+
+    In this order: Pixel Spacing (0028,0030), which for projection radiography is the spacing in the
+    patient (calibrated, or already corrected for magnification by the modality); else Imager Pixel
+    Spacing (0018,1164), the detector's, divided by the Estimated Radiographic Magnification Factor
+    (0018,1114) when the file has one, since the patient's anatomy is magnified onto the detector; else
+    Imager Pixel Spacing as it is (detector plane: areas come out larger by the magnification squared,
+    about 1.1^2 for a PA chest film, and the source says so). Spacings are [row, column] in mm;
+    anything but two positive finite numbers counts as absent.
+    """
+    pixel = _spacing(ds.get("PixelSpacing"))
+    if pixel:
+        return pixel[0] * pixel[1], "PixelSpacing"
+    imager = _spacing(ds.get("ImagerPixelSpacing"))
+    if not imager:
+        return None, ""
+    try:
+        factor = float(ds.get("EstimatedRadiographicMagnificationFactor", 0) or 0)
+    except (TypeError, ValueError):
+        factor = 0.0
+    if math.isfinite(factor) and factor > 0:
+        return imager[0] * imager[1] / factor**2, "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor"
+    return imager[0] * imager[1], "ImagerPixelSpacing (detector plane)"
+
+
+def _spacing(value: Any) -> tuple[float, float] | None:
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return pair if len(pair) == 2 and all(math.isfinite(v) and v > 0 for v in pair) else None  # type: ignore[return-value]
+
+
+def presentation_shape(ds: Any, name: str) -> str:
+    """The film's Presentation LUT Shape, IDENTITY or INVERSE; absent, INVERSE for MONOCHROME1 (PS3.3 C.11.6.1)."""
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if not shape:
+        return "INVERSE" if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" else "IDENTITY"
+    if shape not in ("IDENTITY", "INVERSE"):
+        raise DicomError(f"{name}: Presentation LUT Shape {shape!r} not supported; expected IDENTITY or INVERSE")
+    return shape
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _modality_range(ds: Any) -> tuple[float, float]:

@@ -26,12 +26,13 @@ written when possible, with the inputs not reached marked ``not_run``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import glob
 import io
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,7 @@ from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
 from covidseg.inference import backends
 from covidseg.inference.backends import LoadedModel, model_warnings, provenance_lines
 from covidseg.inference.overlay import annotate, draw_outline, tint
+from covidseg.inference.pipeline import pipelined
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
 
 __all__ = [
@@ -76,6 +78,11 @@ CSV_COLUMNS = (
     "left_extent",
     "extent_score",
     "infected_outside_lungs_pct",
+    "right_lung_area_cm2",
+    "left_lung_area_cm2",
+    "right_infected_area_cm2",
+    "left_infected_area_cm2",
+    "pixel_spacing_source",
     "status",
     "error",
     "warning",
@@ -90,6 +97,12 @@ SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares /
     "left_extent": "left_extent",
     "extent_score": "extent_score",
     "infected_outside_lungs_pct": "infected_outside_lungs_pct",
+}
+AREA_COLUMNS = {  # CSV column: pixel count of covidseg.masks.severity.image_severity(counts=True)
+    "right_lung_area_cm2": "right_lung_px",
+    "left_lung_area_cm2": "left_lung_px",
+    "right_infected_area_cm2": "right_infected_px",
+    "left_infected_area_cm2": "left_infected_px",
 }
 # Write errors that concern the whole output folder, not one image: the run stops on them.
 _FOLDER_ERRNOS = frozenset(
@@ -139,6 +152,11 @@ class Row:
     left_extent: int | None = None
     extent_score: int | None = None
     infected_outside_lungs_pct: float | None = None  # percent of the infected pixels
+    right_lung_area_cm2: float | None = None  # cm^2 at the patient, DICOM files with a pixel spacing only
+    left_lung_area_cm2: float | None = None
+    right_infected_area_cm2: float | None = None
+    left_infected_area_cm2: float | None = None
+    pixel_spacing_source: str = ""  # which DICOM attribute gave the spacing (covidseg.data.dicom.pixel_area)
     status: str = "ok"  # "ok", "error" or "not_run" (the run stopped before this input)
     error: str = ""
     warning: str = ""  # e.g. almost no contrast after decoding; the row is still "ok"
@@ -233,8 +251,17 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
 # ----------------------------------------------------------------------------- images
 
 
-def load_input(path: Path) -> tuple[np.ndarray, str]:
-    """(uint8 (H, W) grey levels, SOPInstanceUID or "") of an image or DICOM file.
+@dataclass(frozen=True)
+class InputInfo:
+    """What an input file says beyond its pixels (DICOM files only; empty for other images)."""
+
+    sop_instance_uid: str = ""
+    pixel_area_mm2: float | None = None  # one pixel's area at the patient (covidseg.data.dicom.pixel_area)
+    spacing_source: str = ""
+
+
+def load_input(path: Path) -> tuple[np.ndarray, InputInfo]:
+    """(uint8 (H, W) grey levels, :class:`InputInfo`) of an image or DICOM file.
 
     A file with the DICOM marker (whatever its name) or a ``.dcm``/``.dicom`` suffix is read by
     :func:`covidseg.data.dicom.decode_dicom`; any other by :func:`covidseg.data.decode.decode_grey`,
@@ -245,11 +272,11 @@ def load_input(path: Path) -> tuple[np.ndarray, str]:
         data = path.read_bytes()
     except OSError as exc:
         raise BadImageError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-    uid = ""
+    info = InputInfo()
     try:
         if is_dicom(data) or path.suffix.lower() in DICOM_SUFFIXES:
-            grey, info = decode_dicom(data, str(path))
-            uid = info.get("SOPInstanceUID", "")
+            grey, meta = decode_dicom(data, str(path))
+            info = InputInfo(meta.get("SOPInstanceUID", ""), meta["pixel_area_mm2"], meta["spacing_source"])
         else:
             grey, _ = decode_grey(data, str(path))
     except DicomError as exc:
@@ -260,7 +287,7 @@ def load_input(path: Path) -> tuple[np.ndarray, str]:
         raise BadImageError(f"{path}: cannot decode image ({exc})") from None
     if grey.ndim != 2 or grey.size == 0:
         raise BadImageError(f"{path}: decoded to shape {grey.shape}, expected one 2-D image")
-    return grey, uid
+    return grey, info
 
 
 def resize_probs(prob: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -312,6 +339,7 @@ def write_outputs(
     threshold: float,
     save_probs: bool,
     lung_prob: np.ndarray | None = None,
+    pixel_area_mm2: float | None = None,
 ) -> dict[str, float]:
     """Write mask, lungs, overlay (and probs) for one image; grey uint8 (H, W), prob and lung_prob float32 (H, W).
 
@@ -338,15 +366,21 @@ def write_outputs(
         raise
     remove_outputs(out_dir, stem, keep=made)
     measures = {"infected_fraction": float(mask.mean()), "mean_probability": float(prob.mean(dtype=np.float64))}
-    return measures | (severity_of(mask, lungs) if lungs is not None else {})
+    return measures | (severity_of(mask, lungs, pixel_area_mm2) if lungs is not None else {})
 
 
-def severity_of(infection: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
+def severity_of(infection: np.ndarray, lungs: np.ndarray, pixel_area_mm2: float | None = None) -> dict[str, float]:
     """The CSV's severity columns from bool (H, W) infection and lung masks: per-lung and both-lung
     infected share (percent), extent scores (0-4 per lung, 0-8 summed) and the share of the infected
-    pixels outside the lungs (percent). A lung not found has an empty share and extent 0."""
-    values = image_severity(infection, lungs)
-    return {column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()}
+    pixels outside the lungs (percent). A lung not found has an empty share and extent 0. With
+    ``pixel_area_mm2`` (a DICOM file's spacing), each lung's area and its infected area in cm^2
+    (empty for a lung not found); without, the area columns are empty."""
+    values = image_severity(infection, lungs, counts=True)
+    out = {column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()}
+    for column, key in AREA_COLUMNS.items():
+        lung_found = values[key.replace("infected", "lung")] > 0
+        out[column] = values[key] * pixel_area_mm2 / 100.0 if pixel_area_mm2 and lung_found else None
+    return out
 
 
 def prepare_out_dir(out_dir: str | Path) -> Path:
@@ -412,8 +446,9 @@ def predict_files(
 ) -> list[Row]:
     """Predict every file in ``paths``; write per-image outputs and ``predictions.csv`` under ``out_dir``.
 
-    Images are decoded ``options.batch_size`` at a time (so memory holds one batch of
-    full-size images) and run through the model as one batch. A file that fails gets a
+    Images are decoded ``options.batch_size`` at a time and run through the model as one batch,
+    while the next batch is decoded and the last one's files written (so memory holds at most three
+    batches of full-size images). A file that fails gets a
     row with status ``error`` and its message; the others still run. ``on_row`` is called
     with each finished row (for progress and error reporting). Returns the rows in input order.
 
@@ -439,49 +474,97 @@ def _predict_locked(
     options: PredictOptions,
     on_row: Callable[[Row], None] | None,
 ) -> list[Row]:
-    """:func:`predict_files`' work, with ``out_dir`` locked for this run."""
+    """:func:`predict_files`' work, with ``out_dir`` locked for this run.
+
+    Decoding the next batch and writing the last one's files run in threads beside the model
+    (:func:`covidseg.inference.pipeline.pipelined`); rows are finished here, in input order.
+    """
     earlier = earlier_rows(out_dir)
     stems = unique_stems(paths)
     rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
     step = max(1, options.batch_size)
-    for start in range(0, len(paths), step):
-        batch = list(range(start, min(start + step, len(paths))))
-        greys: dict[int, np.ndarray] = {}
-        for i in batch:
-            try:
-                greys[i], rows[i].sop_instance_uid = load_input(paths[i])
-                rows[i].height, rows[i].width = greys[i].shape
-                rows[i].warning = low_range_warning(greys[i], str(paths[i])) or ""
-            except BadImageError as exc:
-                remove_outputs(out_dir, stems[i])
-                _fail(rows[i], str(exc), on_row)
-        if not greys:
-            continue
-        order = list(greys)
-        small = np.stack([resize_image(greys[i], prepared.size) for i in order])[:, None]  # uint8 (n, 1, S, S)
-        probs, lung_probs = prepared.run(small)  # float32 (n, S, S) each; lung_probs None without a lung head
-        for k, i in enumerate(order):
-            grey = greys.pop(i)
-            try:
-                prob = resize_probs(probs[k], grey.shape[1], grey.shape[0])
-                lung = None if lung_probs is None else resize_probs(lung_probs[k], grey.shape[1], grey.shape[0])
-                measures = write_outputs(
-                    out_dir, stems[i], grey, prob, prepared.threshold, options.save_probs, lung_prob=lung
-                )
-            except OSError as exc:
-                message = f"{paths[i]}: cannot write outputs ({_reason(exc)})"
-                if exc.errno in _FOLDER_ERRNOS:
-                    _fail(rows[i], message, None)
-                    _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(exc)})")
+    batches = [range(start, min(start + step, len(paths))) for start in range(0, len(paths), step)]
+
+    def write(batch: _Batch) -> _Batch:
+        return _write_batch(batch, out_dir, stems, prepared.threshold, options.save_probs)
+
+    steps = pipelined(batches, lambda indices: _decode_batch(paths, indices), lambda b: _run_batch(b, prepared), write)
+    with contextlib.closing(steps):
+        for batch in steps:
+            for i, message in batch.failures.items():
                 _fail(rows[i], message, on_row)
-                continue
-            for name, value in measures.items():
-                setattr(rows[i], name, value)
-            if on_row:
-                on_row(rows[i])
+            for i, (info, warning, shape) in batch.decoded.items():
+                rows[i].sop_instance_uid, rows[i].warning = info.sop_instance_uid, warning
+                rows[i].pixel_spacing_source = info.spacing_source
+                rows[i].height, rows[i].width = shape
+                result = batch.written.get(i)
+                if isinstance(result, OSError):
+                    message = f"{paths[i]}: cannot write outputs ({_reason(result)})"
+                    if result.errno in _FOLDER_ERRNOS:
+                        _fail(rows[i], message, None)
+                        _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(result)})")
+                    _fail(rows[i], message, on_row)
+                elif result is not None:
+                    for name, value in result.items():
+                        setattr(rows[i], name, value)
+                    if on_row:
+                        on_row(rows[i])
     ours = {r.stem for r in rows}
     _write_csv_or_stop(out_dir / "predictions.csv", [r for r in earlier if r.stem not in ours] + rows)
     return rows
+
+
+@dataclass
+class _Batch:
+    """One batch on its way through :func:`_predict_locked`'s pipeline, by input index."""
+
+    decoded: dict[int, tuple[InputInfo, str, tuple[int, int]]]  # what the file says, a warning, (H, W)
+    failures: dict[int, str]  # the inputs that could not be decoded: their messages
+    greys: dict[int, np.ndarray]  # uint8 (H, W) each, until written
+    probs: np.ndarray | None = None  # float32 (n, S, S), in the order of ``greys``
+    lung_probs: np.ndarray | None = None  # float32 (n, S, S), or None without a lung head
+    written: dict[int, dict[str, float] | OSError] = field(default_factory=dict)  # measures, or the write error
+
+
+def _decode_batch(paths: Sequence[Path], indices: range) -> _Batch:
+    batch = _Batch(decoded={}, failures={}, greys={})
+    for i in indices:
+        try:
+            grey, info = load_input(paths[i])
+        except BadImageError as exc:
+            batch.failures[i] = str(exc)
+            continue
+        batch.greys[i] = grey
+        batch.decoded[i] = (info, low_range_warning(grey, str(paths[i])) or "", grey.shape)
+    return batch
+
+
+def _run_batch(batch: _Batch, prepared: LoadedModel) -> _Batch:
+    if batch.greys:
+        small = np.stack([resize_image(g, prepared.size) for g in batch.greys.values()])[:, None]  # uint8 (n, 1, S, S)
+        batch.probs, batch.lung_probs = prepared.run(small)
+    return batch
+
+
+def _write_batch(batch: _Batch, out_dir: Path, stems: list[str], threshold: float, save_probs: bool) -> _Batch:
+    """Write the batch's files; stop at the first error that means the folder itself failed (full, read-only, gone)."""
+    for i in batch.failures:
+        remove_outputs(out_dir, stems[i])
+    for k, (i, grey) in enumerate(list(batch.greys.items())):
+        del batch.greys[i]
+        try:
+            prob = resize_probs(batch.probs[k], grey.shape[1], grey.shape[0])
+            lung = None if batch.lung_probs is None else resize_probs(batch.lung_probs[k], grey.shape[1], grey.shape[0])
+            area = batch.decoded[i][0].pixel_area_mm2
+            batch.written[i] = write_outputs(
+                out_dir, stems[i], grey, prob, threshold, save_probs, lung_prob=lung, pixel_area_mm2=area
+            )
+        except OSError as exc:
+            batch.written[i] = exc
+            if exc.errno in _FOLDER_ERRNOS:
+                break
+    batch.greys.clear()
+    return batch
 
 
 def earlier_rows(out_dir: Path) -> list[Row]:
@@ -527,7 +610,7 @@ def _write_csv_or_stop(path: Path, rows: list[Row]) -> None:
 
 def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
     row.status, row.error = "error", message
-    for name in ("infected_fraction", "mean_probability", *SEVERITY_COLUMNS):
+    for name in ("infected_fraction", "mean_probability", *SEVERITY_COLUMNS, *AREA_COLUMNS):
         setattr(row, name, None)
     if on_row:
         on_row(row)

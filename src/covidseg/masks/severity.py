@@ -189,15 +189,29 @@ SEVERITY_KEYS = (
 )
 
 
-def image_severity(infection: np.ndarray, lungs: np.ndarray) -> dict[str, float]:
+def image_severity(infection: np.ndarray, lungs: np.ndarray, counts: bool = False) -> dict[str, float]:
     """The :data:`SEVERITY_KEYS` of one image from bool (H, W) infection and lung masks.
 
     The lungs are split by :func:`split_lungs`; shares as :func:`lung_shares` (percent, NaN for a
-    lung not found), extent scores by :func:`extent_score` (0-4 per lung, their sum 0-8).
+    lung not found), extent scores by :func:`extent_score` (0-4 per lung, their sum 0-8). With
+    ``counts``, also the :data:`COUNT_KEYS`: pixels of each lung and infected pixels inside it.
     """
-    shares = lung_shares(infection, *split_lungs(lungs))
+    infection = _as_mask(infection, "infection", 2)
+    right_lung, left_lung = split_lungs(lungs)
+    shares = lung_shares(infection, right_lung, left_lung)
     right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
-    return {**shares, "right_extent": right, "left_extent": left, "extent_score": right + left}
+    values = {**shares, "right_extent": right, "left_extent": left, "extent_score": right + left}
+    if counts:
+        values |= {
+            "right_lung_px": int(right_lung.sum()),
+            "left_lung_px": int(left_lung.sum()),
+            "right_infected_px": int((infection & right_lung).sum()),
+            "left_infected_px": int((infection & left_lung).sum()),
+        }
+    return values
+
+
+COUNT_KEYS = ("right_lung_px", "left_lung_px", "right_infected_px", "left_infected_px")
 
 
 def severity_table(
