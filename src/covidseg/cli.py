@@ -39,6 +39,11 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class IdBy(str, Enum):
+    path = "path"
+    sop_uid = "sop-uid"
+
+
 def _print_version(value: bool) -> None:
     if value:
         from covidseg import __version__
@@ -138,6 +143,18 @@ def predict(
     recursive: bool = typer.Option(
         False, "--recursive", "-r", help="Also take images from subfolders of folder INPUTs."
     ),
+    dicom_seg: bool = typer.Option(
+        False,
+        "--dicom-seg",
+        help="Also write `OUT/seg/<stem>.dcm` for each DICOM input: a DICOM Segmentation (infection and lungs) "
+        "that references the film, for OHIF, 3D Slicer or a PACS to show over it.",
+    ),
+    id_by: IdBy = typer.Option(
+        IdBy.path,
+        "--id",
+        help="Name rows and outputs by the input's path, or by its DICOM SOP Instance UID (sop-uid: no path or "
+        "file name in the CSV or the output names; inputs without a UID are error rows).",
+    ),
     quiet: bool = typer.Option(
         False, "--quiet", "-q", help="No progress bar and no summary line (as `covidseg -q predict`)."
     ),
@@ -180,6 +197,8 @@ def predict(
         precision=precision.value,
         flip_tta=flip_tta,
         recursive=recursive,
+        dicom_seg=dicom_seg,
+        id_by=id_by.value,
     )
     try:
         paths = collect_inputs(inputs, recursive=recursive)

@@ -56,7 +56,8 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         (uint8 (H, W) grey levels, bone bright; info dict with ``PhotometricInterpretation``,
         ``BitsStored``, ``window`` (True when a VOI LUT or window was applied),
         ``PresentationLUTShape`` (the one applied), ``TransferSyntaxUID``, ``pixel_area_mm2`` and
-        ``spacing_source`` (:func:`pixel_area`) and ``SOPInstanceUID`` when the file has one).
+        ``spacing_source`` (:func:`pixel_area`), ``header`` (:func:`reference_header`) and
+        ``SOPInstanceUID`` when the file has one).
     Raises:
         DicomError: not DICOM, no pixel data, multi-frame, colour, or a compressed transfer
             syntax that pydicom cannot decode without extra handlers.
@@ -123,7 +124,55 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
     if "SOPInstanceUID" in ds:
         info["SOPInstanceUID"] = str(ds.SOPInstanceUID)
     info["pixel_area_mm2"], info["spacing_source"] = pixel_area(ds)
+    info["header"] = reference_header(ds)
     return grey, info
+
+
+# What a derived object (covidseg's DICOM Segmentation) needs of its source film, and nothing more: the Patient
+# and General Study modules' attributes the standard requires a SEG to copy (so that it joins the film's patient
+# and study), the UIDs it references, and the film's geometry. Everything else (institution, operators,
+# acquisition details, private tags) is left out.
+PATIENT_STUDY_ATTRIBUTES = (
+    "PatientName",  # Patient module, Type 2: present, may be empty
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyInstanceUID",  # General Study module: Type 1
+    "StudyDate",  # Type 2 from here on
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+REFERENCE_ATTRIBUTES = PATIENT_STUDY_ATTRIBUTES + (
+    "SeriesInstanceUID",
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+)
+
+
+def reference_header(ds: Any) -> Any:
+    """A new Dataset with only :data:`REFERENCE_ATTRIBUTES` of ``ds``; the Type 2 patient and study attributes the
+    film lacks are present and empty (as the standard allows), so a SEG can be built from any film."""
+    from pydicom.dataset import Dataset
+
+    header = Dataset()
+    for keyword in REFERENCE_ATTRIBUTES:
+        if keyword in ds:
+            setattr(header, keyword, ds[keyword].value)
+        elif keyword in PATIENT_STUDY_ATTRIBUTES and keyword != "StudyInstanceUID":
+            setattr(header, keyword, None)
+    return header
 
 
 def pixel_area(ds: Any) -> tuple[float | None, str]:

@@ -48,6 +48,7 @@ class LoadedModel:
     description: str = ""  # how it runs, e.g. "torch on cpu, fp32"
     contrast: str = "none"  # the contrast normalisation ``run`` applies (covidseg.data.contrast)
     run_warnings: tuple[str, ...] = ()  # about how it runs here (e.g. bf16 emulated on this CPU)
+    file_name: str = ""  # the model file's name (what a DICOM SEG says made it)
 
 
 def model_backend(path: str | Path) -> str:
@@ -135,6 +136,7 @@ def _prepare_torch(
         description=f"torch on {torch_device.type}, {chosen}" + _contrast_note(contrast),
         contrast=contrast,
         run_warnings=tuple(run_warnings),
+        file_name=path.name,
     )
 
 
@@ -182,6 +184,7 @@ def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, ba
         provenance=_onnx_provenance(predictor.metadata),
         description="onnxruntime on cpu, fp32" + _contrast_note(predictor.contrast),
         contrast=predictor.contrast,
+        file_name=path.name,
     )
 
 

@@ -7,6 +7,7 @@ For every input image the outputs in ``out_dir`` are
     overlays/<stem>.png   uint8 RGB (H, W, 3), the grey X-ray with the predicted region tinted and the
                           predicted lungs outlined, the sides marked R/L and a legend (128 px and up)
     probs/<stem>.npy      float32 (H, W) probabilities in [0, 1] (only with ``save_probs``)
+    seg/<stem>.dcm        a DICOM Segmentation over the source film (DICOM inputs, only with ``dicom_seg``)
     predictions.csv       one row per input (see :data:`CSV_COLUMNS`)
 
 where (H, W) is the input's own size. Preprocessing matches training exactly: the file is
@@ -34,6 +35,7 @@ import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -44,6 +46,7 @@ from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
 from covidseg.inference import backends
 from covidseg.inference.backends import LoadedModel, model_warnings, provenance_lines
+from covidseg.inference.dicom_seg import DicomSegError, SegAlgorithm, write_dicom_seg
 from covidseg.inference.overlay import annotate, draw_outline, tint
 from covidseg.inference.pipeline import pipelined
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
@@ -87,7 +90,8 @@ CSV_COLUMNS = (
     "error",
     "warning",
 )
-OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs")
+OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs", "seg")
+ID_CHOICES = ("path", "sop-uid")
 LOCK_NAME = ".covidseg-predict.lock"  # held while a run writes the folder (covidseg.atomic.folder_lock)
 SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares / extent scores
     "right_lung_infected_pct": "right_pct",
@@ -132,6 +136,8 @@ class PredictOptions:
     precision: str = "fp32"
     flip_tta: bool | None = None
     recursive: bool = False
+    dicom_seg: bool = False  # also write seg/<stem>.dcm, a DICOM Segmentation, for each DICOM input
+    id_by: str = "path"  # "path": rows and outputs named by the input's path; "sop-uid": by its SOP Instance UID
 
 
 @dataclass
@@ -235,10 +241,15 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
 
     Compared case-insensitively, so outputs never collide on case-insensitive file systems.
     """
+    return unique_names(p.stem or "image" for p in paths)
+
+
+def unique_names(names: Iterable[str]) -> list[str]:
+    """``names`` with ``-1``, ``-2``, ... added to each one an earlier one took (case-insensitively)."""
     used: set[str] = set()
     stems = []
-    for p in paths:
-        stem = base = p.stem or "image"
+    for base in names:
+        stem = base
         k = 0
         while stem.lower() in used:
             k += 1
@@ -258,6 +269,7 @@ class InputInfo:
     sop_instance_uid: str = ""
     pixel_area_mm2: float | None = None  # one pixel's area at the patient (covidseg.data.dicom.pixel_area)
     spacing_source: str = ""
+    header: Any = None  # the pruned header a DICOM SEG needs (covidseg.data.dicom.reference_header)
 
 
 def load_input(path: Path) -> tuple[np.ndarray, InputInfo]:
@@ -276,7 +288,9 @@ def load_input(path: Path) -> tuple[np.ndarray, InputInfo]:
     try:
         if is_dicom(data) or path.suffix.lower() in DICOM_SUFFIXES:
             grey, meta = decode_dicom(data, str(path))
-            info = InputInfo(meta.get("SOPInstanceUID", ""), meta["pixel_area_mm2"], meta["spacing_source"])
+            info = InputInfo(
+                meta.get("SOPInstanceUID", ""), meta["pixel_area_mm2"], meta["spacing_source"], meta["header"]
+            )
         else:
             grey, _ = decode_grey(data, str(path))
     except DicomError as exc:
@@ -317,6 +331,7 @@ def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
         "lungs": out_dir / "lungs" / f"{stem}.png",
         "overlays": out_dir / "overlays" / f"{stem}.png",
         "probs": out_dir / "probs" / f"{stem}.npy",
+        "seg": out_dir / "seg" / f"{stem}.dcm",
     }
 
 
@@ -340,6 +355,7 @@ def write_outputs(
     save_probs: bool,
     lung_prob: np.ndarray | None = None,
     pixel_area_mm2: float | None = None,
+    dicom_seg: tuple[Any, SegAlgorithm] | None = None,
 ) -> dict[str, float]:
     """Write mask, lungs, overlay (and probs) for one image; grey uint8 (H, W), prob and lung_prob float32 (H, W).
 
@@ -347,11 +363,14 @@ def write_outputs(
     ``lung_prob``, the severity measures of :func:`severity_of` (the CSV's severity columns). All
     or nothing: on an error every file of ``stem`` (also older ones) is removed before it is raised;
     files this run does not make (probs without ``save_probs``, lungs without a lung head) are removed.
+    With ``dicom_seg`` (the film's pruned header, the algorithm), also ``seg/<stem>.dcm``
+    (:func:`covidseg.inference.dicom_seg.write_dicom_seg`; DicomSegError when it cannot be built).
     """
     paths = output_paths(out_dir, stem)
     mask = prob >= threshold
     lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
     made = ["masks", "overlays"] + (["lungs"] if lungs is not None else []) + (["probs"] if save_probs else [])
+    made += ["seg"] if dicom_seg is not None else []
     overlay = tint(grey, mask)
     try:
         _save_png(paths["masks"], np.where(mask, 255, 0).astype(np.uint8))
@@ -361,6 +380,9 @@ def write_outputs(
         _save_png(paths["overlays"], annotate(overlay, threshold, lungs is not None))
         if save_probs:
             _save_npy(paths["probs"], prob)
+        if dicom_seg is not None:
+            header, algorithm = dicom_seg
+            write_dicom_seg(paths["seg"], header, mask, lungs, algorithm, name=stem)
     except BaseException:
         remove_outputs(out_dir, stem)
         raise
@@ -480,15 +502,36 @@ def _predict_locked(
     (:func:`covidseg.inference.pipeline.pipelined`); rows are finished here, in input order.
     """
     earlier = earlier_rows(out_dir)
-    stems = unique_stems(paths)
-    rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
+    if options.id_by == "sop-uid":
+        ids = sop_uid_ids(paths)
+        stems = unique_names(i or f"input-{k + 1}" for k, i in enumerate(ids))
+        rows = [Row(input=i or s, stem=s) for i, s in zip(ids, stems)]
+        names = [r.input for r in rows]  # what messages call each input: never its path
+    else:
+        stems = unique_stems(paths)
+        rows = [Row(input=str(p), stem=s) for p, s in zip(paths, stems)]
+        names = [str(p) for p in paths]
     step = max(1, options.batch_size)
     batches = [range(start, min(start + step, len(paths))) for start in range(0, len(paths), step)]
+    algorithm = SegAlgorithm(prepared.file_name, str(prepared.provenance.get("code_hash", "")))
 
     def write(batch: _Batch) -> _Batch:
-        return _write_batch(batch, out_dir, stems, prepared.threshold, options.save_probs)
+        return _write_batch(
+            batch, out_dir, stems, prepared.threshold, options.save_probs, algorithm if options.dicom_seg else None
+        )
 
-    steps = pipelined(batches, lambda indices: _decode_batch(paths, indices), lambda b: _run_batch(b, prepared), write)
+    def decode(indices: range) -> _Batch:
+        batch = _decode_batch(paths, indices)
+        if options.id_by == "sop-uid":  # no path in any message: file names often hold patient names
+            for i in indices:
+                if i in batch.failures:
+                    batch.failures[i] = batch.failures[i].replace(str(paths[i]), names[i])
+                elif not ids[i]:
+                    batch.failures[i] = f"{names[i]}: no SOP Instance UID (--id sop-uid names outputs by it)"
+                    del batch.decoded[i], batch.greys[i]
+        return batch
+
+    steps = pipelined(batches, decode, lambda b: _run_batch(b, prepared), write)
     with contextlib.closing(steps):
         for batch in steps:
             for i, message in batch.failures.items():
@@ -498,8 +541,10 @@ def _predict_locked(
                 rows[i].pixel_spacing_source = info.spacing_source
                 rows[i].height, rows[i].width = shape
                 result = batch.written.get(i)
-                if isinstance(result, OSError):
-                    message = f"{paths[i]}: cannot write outputs ({_reason(result)})"
+                if isinstance(result, DicomSegError):
+                    _fail(rows[i], str(result).replace(stems[i], names[i], 1), on_row)
+                elif isinstance(result, OSError):
+                    message = f"{names[i]}: cannot write outputs ({_reason(result)})"
                     if result.errno in _FOLDER_ERRNOS:
                         _fail(rows[i], message, None)
                         _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(result)})")
@@ -546,7 +591,14 @@ def _run_batch(batch: _Batch, prepared: LoadedModel) -> _Batch:
     return batch
 
 
-def _write_batch(batch: _Batch, out_dir: Path, stems: list[str], threshold: float, save_probs: bool) -> _Batch:
+def _write_batch(
+    batch: _Batch,
+    out_dir: Path,
+    stems: list[str],
+    threshold: float,
+    save_probs: bool,
+    seg_algorithm: SegAlgorithm | None = None,
+) -> _Batch:
     """Write the batch's files; stop at the first error that means the folder itself failed (full, read-only, gone)."""
     for i in batch.failures:
         remove_outputs(out_dir, stems[i])
@@ -555,16 +607,48 @@ def _write_batch(batch: _Batch, out_dir: Path, stems: list[str], threshold: floa
         try:
             prob = resize_probs(batch.probs[k], grey.shape[1], grey.shape[0])
             lung = None if batch.lung_probs is None else resize_probs(batch.lung_probs[k], grey.shape[1], grey.shape[0])
-            area = batch.decoded[i][0].pixel_area_mm2
+            info = batch.decoded[i][0]
+            seg = (info.header, seg_algorithm) if seg_algorithm is not None and info.header is not None else None
             batch.written[i] = write_outputs(
-                out_dir, stems[i], grey, prob, threshold, save_probs, lung_prob=lung, pixel_area_mm2=area
+                out_dir,
+                stems[i],
+                grey,
+                prob,
+                threshold,
+                save_probs,
+                lung_prob=lung,
+                pixel_area_mm2=info.pixel_area_mm2,
+                dicom_seg=seg,
             )
+        except DicomSegError as exc:
+            batch.written[i] = exc
         except OSError as exc:
             batch.written[i] = exc
             if exc.errno in _FOLDER_ERRNOS:
                 break
     batch.greys.clear()
     return batch
+
+
+def sop_uid_ids(paths: Sequence[Path]) -> list[str]:
+    """Each input's SOP Instance UID, read from its header without the pixels; "" for a file without one
+    (not DICOM, or no UID, or unreadable: decoding reports the latter)."""
+    from pydicom import dcmread
+
+    ids = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                head = f.read(DICM_OFFSET + 4)
+                if not is_dicom(head):
+                    ids.append("")
+                    continue
+                f.seek(0)
+                ds = dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            ids.append(str(ds.get("SOPInstanceUID", "") or ""))
+        except Exception:  # unreadable: the decode step names the problem
+            ids.append("")
+    return ids
 
 
 def earlier_rows(out_dir: Path) -> list[Row]:
