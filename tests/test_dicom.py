@@ -21,6 +21,8 @@ def test_monochrome2_8bit_is_identity(tmp_path):
     grey, info = decode(write_dicom(tmp_path / "a.dcm", pixels))
     assert grey.dtype == np.uint8 and grey.shape == (16, 16)
     np.testing.assert_array_equal(grey, pixels)
+    header = info.pop("header")  # the pruned header a DICOM SEG needs (tests/test_predict_seg.py)
+    assert header.SOPInstanceUID == DICOM_UID and "PixelData" not in header
     assert info == {
         "PhotometricInterpretation": "MONOCHROME2",
         "BitsStored": 8,
@@ -28,6 +30,8 @@ def test_monochrome2_8bit_is_identity(tmp_path):
         "PresentationLUTShape": "IDENTITY",
         "TransferSyntaxUID": "1.2.840.10008.1.2.1",
         "SOPInstanceUID": DICOM_UID,
+        "pixel_area_mm2": None,
+        "spacing_source": "",
     }
 
 

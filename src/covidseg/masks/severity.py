@@ -47,11 +47,17 @@ def _as_mask(a: np.ndarray, name: str, ndim: int) -> np.ndarray:
     return a
 
 
-def split_lungs(lungs: np.ndarray, min_fraction: float = 0.1, valley: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+MIN_LUNG_FRACTION = 0.02  # of the film's pixels: a smaller region is not a lung (a blob, a fragment)
+
+
+def split_lungs(
+    lungs: np.ndarray, min_fraction: float = 0.1, valley: float = 0.5, min_lung: float = MIN_LUNG_FRACTION
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a lung mask (H, W) into the patient's ``right`` and ``left`` lung, bool (H, W) each.
 
-    ``right`` is the lung on the IMAGE'S LEFT (radiological view). Every lung pixel goes to
-    exactly one side: ``right | left == lungs`` and ``right & left`` is empty.
+    ``right`` is the lung on the IMAGE'S LEFT (radiological view). ``right & left`` is empty and
+    ``right | left`` lies within ``lungs``: a lung is a region of plausible size on its own side, and
+    a side with none stays empty instead of being invented from the other lung's pixels.
 
     Method:
     1. Connected components (8-connectivity). A component is *substantial* when it holds at
@@ -64,12 +70,40 @@ def split_lungs(lungs: np.ndarray, min_fraction: float = 0.1, valley: float = 0.
        horizontal extent: a column whose count is at most ``valley`` times the smaller of the
        peaks on its two sides. If found, the lungs are cut at that column (columns before it
        are ``right``), and blobs go by their centroid column. If not, the mask is one lung,
-       on the side of the image's centre column (W - 1) / 2 where its centroid lies (below
-       it: the image's left, i.e. ``right``; on or above it: ``left``), and all pixels,
-       blobs included, go to that lung so a stray blob never poses as the other lung.
+       and all pixels, blobs included, go to it.
+    4. Each side is then checked: its centroid must lie on its own side of the image's centre
+       column (W - 1) / 2 (``right`` below it), and it must hold at least ``min_lung`` of the
+       film's pixels. Two parts on one side are one lung cut in two: they are merged into the
+       side their joint centroid is on. A part that is too small is dropped (its pixels are in
+       neither lung). A lung alone on the wrong side of the centre (a film off centre) keeps
+       the side its centroid is on.
     An empty mask gives two empty masks.
     """
     lungs = _as_mask(lungs, "lungs", 2)
+    right, left = _split_candidates(lungs, min_fraction, valley)
+    centre = (lungs.shape[1] - 1) / 2
+    for part in (right, left):
+        if part.any() and part.sum() < min_lung * lungs.size:
+            part[:] = False
+    if right.any() and left.any() and _centroid_column(right) >= centre and _centroid_column(left) >= centre:
+        left |= right
+        right[:] = False
+    elif right.any() and left.any() and _centroid_column(right) < centre and _centroid_column(left) < centre:
+        right |= left
+        left[:] = False
+    for part, other, on_side in ((right, left, lambda c: c < centre), (left, right, lambda c: c >= centre)):
+        if part.any() and not other.any() and not on_side(_centroid_column(part)):
+            other |= part
+            part[:] = False
+    return right, left
+
+
+def _centroid_column(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[1].mean())
+
+
+def _split_candidates(lungs: np.ndarray, min_fraction: float, valley: float) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 1-3 of :func:`split_lungs`: every lung pixel to one side, before the side and size checks."""
     right, left = np.zeros_like(lungs), np.zeros_like(lungs)
     if not lungs.any():
         return right, left
