@@ -32,6 +32,8 @@ def test_monochrome2_8bit_is_identity(tmp_path):
         "SOPInstanceUID": DICOM_UID,
         "pixel_area_mm2": None,
         "spacing_source": "",
+        "ViewPosition": "",
+        "BodyPartExamined": "",
     }
 
 

@@ -595,9 +595,13 @@ def test_lungs_and_severity_columns_match_the_files_written(tmp_path):
     mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "x.png"))
     assert lungs.shape == (40, 48) and set(np.unique(lungs)) <= {0, 255}
     row = read_csv(tmp_path / "out" / "predictions.csv")[0]
-    expected = severity_of(mask == 255, lungs == 255)
+    from covidseg.inference.predict import load_input
+
+    expected = severity_of(mask == 255, lungs == 255, grey=load_input(src)[0], view="unknown")
+    said = expected.pop("severity_warning")
     for column, value in expected.items():
         assert row[column] == ("" if value is None else (f"{value:.6f}" if isinstance(value, float) else str(value)))
+    assert (f"no severity: {said}" in row["warning"]) if said else row["severity_status"] == "ok"
     overlay = np.asarray(Image.open(tmp_path / "out" / "overlays" / "x.png"))
     edge = outline(lungs == 255)
     if edge.any():

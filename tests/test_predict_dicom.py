@@ -167,9 +167,12 @@ def test_pixel_area_comes_from_the_spacing_the_file_gives(tmp_path, attrs, area,
     assert got == pytest.approx(area) if area is not None else got is None
 
 
-def test_lung_and_infected_areas_in_cm2_per_lung_where_the_file_gives_a_spacing(tmp_path, model, grey):
+def test_lung_and_infected_areas_in_cm2_per_lung_where_the_file_gives_a_spacing(tmp_path, model, grey, monkeypatch):
+    import covidseg.inference.predict as predict_mod
     from covidseg.masks.severity import split_lungs
 
+    # The tiny model's lungs are not plausible ones; the refusals have their own tests (test_plausibility.py).
+    monkeypatch.setattr(predict_mod, "severity_refusals", lambda *args, **kwargs: [])
     spaced = write_dicom(tmp_path / "spaced.dcm", grey, PixelSpacing=[0.5, 0.4])  # 0.2 mm^2 a pixel
     bare = write_dicom(tmp_path / "bare.dcm", grey)
     result, rows = predict(tmp_path, model, spaced, bare, png(tmp_path / "film.png", grey))
@@ -210,3 +213,17 @@ def test_areas_by_hand_for_two_lungs_and_for_a_lung_not_found():
     s = severity_of(infection, one, pixel_area_mm2=0.25)
     assert s["left_lung_area_cm2"] is None and s["left_infected_area_cm2"] is None
     assert all(v is None for k, v in severity_of(infection, lungs).items() if k.endswith("_cm2"))
+
+
+def test_view_column_and_no_severity_for_a_lateral_film(tmp_path, model, grey):
+    lateral = write_dicom(tmp_path / "lat.dcm", grey, ViewPosition="LL", BodyPartExamined="CHEST")
+    frontal = write_dicom(tmp_path / "pa.dcm", grey, ViewPosition="PA")
+    result, rows = predict(tmp_path, model, lateral, frontal, png(tmp_path / "film.png", grey))
+    assert result.exit_code == 0, result.output
+    assert (rows["lat"]["view"], rows["pa"]["view"], rows["film"]["view"]) == ("lateral", "PA", "unknown")
+    lat = rows["lat"]
+    assert "lateral" in lat["severity_status"].split("+")
+    assert "no severity: a lateral film" in lat["warning"]
+    for column in ("right_lung_infected_pct", "left_lung_infected_pct", "lungs_infected_pct", "extent_score"):
+        assert lat[column] == "", column
+    assert lat["status"] == "ok" and (tmp_path / "out" / "masks" / "lat.png").is_file()  # masks still written

@@ -279,18 +279,21 @@ def compare(
 ) -> None:
     """Paired difference A - B of a per-image metric on the same test images, with its 95 % bootstrap interval.
 
-    An interval that holds 0 is a tie. Example: `covidseg compare exp-a exp-b --metric rmse`.
+    An interval that holds 0 is a tie. Example: `covidseg compare exp-a exp-b --metric rmse`. Two
+    `covidseg predict` tables compare by stem (e.g. --metric infected_fraction). Duplicate or unshared ids,
+    fewer than 10 paired images, non-numeric values and ambiguous experiment names are errors (exit 2).
     """
-    from covidseg.evaluation.compare import CompareError, read_run
+    from covidseg.evaluation.compare import CompareError, digits_for, read_run
     from covidseg.evaluation.compare import compare as run_compare
 
     try:
         result = run_compare(read_run(a, repo), read_run(b, repo), metric, resamples)
     except CompareError as exc:
         _die(_stderr_console(), str(exc))
+    k = digits_for(result.diff, result.low, result.high)
     typer.echo(
-        f"{metric} over {result.n} images: A {result.mean_a:.4f}, B {result.mean_b:.4f}; "
-        f"A - B {result.diff:+.4f}, 95 % interval [{result.low:+.4f}, {result.high:+.4f}]: {result.verdict}"
+        f"{metric} over {result.n} images: A {result.mean_a:.{k}f}, B {result.mean_b:.{k}f}; "
+        f"A - B {result.diff:+.{k}f}, 95 % interval [{result.low:+.{k}f}, {result.high:+.{k}f}]: {result.verdict}"
     )
 
 

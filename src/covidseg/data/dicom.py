@@ -56,7 +56,8 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         (uint8 (H, W) grey levels, bone bright; info dict with ``PhotometricInterpretation``,
         ``BitsStored``, ``window`` (True when a VOI LUT or window was applied),
         ``PresentationLUTShape`` (the one applied), ``TransferSyntaxUID``, ``pixel_area_mm2`` and
-        ``spacing_source`` (:func:`pixel_area`), ``header`` (:func:`reference_header`) and
+        ``spacing_source`` (:func:`pixel_area`), ``header`` (:func:`reference_header`),
+        ``ViewPosition`` and ``BodyPartExamined`` ("" when absent) and
         ``SOPInstanceUID`` when the file has one).
     Raises:
         DicomError: not DICOM, no pixel data, multi-frame, colour, or a compressed transfer
@@ -125,6 +126,8 @@ def decode_dicom(data: bytes, name: str) -> tuple[np.ndarray, dict[str, Any]]:
         info["SOPInstanceUID"] = str(ds.SOPInstanceUID)
     info["pixel_area_mm2"], info["spacing_source"] = pixel_area(ds)
     info["header"] = reference_header(ds)
+    info["ViewPosition"] = str(ds.get("ViewPosition", "") or "")
+    info["BodyPartExamined"] = str(ds.get("BodyPartExamined", "") or "")
     return grey, info
 
 

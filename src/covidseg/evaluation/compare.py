@@ -9,7 +9,13 @@ on this.
 
 A run is named by a per-image CSV, a folder holding ``plots/eval/per_image.csv`` (a checkout or an
 experiment's temporary copy) or ``per_image.csv``, a git revision, or a DVC experiment name (its
-ref under ``refs/exps/``), read with ``git show`` from the repository in ``repo``.
+ref under ``refs/exps/``), read with ``git show`` from the repository in ``repo``. A table is keyed by
+its ``id`` column, or by ``stem`` (``covidseg predict``'s ``predictions.csv``, whose columns such as
+``infected_fraction`` then compare two models on one external set).
+
+Strict: duplicate ids, no shared ids, different id sets, fewer than :data:`MIN_PAIRED` images where
+both runs have a value, non-numeric values, an unknown column, an unreadable repository and an
+experiment name that matches several experiments are each a :class:`CompareError` naming the file.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pandas as pd
 from covidseg.evaluation.agreement import paired_bootstrap_diff
 
 PER_IMAGE = "plots/eval/per_image.csv"
+MIN_PAIRED = 10  # images with a value in both runs, at the least: fewer cannot give a useful interval
 # Per-image columns where lower is better (the verdict's direction); every other one: higher is better.
 LOWER_IS_BETTER = ("rmse", "hd95_fixed", "hd95_tuned")
 
@@ -55,14 +62,20 @@ class Comparison:
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    if not repo.is_dir():
+        raise CompareError(f"--repo {repo}: no such folder, so no git revision or experiment can be read from it")
     return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
 
 
 def _experiment_ref(repo: Path, name: str) -> str | None:
-    """The git ref of DVC experiment ``name`` (``refs/exps/xx/yyyy.../name``), or None."""
-    refs = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
-    found = [r for r in refs if r.rsplit("/", 1)[-1] == name]
-    return found[0] if found else None
+    """The git ref of DVC experiment ``name`` (``refs/exps/xx/yyyy.../name``), or None; CompareError when several
+    experiments have that name (every `make real` is called real-preset), listing them to pick from."""
+    refs = _git(repo, "for-each-ref", "--format=%(refname) %(objectname:short) %(committerdate:iso)", "refs/exps")
+    found = [line.split(" ", 2) for line in refs.stdout.splitlines() if line.split(" ")[0].rsplit("/", 1)[-1] == name]
+    if len(found) > 1:
+        listed = "; ".join(f"{sha} ({when})" for _, sha, when in found)
+        raise CompareError(f"{name}: {len(found)} experiments have this name; name one by its commit: {listed}")
+    return found[0][0] if found else None
 
 
 def read_run(spec: str, repo: str | Path = ".") -> pd.DataFrame:
@@ -88,16 +101,41 @@ def read_run(spec: str, repo: str | Path = ".") -> pd.DataFrame:
 
 def _read_csv(text: str, name: str) -> pd.DataFrame:
     try:
-        table = pd.read_csv(io.StringIO(text))
+        table = pd.read_csv(io.StringIO(text), dtype={"id": str, "stem": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise CompareError(f"{name}: not a per-image table ({exc})") from None
     if "id" not in table.columns:
-        raise CompareError(f"{name}: no 'id' column, so not a per-image table of `evaluate`")
+        if "stem" not in table.columns:
+            raise CompareError(f"{name}: no 'id' (evaluate) or 'stem' (predict) column, so not a per-image table")
+        table = table.rename(columns={"stem": "id"})
+    repeated = table["id"][table["id"].duplicated()].unique()
+    if len(repeated):
+        shown = ", ".join(map(str, repeated[:5])) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+        raise CompareError(f"{name}: {len(repeated)} id(s) appear more than once ({shown}): one row per image")
+    table.attrs["source"] = name
     return table
 
 
+def _names(a: pd.DataFrame, b: pd.DataFrame) -> str:
+    return f"{a.attrs.get('source', 'run A')} and {b.attrs.get('source', 'run B')}"
+
+
+def digits_for(*values: float, least: int = 4) -> int:
+    """Decimals that show ``values`` (a difference and its interval ends) with two significant digits of the
+    smallest non-zero magnitude among them, and at least ``least``: 1e-5 prints as 0.000010, not -0.0000."""
+    magnitudes = [abs(v) for v in values if v and np.isfinite(v)]
+    if not magnitudes:
+        return least
+    return min(12, max(least, int(np.ceil(-np.log10(min(magnitudes)))) + 1))
+
+
 def compare(
-    a: pd.DataFrame, b: pd.DataFrame, metric: str = "dice_tuned", n_resamples: int = 1000, seed: int = 0
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    metric: str = "dice_tuned",
+    n_resamples: int = 1000,
+    seed: int = 0,
+    min_paired: int = MIN_PAIRED,
 ) -> Comparison:
     """Paired bootstrap of ``metric`` (a per-image column) between runs A and B on the images they share.
 
@@ -106,18 +144,36 @@ def compare(
     empty prediction) are left out of both means, as in the runs' own per-image means.
     """
     for name, table in (("A", a), ("B", b)):
+        where = table.attrs.get("source", f"run {name}")
+        if len(set(table["id"])) != len(table):
+            raise CompareError(f"{where}: ids appear more than once: one row per image")
         if metric not in table.columns:
-            numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
-            raise CompareError(f"run {name} has no per-image column {metric!r}; choose one of {numeric}")
+            numeric = [c for c in table.columns if c != "id" and pd.api.types.is_numeric_dtype(table[c])]
+            raise CompareError(f"{where}: no per-image column {metric!r}; choose one of {numeric}")
+        values = pd.to_numeric(table[metric], errors="coerce")
+        bad = table[metric][values.isna() & table[metric].notna()]
+        if len(bad):
+            raise CompareError(
+                f"{where}: column {metric!r} holds {len(bad)} non-numeric value(s), e.g. {bad.iloc[0]!r} "
+                f"(image {table['id'][bad.index[0]]})"
+            )
     ids_a, ids_b = set(a["id"]), set(b["id"])
+    if not ids_a & ids_b:
+        raise CompareError(f"{_names(a, b)}: no image id in common: not runs on the same images")
     if ids_a != ids_b:
         raise CompareError(
-            f"the runs scored different images ({len(ids_a - ids_b)} only in A, {len(ids_b - ids_a)} only in B): "
-            "compare runs on the same test split"
+            f"{_names(a, b)}: the runs scored different images ({len(ids_a - ids_b)} only in A, "
+            f"{len(ids_b - ids_a)} only in B): compare runs on the same test split"
         )
-    joined = a[["id", metric]].merge(b[["id", metric]], on="id", suffixes=("_a", "_b"))
-    va, vb = joined[f"{metric}_a"].to_numpy(float), joined[f"{metric}_b"].to_numpy(float)
+    joined = a[["id", metric]].merge(b[["id", metric]], on="id", suffixes=("_a", "_b"), validate="one_to_one")
+    va = pd.to_numeric(joined[f"{metric}_a"]).to_numpy(float)
+    vb = pd.to_numeric(joined[f"{metric}_b"]).to_numpy(float)
     keep = ~(np.isnan(va) | np.isnan(vb))
+    if keep.sum() < min_paired:
+        raise CompareError(
+            f"{_names(a, b)}: only {int(keep.sum())} of {len(keep)} images have {metric!r} in both runs; "
+            f"a paired interval needs at least {min_paired}"
+        )
     d = paired_bootstrap_diff(va, vb, np.mean, n_resamples=n_resamples, seed=seed)
     return Comparison(
         metric,

@@ -49,7 +49,8 @@ from covidseg.inference.backends import LoadedModel, model_warnings, provenance_
 from covidseg.inference.dicom_seg import DicomSegError, SegAlgorithm, write_dicom_seg
 from covidseg.inference.overlay import annotate, draw_outline, tint
 from covidseg.inference.pipeline import pipelined
-from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
+from covidseg.masks.plausibility import severity_refusals, view_of
+from covidseg.masks.severity import LUNG_THRESHOLD, split_lungs, split_severity
 
 __all__ = [
     "LoadedModel",
@@ -74,6 +75,8 @@ CSV_COLUMNS = (
     "sop_instance_uid",
     "infected_fraction",
     "mean_probability",
+    "view",
+    "severity_status",
     "right_lung_infected_pct",
     "left_lung_infected_pct",
     "lungs_infected_pct",
@@ -102,7 +105,7 @@ SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares /
     "extent_score": "extent_score",
     "infected_outside_lungs_pct": "infected_outside_lungs_pct",
 }
-AREA_COLUMNS = {  # CSV column: pixel count of covidseg.masks.severity.image_severity(counts=True)
+AREA_COLUMNS = {  # CSV column: pixel count of covidseg.masks.severity.split_severity(counts=True)
     "right_lung_area_cm2": "right_lung_px",
     "left_lung_area_cm2": "left_lung_px",
     "right_infected_area_cm2": "right_infected_px",
@@ -151,6 +154,8 @@ class Row:
     sop_instance_uid: str = ""  # DICOM inputs that have one; empty otherwise
     infected_fraction: float | None = None
     mean_probability: float | None = None
+    view: str = ""  # PA, AP, lateral or unknown (DICOM ViewPosition; unknown for other files)
+    severity_status: str = ""  # "ok", or why the film gives no severity (codes of covidseg.masks.plausibility)
     right_lung_infected_pct: float | None = None  # percent of that lung's pixels (image left = patient's right)
     left_lung_infected_pct: float | None = None
     lungs_infected_pct: float | None = None
@@ -270,6 +275,8 @@ class InputInfo:
     pixel_area_mm2: float | None = None  # one pixel's area at the patient (covidseg.data.dicom.pixel_area)
     spacing_source: str = ""
     header: Any = None  # the pruned header a DICOM SEG needs (covidseg.data.dicom.reference_header)
+    view: str = "unknown"  # covidseg.masks.plausibility.view_of
+    body_part: str = ""  # BodyPartExamined
 
 
 def load_input(path: Path) -> tuple[np.ndarray, InputInfo]:
@@ -289,7 +296,12 @@ def load_input(path: Path) -> tuple[np.ndarray, InputInfo]:
         if is_dicom(data) or path.suffix.lower() in DICOM_SUFFIXES:
             grey, meta = decode_dicom(data, str(path))
             info = InputInfo(
-                meta.get("SOPInstanceUID", ""), meta["pixel_area_mm2"], meta["spacing_source"], meta["header"]
+                meta.get("SOPInstanceUID", ""),
+                meta["pixel_area_mm2"],
+                meta["spacing_source"],
+                meta["header"],
+                view_of(meta["ViewPosition"]),
+                meta["BodyPartExamined"],
             )
         else:
             grey, _ = decode_grey(data, str(path))
@@ -356,6 +368,8 @@ def write_outputs(
     lung_prob: np.ndarray | None = None,
     pixel_area_mm2: float | None = None,
     dicom_seg: tuple[Any, SegAlgorithm] | None = None,
+    view: str = "unknown",
+    body_part: str = "",
 ) -> dict[str, float]:
     """Write mask, lungs, overlay (and probs) for one image; grey uint8 (H, W), prob and lung_prob float32 (H, W).
 
@@ -388,20 +402,56 @@ def write_outputs(
         raise
     remove_outputs(out_dir, stem, keep=made)
     measures = {"infected_fraction": float(mask.mean()), "mean_probability": float(prob.mean(dtype=np.float64))}
-    return measures | (severity_of(mask, lungs, pixel_area_mm2) if lungs is not None else {})
+    if lungs is None:
+        return measures
+    return measures | severity_of(mask, lungs, pixel_area_mm2, grey=grey, view=view, body_part=body_part)
 
 
-def severity_of(infection: np.ndarray, lungs: np.ndarray, pixel_area_mm2: float | None = None) -> dict[str, float]:
+def severity_of(
+    infection: np.ndarray,
+    lungs: np.ndarray,
+    pixel_area_mm2: float | None = None,
+    grey: np.ndarray | None = None,
+    view: str = "unknown",
+    body_part: str = "",
+) -> dict[str, Any]:
     """The CSV's severity columns from bool (H, W) infection and lung masks: per-lung and both-lung
-    infected share (percent), extent scores (0-4 per lung, 0-8 summed) and the share of the infected
-    pixels outside the lungs (percent). A lung not found has an empty share and extent 0. With
-    ``pixel_area_mm2`` (a DICOM file's spacing), each lung's area and its infected area in cm^2
-    (empty for a lung not found); without, the area columns are empty."""
-    values = image_severity(infection, lungs, counts=True)
-    out = {column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()}
+    infected share (percent), extent scores (0-4 per lung, 0-8 summed), the share of the infected
+    pixels outside the lungs (percent), ``severity_status`` and, under ``severity_warning``, the
+    reasons in words. With ``pixel_area_mm2`` (a DICOM file's spacing), each lung's area and its
+    infected area in cm^2.
+
+    Where the film cannot give a severity (:func:`covidseg.masks.plausibility.severity_refusals`,
+    from ``grey``, ``view`` and ``body_part`` as well as the masks) the cells are empty, never a
+    number: all of them, except that with one lung found its own share, extent and areas stay and
+    only the other lung's and the both-lung totals are empty. ``infected_outside_lungs_pct`` is
+    always given. ``severity_status`` is ``ok`` or the reason codes joined by ``+``.
+    """
+    right, left = split_lungs(lungs)
+    values = split_severity(infection, right, left, counts=True)
+    out: dict[str, Any] = {
+        column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()
+    }
     for column, key in AREA_COLUMNS.items():
         lung_found = values[key.replace("infected", "lung")] > 0
         out[column] = values[key] * pixel_area_mm2 / 100.0 if pixel_area_mm2 and lung_found else None
+    reasons = severity_refusals(grey, infection, right, left, view=view, body_part=body_part)
+    codes = [code for code, _ in reasons]
+    if codes == ["one_lung"]:
+        missing = "left" if right.any() else "right"
+        empty = [
+            "lungs_infected_pct",
+            "extent_score",
+            *(c for c in (*SEVERITY_COLUMNS, *AREA_COLUMNS) if c.startswith(missing)),
+        ]
+    elif codes:
+        empty = [c for c in (*SEVERITY_COLUMNS, *AREA_COLUMNS) if c != "infected_outside_lungs_pct"]
+    else:
+        empty = []
+    for column in empty:
+        out[column] = None
+    out["severity_status"] = "+".join(codes) or "ok"
+    out["severity_warning"] = "; ".join(message for _, message in reasons)
     return out
 
 
@@ -538,7 +588,7 @@ def _predict_locked(
                 _fail(rows[i], message, on_row)
             for i, (info, warning, shape) in batch.decoded.items():
                 rows[i].sop_instance_uid, rows[i].warning = info.sop_instance_uid, warning
-                rows[i].pixel_spacing_source = info.spacing_source
+                rows[i].pixel_spacing_source, rows[i].view = info.spacing_source, info.view
                 rows[i].height, rows[i].width = shape
                 result = batch.written.get(i)
                 if isinstance(result, DicomSegError):
@@ -550,8 +600,11 @@ def _predict_locked(
                         _stop(out_dir, rows, f"output folder {out_dir}: writing stopped ({_reason(result)})")
                     _fail(rows[i], message, on_row)
                 elif result is not None:
+                    said = result.pop("severity_warning", "")
                     for name, value in result.items():
                         setattr(rows[i], name, value)
+                    if said:
+                        rows[i].warning = "; ".join(w for w in (rows[i].warning, f"no severity: {said}") if w)
                     if on_row:
                         on_row(rows[i])
     ours = {r.stem for r in rows}
@@ -619,6 +672,8 @@ def _write_batch(
                 lung_prob=lung,
                 pixel_area_mm2=info.pixel_area_mm2,
                 dicom_seg=seg,
+                view=info.view,
+                body_part=info.body_part,
             )
         except DicomSegError as exc:
             batch.written[i] = exc

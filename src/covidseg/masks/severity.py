@@ -230,8 +230,13 @@ def image_severity(infection: np.ndarray, lungs: np.ndarray, counts: bool = Fals
     lung not found), extent scores by :func:`extent_score` (0-4 per lung, their sum 0-8). With
     ``counts``, also the :data:`COUNT_KEYS`: pixels of each lung and infected pixels inside it.
     """
-    infection = _as_mask(infection, "infection", 2)
-    right_lung, left_lung = split_lungs(lungs)
+    return split_severity(_as_mask(infection, "infection", 2), *split_lungs(lungs), counts=counts)
+
+
+def split_severity(
+    infection: np.ndarray, right_lung: np.ndarray, left_lung: np.ndarray, counts: bool = False
+) -> dict[str, float]:
+    """:func:`image_severity` from lungs already split (bool (H, W) each)."""
     shares = lung_shares(infection, right_lung, left_lung)
     right, left = extent_score(shares["right_pct"]), extent_score(shares["left_pct"])
     values = {**shares, "right_extent": right, "left_extent": left, "extent_score": right + left}
