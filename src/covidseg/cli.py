@@ -297,6 +297,50 @@ def compare(
     )
 
 
+@app.command("export-nnunet")
+def export_nnunet(
+    source: Path = typer.Argument(
+        Path("data/extracted"),
+        help="The extract stage's folder (manifest.csv, subset.zip), or a data source (Kaggle folder or .zip), "
+        "which is extracted first with params.yaml's data section.",
+    ),
+    out: Path = typer.Argument(..., help="Where nnUNet_raw/, nnUNet_preprocessed/ and test_labels/ go."),
+    dataset_id: int = typer.Option(501, "--dataset-id", help="nnU-Net's three-digit dataset id."),
+    name: str = typer.Option("COVIDQUEx", help="The dataset name (DatasetNNN_<name>)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Its data section is used when SOURCE must be extracted."),
+) -> None:
+    """The same films and split as covidseg's, as an nnU-Net v2 raw dataset with covidseg's train/val as fold 0.
+
+    Then: nnUNetv2_plan_and_preprocess -d 501; nnUNetv2_train 501 2d 0; nnUNetv2_predict on imagesTs
+    (docs/training.md#the-nnu-net-baseline-on-the-same-split).
+    """
+    import tempfile
+
+    from covidseg.data.extract import extract
+    from covidseg.data.sources import SourceError
+    from covidseg.export.nnunet import NnunetExportError
+    from covidseg.export.nnunet import export_nnunet as run_export
+    from covidseg.params import DataParams, ParamsError, load_section
+
+    console = _stderr_console()
+    try:
+        if (source / "manifest.csv").is_file():
+            summary = run_export(source, out, dataset_id, name)
+        else:
+            data = load_section(DataParams, "data", params) if params.is_file() else DataParams()
+            data = DataParams(source=str(source), classes=data.classes, on_error=data.on_error)
+            with tempfile.TemporaryDirectory() as tmp:
+                extract(source, Path(tmp) / "extracted", Path(tmp) / "data.json", data)
+                summary = run_export(Path(tmp) / "extracted", out, dataset_id, name)
+    except (NnunetExportError, SourceError, ParamsError, ValueError) as exc:
+        _die(console, str(exc))
+    typer.echo(
+        f"export-nnunet: {out}/nnUNet_raw/{summary['dataset']} (imagesTr {summary['train'] + summary['val']}: "
+        f"train {summary['train']} + val {summary['val']}, imagesTs {summary['test']}); fold 0 of "
+        f"{out}/nnUNet_preprocessed/{summary['dataset']}/splits_final.json is covidseg's split"
+    )
+
+
 @app.command()
 def preset(
     path: Path = typer.Argument(..., help="A preset file of params overrides, e.g. presets/real.yaml."),
