@@ -297,6 +297,44 @@ def compare(
     )
 
 
+@app.command()
+def evaluate(
+    model: Path = typer.Argument(
+        ..., help="model.pt, model.onnx, or a folder of predicted masks (<case>.png, 0/1 or 0/255, e.g. nnU-Net's)."
+    ),
+    source: Path = typer.Argument(..., help="Labelled films: a Kaggle-layout folder or .zip, or an extract folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where metrics.json, details.json, per_image.csv, ... go."),
+    split: str = typer.Option("test", help="The split of SOURCE to score (train, val or test)."),
+    params: Path = typer.Option(Path("params.yaml"), help="Its data and evaluate sections, when present."),
+) -> None:
+    """External validation: every test metric with its 95 % interval, severity against the true lungs, per film.
+
+    `covidseg compare OUT_A/per_image.csv OUT_B/per_image.csv` then pairs two models on the same films.
+    """
+    from covidseg.data.sources import SourceError
+    from covidseg.evaluation.external import ExternalEvaluationError, evaluate_external
+    from covidseg.params import DataParams, EvaluateParams, ParamsError, load_section
+
+    console = _stderr_console()
+    try:
+        data = load_section(DataParams, "data", params) if params.is_file() else DataParams()
+        scoring = load_section(EvaluateParams, "evaluate", params) if params.is_file() else EvaluateParams()
+        summary = evaluate_external(model, source, out, split=split, data=data, params=scoring)
+    except (ExternalEvaluationError, SourceError, ParamsError, FileNotFoundError, ValueError) as exc:
+        _die(console, str(exc))
+    iv = summary["intervals"]
+    sev = summary["severity"].get("model", {})
+    line = (
+        f"evaluate: {summary['n_images']} films of {source} ({split}): Dice {summary['dice']:.4f} "
+        f"[{iv['dice_ci95_low']:.4f}, {iv['dice_ci95_high']:.4f}], IoU {summary['iou']:.4f} "
+        f"[{iv['iou_ci95_low']:.4f}, {iv['iou_ci95_high']:.4f}], RMSE {summary['rmse']:.4f} "
+        f"[{iv['rmse_ci95_low']:.4f}, {iv['rmse_ci95_high']:.4f}]"
+    )
+    if isinstance(sev.get("share_mae"), float) and sev["share_mae"] == sev["share_mae"]:
+        line += f"; per-lung share MAE {sev['share_mae']:.2f} points"
+    typer.echo(line + f"; results in {out}")
+
+
 @app.command("export-nnunet")
 def export_nnunet(
     source: Path = typer.Argument(

@@ -338,6 +338,7 @@ def extract(
     params: DataParams,
     workers: int | None = None,
     details_path: str | Path | None = None,
+    required_splits: tuple[str, ...] | None = None,
 ) -> ExtractReport:
     """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
 
@@ -346,7 +347,9 @@ def extract(
     found, ExtractError on the first bad triplet under ``on_error: fail`` or when a split
     ends up without COVID-19 pairs; then nothing is written and the targets are left as they were.
     ``metrics_path`` gets :meth:`ExtractReport.headline`, ``details_path`` (default:
-    ``atomic.details_path_for(metrics_path)``) :meth:`ExtractReport.to_json`.
+    ``atomic.details_path_for(metrics_path)``) :meth:`ExtractReport.to_json`. ``required_splits``: the
+    splits that must hold COVID-19 pairs (default: all three, as training needs; external validation
+    needs only the one it scores).
     """
     workers = default_workers() if workers is None else workers
     report = ExtractReport()
@@ -361,7 +364,7 @@ def extract(
             atomic_dir(out_dir) as tmp,
         ):
             rows = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
-            missing = [s for s in SPLIT_DIRS if report.class_counts[s]["COVID-19"] == 0]
+            missing = [s for s in (required_splits or SPLIT_DIRS) if report.class_counts[s]["COVID-19"] == 0]
             if missing:
                 first = next((m for m in report.messages if m.startswith("skipped")), "none")
                 raise ExtractError(

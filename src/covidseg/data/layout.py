@@ -8,6 +8,8 @@ Layout (the root folder name appears twice in the Kaggle download)::
 
 from __future__ import annotations
 
+import re
+
 from covidseg.params import CLASSES
 
 ROOT_NAME = "Infection Segmentation Data"
@@ -54,3 +56,19 @@ def find_roots(dirs: set[str]) -> list[str]:
             continue
         roots.add("/".join(parts[:-2]))
     return sorted(roots)
+
+
+def case_ids(rows: list[dict]) -> list[str]:
+    """The manifest rows' ids as file-name-safe case identifiers (nnU-Net's, a mask folder's): every character but
+    letters, digits, ``_`` and ``-`` becomes ``_``; an id two rows share gets its split and class in front."""
+    clean = [re.sub(r"[^A-Za-z0-9_-]", "_", r["id"]) for r in rows]
+    counts: dict[str, int] = {}
+    for c in clean:
+        counts[c] = counts.get(c, 0) + 1
+    ids = [
+        c if counts[c] == 1 else re.sub(r"[^A-Za-z0-9_-]", "_", f"{r['split']}_{r['class']}_{c}")
+        for r, c in zip(rows, clean)
+    ]
+    if len(set(ids)) != len(ids):
+        raise ValueError("manifest.csv: case identifiers are not unique even with split and class prefixed")
+    return ids

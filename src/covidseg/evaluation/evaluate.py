@@ -105,21 +105,53 @@ def evaluate(
     calibration = Calibration.from_meta(meta)  # inference exactly as calibrated on val
     precision = choose_precision(device, params.precision)
     prob, lung_prob = calibrated_outputs(model, test["images"], device, precision, calibration)
+    run = {
+        "threshold": calibration.threshold,
+        "temperature": calibration.temperature,
+        "flip_tta": calibration.flip_tta,
+        "lung_gate": calibration.lung_gate,
+        "evaluate_precision": precision,
+        "train_precision": str(meta.get("train_precision", "unknown")),  # older model files did not record it
+    }
+    train_masks, train_lungs = _train_masks(prepared_dir)  # read once: prevalence and the severity baseline
+    outputs = (metrics_path, per_image_csv, curves_dir, predictions_path, details_path)
+    return score(prob, lung_prob, test, (train_masks, train_lungs), run, outputs, params, name=prepared_dir)
+
+
+def score(
+    prob: np.ndarray,
+    lung_prob: np.ndarray | None,
+    test: dict,
+    train: tuple[np.ndarray, np.ndarray],
+    run: dict,
+    outputs: tuple,
+    params: EvaluateParams,
+    name: str | Path = "",
+) -> dict:
+    """Score float32 (N, S, S) probabilities ``prob`` (and lung probabilities) against ``test`` (a loaded split)
+    and write every output :func:`evaluate` writes; returns the summary.
+
+    ``train``: bool (M, S, S) infection and lung masks for the baselines' prevalence and median share.
+    ``run``: how the predictions were made (threshold None: ``params.threshold`` is the tuned one too;
+    temperature, flip_tta, lung_gate, evaluate_precision, train_precision), copied into the summary.
+    ``outputs``: (metrics_path, per_image_csv, curves_dir, predictions_path, details_path or None).
+    """
+    metrics_path, per_image_csv, curves_dir, predictions_path, details_path = outputs
     truth = test["masks"][:, 0].astype(bool)
-    tuned_threshold = params.threshold if calibration.threshold is None else calibration.threshold
+    tuned_threshold = params.threshold if run["threshold"] is None else run["threshold"]
 
     fixed, per_fixed = threshold_metrics(prob, truth, params.threshold)
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
     lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
-    train_masks, train_lungs = _train_masks(prepared_dir)  # read once: prevalence and the severity baseline
+    train_masks, train_lungs = train
     _, severity, severity_per = _severity(
         prob >= tuned_threshold,
         lung_prob,
         truth,
         lungs,
         test["ids"],
-        prepared_dir,
+        name,
         params,
         baseline_share=median_lung_share(train_masks, train_lungs),
     )
@@ -133,13 +165,13 @@ def evaluate(
         "at_fixed_threshold": fixed,
         "at_tuned_threshold": tuned,
         "baselines": baselines(truth, lungs, float(train_masks.mean(dtype=np.float64))),
-        "temperature": calibration.temperature,
-        "flip_tta": calibration.flip_tta,
-        "lung_gate": calibration.lung_gate,
+        "temperature": run["temperature"],
+        "flip_tta": run["flip_tta"],
+        "lung_gate": run["lung_gate"],
         "empty_truth_rule": EMPTY_TRUTH_RULE,
         "severity": severity,
-        "evaluate_precision": precision,
-        "train_precision": str(meta.get("train_precision", "unknown")),  # older model files did not record it
+        "evaluate_precision": run["evaluate_precision"],
+        "train_precision": run["train_precision"],
     }
     summary["intervals"] = _intervals(prob, truth, per_fixed, params.bootstrap_resamples)
     per = pd.DataFrame(
@@ -151,9 +183,9 @@ def evaluate(
             "rmse": np.sqrt(((prob - truth) ** 2).mean((1, 2), dtype=np.float64)),
         }
     )
-    for name, table in (("fixed", per_fixed), ("tuned", per_tuned)):
+    for label, table in (("fixed", per_fixed), ("tuned", per_tuned)):
         for col in table.columns:
-            per[f"{col}_{name}"] = table[col].to_numpy()
+            per[f"{col}_{label}"] = table[col].to_numpy()
     curves_dir = Path(curves_dir)
     summary["by_class"] = class_breakdown(per)
     _write_csv(per_image_csv, per)

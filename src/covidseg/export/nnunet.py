@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir
-from covidseg.data.layout import IMAGES, INFECTION
+from covidseg.data.layout import IMAGES, INFECTION, case_ids
 
 CHANNEL = "X-ray"  # not "CT": nnU-Net then z-scores each film, the right normalisation for radiographs
 
@@ -59,7 +59,7 @@ def export_nnunet(extracted_dir: str | Path, out: str | Path, dataset_id: int = 
             raise NnunetExportError(f"{needed}: not found; run the extract stage (dvc repro extract) first")
     with open(manifest, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
-    cases = _case_ids(rows)
+    cases = case_ids(rows)
     folder = f"Dataset{dataset_id:03d}_{name}"
     counts = {split: sum(r["split"] == split for r in rows) for split in ("train", "val", "test")}
     with (
@@ -93,21 +93,6 @@ def export_nnunet(extracted_dir: str | Path, out: str | Path, dataset_id: int = 
         fold = {s: [c for r, c in zip(rows, cases) if r["split"] == s] for s in ("train", "val")}
         (pre / "splits_final.json").write_text(json.dumps([fold], indent=2) + "\n", encoding="utf-8")
     return {"dataset": folder, **counts}
-
-
-def _case_ids(rows: list[dict]) -> list[str]:
-    """The manifest's ids as case identifiers, made unique: one that two rows share gets split and class in front."""
-    clean = [re.sub(r"[^A-Za-z0-9_-]", "_", r["id"]) for r in rows]
-    counts: dict[str, int] = {}
-    for c in clean:
-        counts[c] = counts.get(c, 0) + 1
-    ids = [
-        c if counts[c] == 1 else re.sub(r"[^A-Za-z0-9_-]", "_", f"{r['split']}_{r['class']}_{c}")
-        for r, c in zip(rows, clean)
-    ]
-    if len(set(ids)) != len(ids):
-        raise NnunetExportError("manifest.csv: case identifiers are not unique even with split and class prefixed")
-    return ids
 
 
 def _pair(z: zipfile.ZipFile, subset: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
