@@ -199,7 +199,7 @@ def test_broken_compressed_data_is_refused_in_one_line(tmp_path):
         ("MONOCHROME2", "INVERSE", True),  # the exporter says: show it inverted
         ("MONOCHROME2", "IDENTITY", False),
         ("MONOCHROME1", "INVERSE", True),  # DX's usual pairing: one inversion, not two
-        ("MONOCHROME1", "IDENTITY", False),  # the explicit shape wins over the photometric default
+        ("MONOCHROME1", "IDENTITY", True),  # PS3.3 pairs MONOCHROME1 with INVERSE: a writer's error, not followed
         ("MONOCHROME1", None, True),  # absent: INVERSE for MONOCHROME1 (PS3.3 C.11.6.1)
         ("MONOCHROME2", None, False),
     ],

@@ -63,7 +63,10 @@ def test_the_dataset_follows_nnunets_documented_format_and_keeps_the_split(tmp_p
             where = "imagesTr" if r["split"] != "test" else "imagesTs"
             np.testing.assert_array_equal(np.asarray(Image.open(raw / where / f"{case(r['id'])}_0000.png")), film)
             if r["split"] == "test":
-                label = np.asarray(Image.open(tmp_path / "nn" / "test_labels" / f"{case(r['id'])}.png")) == 255
+                label = (
+                    np.asarray(Image.open(tmp_path / "nn" / "test_labels" / "Dataset502_Tiny" / f"{case(r['id'])}.png"))
+                    == 255
+                )
             else:
                 label = np.asarray(Image.open(raw / "labelsTr" / f"{case(r['id'])}.png"))
                 assert set(np.unique(label)) <= {0, 1} and label.dtype == np.uint8
@@ -87,3 +90,12 @@ def test_bad_inputs_are_refused_by_name(tmp_path, tiny_prepared):
         export_nnunet(tiny_prepared.parent / "extracted", tmp_path / "nn", dataset_id=1000)
     result = runner.invoke(app, ["export-nnunet", str(tmp_path / "nothing"), str(tmp_path / "nn")])
     assert result.exit_code == 2 and "nothing" in result.output
+
+
+def test_a_re_export_keeps_what_nnunet_wrote_beside_the_split(tmp_path, tiny_prepared):
+    extracted = tiny_prepared.parent / "extracted"
+    export_nnunet(extracted, tmp_path / "nn")
+    pre = tmp_path / "nn" / "nnUNet_preprocessed" / "Dataset501_COVIDQUEx"
+    (pre / "nnUNetPlans.json").write_text("{}")  # as nnUNetv2_plan_and_preprocess leaves it
+    export_nnunet(extracted, tmp_path / "nn")
+    assert (pre / "nnUNetPlans.json").is_file() and (pre / "splits_final.json").is_file()

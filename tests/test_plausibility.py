@@ -56,7 +56,7 @@ def test_a_frontal_chest_film_with_both_lungs_gives_a_severity():
 
 
 def test_view_position_gives_the_view_column():
-    assert [view_of(v) for v in ("PA", "AP", "LL", "RL", "lateral", "", "OBL")] == [
+    assert [view_of(v) for v in ("PA", "AP", "LL", "RL", "lateral", "", "OBL", "LLD")] == [
         "PA",
         "AP",
         "lateral",
@@ -64,7 +64,10 @@ def test_view_position_gives_the_view_column():
         "lateral",
         "unknown",
         "unknown",
+        "unknown",  # decubitus: a frontal projection of a patient lying on the side
     ]
+    for chest in ("CHEST", "CHEST PA", "PORTABLE CHEST", "THORAX", "TORACE"):  # free text in practice
+        assert codes(chest_film(), infection(), RIGHT | LEFT, body_part=chest) == [], chest
 
 
 @pytest.mark.parametrize(
@@ -110,6 +113,17 @@ def test_a_lung_cut_by_a_notch_or_with_a_sliver_across_the_midline_stays_one_lun
     for mask in (notched, sliver):
         right, left = split_lungs(mask)
         assert right.any() and not left.any()
+    assert np.array_equal(split_lungs(notched)[0], notched)  # the two halves of the cut merged back, none dropped
+
+
+def test_two_separate_regions_on_one_side_are_one_lung_and_a_refusal_not_a_merged_number():
+    # A film far off centre: both lungs left of the image's centre column. Merging them would give a
+    # "right lung" share over both lungs, a wrong number; the larger is kept and the severity refused.
+    big, small = ellipse(100, 40, 60, 25), ellipse(100, 92, 40, 5)
+    right, left = split_lungs(big | small)
+    assert np.array_equal(right, big) and not left.any()
+    s = severity_of(np.zeros((H, W), bool), big | small, grey=chest_film())
+    assert s["severity_status"].startswith("one_lung") and s["extent_score"] is None
 
 
 @pytest.mark.parametrize("scale", [0.4, 1.9])
@@ -153,6 +167,8 @@ def test_on_the_real_lung_masks_one_lung_is_never_made_two():
         cut_right[:, half:], cut_left[:, :half] = False, False  # the film cut off at its centre
         for one, side in ((right, "right"), (left, "left"), (cut_right, "right"), (cut_left, "left")):
             r, lft = split_lungs(one)
+            if one is right or one is left:
+                assert np.array_equal(r | lft, one)  # a whole lung keeps every pixel
             invented += bool(r.any() and lft.any())
             kept += bool((r if side == "right" else lft).any())
             s = severity_of(np.zeros_like(one), one)

@@ -154,6 +154,21 @@ def test_sop_instance_uid_is_in_the_csv(tmp_path, model, grey):
             "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
         ),
         ({"ImagerPixelSpacing": [0.2, 0.3]}, 0.06, "ImagerPixelSpacing (detector plane)"),
+        # Pixel Spacing that only repeats the detector's, uncalibrated: the detector plane, corrected when it can be
+        (
+            {
+                "PixelSpacing": [0.22, 0.22],
+                "ImagerPixelSpacing": [0.22, 0.22],
+                "EstimatedRadiographicMagnificationFactor": 1.1,
+            },
+            0.04,
+            "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor",
+        ),
+        (
+            {"PixelSpacing": [0.2, 0.2], "ImagerPixelSpacing": [0.2, 0.2], "PixelSpacingCalibrationType": "GEOMETRY"},
+            0.04,
+            "PixelSpacing",
+        ),
         ({}, None, ""),
         ({"PixelSpacing": [0.2, 0.0]}, None, ""),  # not a usable spacing: no area, never a guess
     ],

@@ -146,7 +146,40 @@ def test_id_sop_uid_names_rows_and_outputs_by_the_uid_and_writes_no_path(tmp_pat
     assert result.exit_code == 1  # the PNG has no UID: an error row
     assert rows[uid]["status"] == "ok" and rows[uid]["input"] == uid
     assert (out / "masks" / f"{uid}.png").is_file() and (out / "seg" / f"{uid}.dcm").is_file()
-    assert rows["input-2"]["status"] == "error" and "no SOP Instance UID" in rows["input-2"]["error"]
+    assert rows["input-2"]["status"] == "error" and "no valid SOP Instance UID" in rows["input-2"]["error"]
     table = (out / "predictions.csv").read_text()
     assert "Doe_Jane" not in table
     assert not any("Doe_Jane" in p.name for p in out.rglob("*"))
+
+
+def test_id_sop_uid_refuses_a_uid_that_is_not_one_and_keeps_paths_out_of_warnings(tmp_path, model):
+    evil = film(tmp_path / "Doe_Jane_evil.dcm", "1.2.3")
+    ds = dcmread(evil)
+    ds.SOPInstanceUID = "../../escaped"  # not a UID: never a file name
+    ds.save_as(evil, enforce_file_format=True)
+    flat = write_dicom(
+        tmp_path / "Doe_Jane_flat.dcm", np.full((50, 60), 120, np.uint8), SOPInstanceUID="1.2.826.0.1.3680043.8.498.26"
+    )
+    result, rows, out = predict(tmp_path, model, evil, flat, flags=("--id", "sop-uid"))
+    assert rows["input-1"]["status"] == "error" and "no valid SOP Instance UID" in rows["input-1"]["error"]
+    assert not (tmp_path / "escaped.png").exists() and not list(tmp_path.glob("**/escaped*"))
+    flat_row = rows["1.2.826.0.1.3680043.8.498.26"]
+    assert "almost no contrast" in flat_row["warning"] and "Doe_Jane" not in (out / "predictions.csv").read_text()
+
+
+def test_a_non_ascii_patient_name_keeps_its_character_set(tmp_path, model):
+    source = film(tmp_path / "name.dcm", "1.2.826.0.1.3680043.8.498.27", SpecificCharacterSet="ISO_IR 100")
+    ds = dcmread(source)
+    ds.PatientName = "Müller^Jürgen"
+    ds.save_as(source, enforce_file_format=True)
+    result, rows, out = predict(tmp_path, model, source)
+    assert result.exit_code == 0, result.output
+    seg = dcmread(out / "seg" / "name.dcm")
+    assert seg.SpecificCharacterSet == "ISO_IR 100" and str(seg.PatientName) == "Müller^Jürgen"
+
+
+def test_another_threshold_gives_another_seg_instance(tmp_path, model):
+    source = film(tmp_path / "t.dcm", "1.2.826.0.1.3680043.8.498.28")
+    first = dcmread(predict(tmp_path, model, source)[2] / "seg" / "t.dcm").SOPInstanceUID
+    second = dcmread(predict(tmp_path, model, source, flags=("--threshold", "0.3"))[2] / "seg" / "t.dcm")
+    assert second.SOPInstanceUID != first

@@ -4,10 +4,10 @@ The pipeline follows the DICOM greyscale display chain (PS3.3 C.11 / PS3.4 N.2):
 
 1. Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence);
 2. VOI LUT Sequence, or else Window Center/Width, when the file has one;
-3. the Presentation LUT Shape: INVERSE inverts, so bone is bright as in COVID-QU-Ex. Absent, it
-   is INVERSE for MONOCHROME1 (the lowest value is white) and IDENTITY for MONOCHROME2 (PS3.3
-   C.11.6.1); a MONOCHROME2 film marked INVERSE is inverted too, a MONOCHROME1 film marked
-   IDENTITY is not (a Presentation LUT Sequence is not applied: only its shape is read);
+3. one inversion where the film is to be shown inverted, so bone is bright as in COVID-QU-Ex:
+   MONOCHROME1 (the lowest value is white; PS3.3 pairs it with Presentation LUT Shape INVERSE, so
+   an IDENTITY there is a writer's error and is not followed), and a MONOCHROME2 film whose
+   Presentation LUT Shape is INVERSE (a Presentation LUT Sequence is not applied: only the shape);
 4. linear scaling to 0..255 by the *nominal* output range of the last step: the window's or VOI
    LUT's output range, or with neither the stored range (0 .. 2**BitsStored - 1, or the signed
    range) carried through the modality LUT.
@@ -148,6 +148,7 @@ PATIENT_STUDY_ATTRIBUTES = (
     "AccessionNumber",
 )
 REFERENCE_ATTRIBUTES = PATIENT_STUDY_ATTRIBUTES + (
+    "SpecificCharacterSet",  # how the names above are encoded: without it a SEG's non-ASCII name is garbled
     "SeriesInstanceUID",
     "SOPClassUID",
     "SOPInstanceUID",
@@ -182,17 +183,21 @@ def pixel_area(ds: Any) -> tuple[float | None, str]:
     """(mm^2 of one pixel at the patient, where it comes from), or (None, "") when the file gives no usable spacing.
 
     In this order: Pixel Spacing (0028,0030), which for projection radiography is the spacing in the
-    patient (calibrated, or already corrected for magnification by the modality); else Imager Pixel
+    patient (calibrated, or already corrected for magnification by the modality), unless it merely
+    repeats Imager Pixel Spacing with no Pixel Spacing Calibration Type (then it is the detector's and
+    is treated as Imager Pixel Spacing); else Imager Pixel
     Spacing (0018,1164), the detector's, divided by the Estimated Radiographic Magnification Factor
     (0018,1114) when the file has one, since the patient's anatomy is magnified onto the detector; else
     Imager Pixel Spacing as it is (detector plane: areas come out larger by the magnification squared,
     about 1.1^2 for a PA chest film, and the source says so). Spacings are [row, column] in mm;
     anything but two positive finite numbers counts as absent.
     """
-    pixel = _spacing(ds.get("PixelSpacing"))
-    if pixel:
+    pixel, imager = _spacing(ds.get("PixelSpacing")), _spacing(ds.get("ImagerPixelSpacing"))
+    # Many projection exports copy the detector's spacing into Pixel Spacing without calibrating it: the same
+    # values and no Pixel Spacing Calibration Type mean the detector plane, not the patient.
+    copied = pixel is not None and pixel == imager and not ds.get("PixelSpacingCalibrationType")
+    if pixel and not copied:
         return pixel[0] * pixel[1], "PixelSpacing"
-    imager = _spacing(ds.get("ImagerPixelSpacing"))
     if not imager:
         return None, ""
     try:
@@ -213,13 +218,14 @@ def _spacing(value: Any) -> tuple[float, float] | None:
 
 
 def presentation_shape(ds: Any, name: str) -> str:
-    """The film's Presentation LUT Shape, IDENTITY or INVERSE; absent, INVERSE for MONOCHROME1 (PS3.3 C.11.6.1)."""
+    """The inversion applied, IDENTITY or INVERSE: INVERSE for MONOCHROME1 (whatever the shape says: PS3.3 requires
+    INVERSE with it, so IDENTITY there is a writer's error, and a MONOCHROME1 film shown uninverted is a negative)
+    and for a MONOCHROME2 film marked INVERSE; IDENTITY otherwise."""
     shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
-    if not shape:
-        return "INVERSE" if str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1" else "IDENTITY"
-    if shape not in ("IDENTITY", "INVERSE"):
+    if shape and shape not in ("IDENTITY", "INVERSE"):
         raise DicomError(f"{name}: Presentation LUT Shape {shape!r} not supported; expected IDENTITY or INVERSE")
-    return shape
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")) == "MONOCHROME1"
+    return "INVERSE" if monochrome1 or shape == "INVERSE" else "IDENTITY"
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidseg.data.arrays import load_split, resize_mask
+from covidseg.data.arrays import load_split
 from covidseg.data.extract import extract
 from covidseg.data.layout import case_ids
 from covidseg.data.preprocess import preprocess
@@ -189,24 +189,31 @@ class _MaskFolder(_Predictor):
 
     def size_for(self, extracted: Path) -> int:
         with open(extracted / "manifest.csv", newline="", encoding="utf-8") as f:
-            first = next(csv.DictReader(f), None)
-        return int(first["height"]) if first else 256
+            sizes = {(int(r["height"]), int(r["width"])) for r in csv.DictReader(f)}
+        if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+            raise ExternalEvaluationError(
+                f"{extracted / 'manifest.csv'}: a mask folder is scored at the films' own size, which must be one "
+                f"square size; these films have {sorted(sizes)[:4]}"
+            )
+        return next(iter(sizes))[0]
 
     def predict(self, test, extracted, split):
         with open(extracted / "manifest.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.DictReader(f))
-        cases = dict(zip(((r["split"], r["id"]) for r in rows), case_ids(rows)))
+        cases = dict(zip(((r["split"], r["class"], r["id"]) for r in rows), case_ids(rows)))
         size = test["images"].shape[-1]
         probs = np.zeros((len(test["ids"]), size, size), np.float32)
-        for k, film in enumerate(test["ids"]):
-            path = self.folder / f"{cases[(split, str(film))]}.png"
+        for k, (film, cls) in enumerate(zip(test["ids"], test["classes"])):
+            path = self.folder / f"{cases[(split, str(cls), str(film))]}.png"
             if not path.is_file():
                 raise ExternalEvaluationError(f"{path}: no predicted mask for film {film} (named by its case id)")
             mask = np.asarray(Image.open(path).convert("L"))
+            if mask.shape != (size, size):
+                raise ExternalEvaluationError(f"{path}: mask {mask.shape}, but the film is {size}x{size}")
             values = set(np.unique(mask).tolist())
             if not values <= {0, 1, 255}:
                 raise ExternalEvaluationError(f"{path}: a mask holds 0/1 or 0/255, not {sorted(values)[:5]}")
-            probs[k] = resize_mask(np.where(mask > 0, 255, 0).astype(np.uint8), size) > 0
+            probs[k] = mask > 0
         run = {
             "threshold": 0.5,
             "temperature": 1.0,

@@ -11,7 +11,12 @@ tested on the same test films (nnU-Net's documentation/dataset_format.md and man
         imagesTs/<id>_0000.png   the test films (nnU-Net does not read them; predict them after training)
     OUT/nnUNet_preprocessed/DatasetNNN_Name/splits_final.json
                               [{"train": [train ids], "val": [val ids]}]: fold 0 is covidseg's split
-    OUT/test_labels/<id>.png  the test films' infection masks (0/255), to score nnU-Net's test predictions
+    OUT/test_labels/DatasetNNN_Name/<id>.png   the test films' infection masks (0/255), to score nnU-Net's
+                              test predictions
+
+``nnUNet_raw/DatasetNNN_Name`` and ``test_labels/DatasetNNN_Name`` are replaced atomically; in
+``nnUNet_preprocessed/DatasetNNN_Name`` only ``splits_final.json`` is written, so nnU-Net's plans and
+preprocessed arrays there survive a re-export.
 
 Films are PNGs, lossless, at their extracted size (COVID-QU-Ex: 256 x 256), so nnU-Net's
 NaturalImage2DIO reads them as 2-D images. Case ids are the manifest's ids with every character but
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from covidseg.atomic import atomic_dir
+from covidseg.atomic import atomic_dir, write_json
 from covidseg.data.layout import IMAGES, INFECTION, case_ids
 
 CHANNEL = "X-ray"  # not "CT": nnU-Net then z-scores each film, the right normalisation for radiographs
@@ -65,8 +70,7 @@ def export_nnunet(extracted_dir: str | Path, out: str | Path, dataset_id: int = 
     with (
         zipfile.ZipFile(subset) as z,
         atomic_dir(out / "nnUNet_raw" / folder) as raw,
-        atomic_dir(out / "nnUNet_preprocessed" / folder) as pre,
-        atomic_dir(out / "test_labels") as test_labels,
+        atomic_dir(out / "test_labels" / folder) as test_labels,
     ):
         for sub in ("imagesTr", "labelsTr", "imagesTs"):
             (raw / sub).mkdir()
@@ -90,8 +94,10 @@ def export_nnunet(extracted_dir: str | Path, out: str | Path, dataset_id: int = 
             "licence": "CC BY-SA 4.0",
         }
         (raw / "dataset.json").write_text(json.dumps(dataset, indent=2) + "\n", encoding="utf-8")
-        fold = {s: [c for r, c in zip(rows, cases) if r["split"] == s] for s in ("train", "val")}
-        (pre / "splits_final.json").write_text(json.dumps([fold], indent=2) + "\n", encoding="utf-8")
+    # Only the split file: nnU-Net keeps its plans and preprocessed arrays in this folder, and a re-export must
+    # not delete them (rerun its preprocessing when the films changed).
+    fold = {s: [c for r, c in zip(rows, cases) if r["split"] == s] for s in ("train", "val")}
+    write_json(out / "nnUNet_preprocessed" / folder / "splits_final.json", [fold])
     return {"dataset": folder, **counts}
 
 

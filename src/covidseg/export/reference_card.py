@@ -263,8 +263,11 @@ def card_text(record: dict, val: dict, test: dict, negatives: dict[str, Negative
     return "\n".join(lines)
 
 
-def _int8(out_dir: Path, run_dir: Path, params_path: Path) -> dict:
-    """Quantise the shipped fp32 ONNX on the run's val films and keep ``model-int8.onnx`` if it ties on dev-Test."""
+def _int8(out_dir: Path, run_dir: Path, params_path: Path, keep_on_mismatch: bool = False) -> dict:
+    """Quantise the shipped fp32 ONNX on the run's val films and keep ``model-int8.onnx`` if it ties on dev-Test.
+
+    On a mismatch the file is removed and the record says why; with ``keep_on_mismatch`` the file that was
+    there stays and Int8Mismatch is raised instead."""
     prepared = run_dir / "data" / "prepared"
     params = load_section(ExportParams, "export", params_path)
     n = params.int8_calibration_images
@@ -287,6 +290,8 @@ def _int8(out_dir: Path, run_dir: Path, params_path: Path) -> dict:
                 name=target,
             )
     except Int8Mismatch as exc:
+        if keep_on_mismatch:
+            raise
         target.unlink(missing_ok=True)
         return {"file": None, "refused": str(exc)}
     return {"file": INT8_ONNX, "calibration_images": n, "reduce_range": params.int8_reduce_range, **result}
@@ -296,16 +301,19 @@ def refresh_int8(out_dir: Path, run_dir: Path) -> dict:
     """Rebuild only ``model-int8.onnx`` in ``out_dir`` (after a change to :mod:`covidseg.export.int8`) from the
     shipped fp32 file and ``run_dir``'s prepared val and dev-Test films (the same split as the training run:
     ``dvc repro preprocess`` on the same data and params); update reference.json's int8 record and hash and the
-    card's int8 section. The fp32 files and every other number stay as they are. Returns the int8 record."""
+    card's int8 section. The fp32 files and every other number stay as they are. Returns the int8 record;
+    raises Int8Mismatch (the shipped int8 file left as it was) when the new one does not tie."""
     record = json.loads((out_dir / RECORD).read_text(encoding="utf-8"))
-    int8 = _int8(out_dir, run_dir, params_path=run_dir / "params.yaml")
+    card = (out_dir / CARD).read_text(encoding="utf-8")
+    if "\n## int8\n" not in card:
+        raise ValueError(f"{out_dir / CARD}: no '## int8' section to replace; rebuild the whole card instead")
+    int8 = _int8(out_dir, run_dir, params_path=run_dir / "params.yaml", keep_on_mismatch=True)
     record["int8"] = int8
     record["files"].pop(INT8_ONNX, None)
     if int8.get("file"):
         record["files"][INT8_ONNX] = sha256(out_dir / INT8_ONNX)
-    card = (out_dir / CARD).read_text(encoding="utf-8")
     head, rest = card.split("\n## int8\n", 1)
-    tail = rest[rest.index("\n## ") :]
+    tail = rest[rest.index("\n## ") :] if "\n## " in rest else "\n"
     write_text(out_dir / CARD, head + "\n## int8\n\n" + "\n".join(_int8_lines(int8)) + "\n" + tail)
     write_json(out_dir / RECORD, record)
     return int8

@@ -49,6 +49,7 @@ class LoadedModel:
     contrast: str = "none"  # the contrast normalisation ``run`` applies (covidseg.data.contrast)
     run_warnings: tuple[str, ...] = ()  # about how it runs here (e.g. bf16 emulated on this CPU)
     file_name: str = ""  # the model file's name (what a DICOM SEG says made it)
+    file_sha256: str = ""  # of the model file's bytes (a DICOM SEG's UIDs depend on it)
 
 
 def model_backend(path: str | Path) -> str:
@@ -137,7 +138,14 @@ def _prepare_torch(
         contrast=contrast,
         run_warnings=tuple(run_warnings),
         file_name=path.name,
+        file_sha256=_sha256(path),
     )
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _contrast_note(contrast: str) -> str:
@@ -185,6 +193,7 @@ def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, ba
         description="onnxruntime on cpu, fp32" + _contrast_note(predictor.contrast),
         contrast=predictor.contrast,
         file_name=path.name,
+        file_sha256=_sha256(path),
     )
 
 

@@ -8,9 +8,10 @@ The SEG joins the film's patient and study and references its Study, Series and 
 its header holds only what the standard requires it to copy from the source
 (:data:`covidseg.data.dicom.REFERENCE_ATTRIBUTES`): the caller hands in that pruned copy.
 
-The SEG's Series and SOP Instance UIDs are derived from the source's UIDs and the model's code hash,
-so predicting the same film with the same model again gives the same instance (a PACS replaces it
-instead of piling up copies), and another model gives another series.
+The SEG's Series and SOP Instance UIDs are derived from the source's UIDs, the model file's SHA-256,
+its training code hash and the threshold and flip averaging used, so predicting the same film with
+the same model and settings again gives the same instance (a PACS replaces it instead of piling up
+copies), and another model or setting gives another series.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ class DicomSegError(ValueError):
 
 @dataclass(frozen=True)
 class SegAlgorithm:
-    """What the SEG says made it: the model file's name and its training code hash (``""`` when unknown)."""
+    """What the SEG says made it: the model file's name and its training code hash (``""`` when unknown), and
+    ``fingerprint``: whatever else changes the masks (the model file's SHA-256, the threshold, flip averaging),
+    so that another model or setting never reuses a SEG's UIDs."""
 
     model_name: str
     code_hash: str = ""
+    fingerprint: str = ""
 
 
 def write_dicom_seg(
@@ -92,7 +96,8 @@ def write_dicom_seg(
             )
         )
         planes.append(lungs)
-    entropy = [str(header.SOPInstanceUID), algorithm.code_hash, algorithm.model_name]
+    entropy = [str(header.SOPInstanceUID), algorithm.code_hash, algorithm.model_name, algorithm.fingerprint]
+    path = Path(path)
     try:
         seg = hd.seg.Segmentation(
             source_images=[header],
@@ -110,9 +115,10 @@ def write_dicom_seg(
             series_description=SERIES_DESCRIPTION,
             omit_empty_frames=False,  # every segment keeps its frame, also an empty one
         )
-    except (ValueError, TypeError, AttributeError) as exc:
+        with atomic_path(path, sweep=False) as tmp:
+            seg.save_as(tmp)
+    except OSError:
+        raise  # the output folder's problem: predict handles it like any other write error
+    except Exception as exc:  # highdicom and pydicom raise many types for a header they cannot use
         raise DicomSegError(f"{name}: cannot build a DICOM SEG ({' '.join(str(exc).split())[:200]})") from None
-    path = Path(path)
-    with atomic_path(path, sweep=False) as tmp:
-        seg.save_as(tmp)
     return path

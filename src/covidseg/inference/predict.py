@@ -32,6 +32,7 @@ import csv
 import errno
 import glob
 import io
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +96,8 @@ CSV_COLUMNS = (
 )
 OUTPUT_FOLDERS = ("masks", "lungs", "overlays", "probs", "seg")
 ID_CHOICES = ("path", "sop-uid")
+# A DICOM UID (PS3.5 9.1): what --id sop-uid accepts as a file name; anything else (a path, "..") is refused.
+UID_PATTERN = re.compile(r"(?=.{1,64}$)[0-9]+(\.[0-9]+)*")
 LOCK_NAME = ".covidseg-predict.lock"  # held while a run writes the folder (covidseg.atomic.folder_lock)
 SEVERITY_COLUMNS = {  # CSV column: key of covidseg.masks.severity.lung_shares / extent scores
     "right_lung_infected_pct": "right_pct",
@@ -553,7 +556,7 @@ def _predict_locked(
     """
     earlier = earlier_rows(out_dir)
     if options.id_by == "sop-uid":
-        ids = sop_uid_ids(paths)
+        ids = [uid if UID_PATTERN.fullmatch(uid) else "" for uid in sop_uid_ids(paths)]
         stems = unique_names(i or f"input-{k + 1}" for k, i in enumerate(ids))
         rows = [Row(input=i or s, stem=s) for i, s in zip(ids, stems)]
         names = [r.input for r in rows]  # what messages call each input: never its path
@@ -563,7 +566,11 @@ def _predict_locked(
         names = [str(p) for p in paths]
     step = max(1, options.batch_size)
     batches = [range(start, min(start + step, len(paths))) for start in range(0, len(paths), step)]
-    algorithm = SegAlgorithm(prepared.file_name, str(prepared.provenance.get("code_hash", "")))
+    algorithm = SegAlgorithm(
+        prepared.file_name,
+        str(prepared.provenance.get("code_hash", "")),
+        f"{prepared.file_sha256}|threshold {prepared.threshold!r}|flip {options.flip_tta!r}|{prepared.description}",
+    )
 
     def write(batch: _Batch) -> _Batch:
         return _write_batch(
@@ -571,13 +578,16 @@ def _predict_locked(
         )
 
     def decode(indices: range) -> _Batch:
-        batch = _decode_batch(paths, indices)
+        batch = _decode_batch(paths, indices, names)
         if options.id_by == "sop-uid":  # no path in any message: file names often hold patient names
             for i in indices:
                 if i in batch.failures:
                     batch.failures[i] = batch.failures[i].replace(str(paths[i]), names[i])
                 elif not ids[i]:
-                    batch.failures[i] = f"{names[i]}: no SOP Instance UID (--id sop-uid names outputs by it)"
+                    batch.failures[i] = (
+                        f"{names[i]}: no valid SOP Instance UID (digits and dots, at most 64 characters; "
+                        "--id sop-uid names outputs by it)"
+                    )
                     del batch.decoded[i], batch.greys[i]
         return batch
 
@@ -624,7 +634,8 @@ class _Batch:
     written: dict[int, dict[str, float] | OSError] = field(default_factory=dict)  # measures, or the write error
 
 
-def _decode_batch(paths: Sequence[Path], indices: range) -> _Batch:
+def _decode_batch(paths: Sequence[Path], indices: range, names: Sequence[str]) -> _Batch:
+    """Decode ``paths[i]`` for i in ``indices``; warnings call each input ``names[i]``."""
     batch = _Batch(decoded={}, failures={}, greys={})
     for i in indices:
         try:
@@ -633,7 +644,7 @@ def _decode_batch(paths: Sequence[Path], indices: range) -> _Batch:
             batch.failures[i] = str(exc)
             continue
         batch.greys[i] = grey
-        batch.decoded[i] = (info, low_range_warning(grey, str(paths[i])) or "", grey.shape)
+        batch.decoded[i] = (info, low_range_warning(grey, names[i]) or "", grey.shape)
     return batch
 
 

@@ -31,9 +31,11 @@ import numpy as np
 
 from covidseg.data.decode import LOW_RANGE_LEVELS
 
-LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "LLD", "RLD", "XTABLE LATERAL"})
+LATERAL_VIEWS = frozenset({"LL", "RL", "LATERAL", "LAT", "XTABLE LATERAL"})  # decubitus (LLD, RLD): unknown
 FRONTAL_VIEWS = {"PA": "PA", "AP": "AP", "APS": "AP", "PAS": "PA"}
-CHEST_PARTS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "PORT CHEST", "CHEST_LAT", "TORAX", "THORAX_LUNGS"})
+# BodyPartExamined is free text in practice ("CHEST PA", "PORTABLE CHEST", "TORACE"): a chest film is one whose
+# value holds any of these; any other non-empty value names another part.
+CHEST_WORDS = ("CHEST", "THORA", "TORA", "LUNG", "PECHO", "BRUST", "POUMON")
 INVERTED_MARGIN = 35.0  # grey levels (of 255) the central strip may be darker than the lung fields
 DARK_LEVEL = 64  # a film whose 99th percentile grey level is below this is nearly black
 LUNG_AREA_RANGE = (0.05, 0.70)  # of the film's pixels, both lungs together
@@ -81,7 +83,7 @@ def severity_refusals(
     if view == "lateral":
         reasons.append(("lateral", "a lateral film: per-lung severity needs a frontal (PA/AP) film"))
     part = " ".join(str(body_part or "").upper().split())
-    if part and part not in CHEST_PARTS:
+    if part and not any(word in part for word in CHEST_WORDS):
         reasons.append(("not_chest", f"BodyPartExamined {part!r}: not a chest film"))
     if grey is not None:
         lo, hi = (int(v) for v in np.percentile(grey, [1, 99], method="nearest")) if grey.size else (0, 0)
