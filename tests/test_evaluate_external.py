@@ -40,7 +40,16 @@ def test_a_torch_model_on_a_kaggle_source_writes_every_output_and_prints_the_int
     result = runner.invoke(app, ["evaluate", str(model), str(source), "--out", str(tmp_path / "ev")])
     assert result.exit_code == 0, result.output
     out = tmp_path / "ev"
-    for name in ("metrics.json", "details.json", "per_image.csv", "predictions.npz", "curves/pr.csv"):
+    for name in (
+        "metrics.json",
+        "details.json",
+        "per_image.csv",
+        "predictions.npz",
+        "curves/pr.csv",
+        "figures/prediction_overlay.png",
+        "figures/pr_curve.png",
+        "figures/gallery.png",
+    ):
         assert (out / name).is_file(), name
     details = json.loads((out / "details.json").read_text())
     assert details["n_images"] == 12 and details["split"] == "test" and details["baseline_source"] == "train split"

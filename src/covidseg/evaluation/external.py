@@ -11,7 +11,8 @@ at the films' own size (as nnU-Net predicted them).
 
 DIR gets what the evaluate stage writes: ``metrics.json`` (headline), ``details.json`` (everything, with
 intervals and severity against the true lung masks), ``per_image.csv`` (one row per film, keyed by ``id``:
-``covidseg compare`` pairs two such tables), ``curves/`` and ``predictions.npz``. The baselines' prevalence
+``covidseg compare`` pairs two such tables), ``curves/``, ``predictions.npz`` and ``figures/``, the
+report's figures for these films (all but the two training curves: there is no training run here). The baselines' prevalence
 and median share come from the source's train split; a source without one (an external test set) uses the
 scored films' own, which flatters the baselines, and the summary says so (``baseline_source``).
 Severity for a mask folder uses the true lungs (the masks hold infection only).
@@ -31,7 +32,8 @@ from covidseg.data.extract import extract
 from covidseg.data.layout import case_ids
 from covidseg.data.preprocess import preprocess
 from covidseg.evaluation.evaluate import score
-from covidseg.params import DataParams, EvaluateParams, PreprocessParams
+from covidseg.evaluation.figures import make_figures
+from covidseg.params import DataParams, EvaluateParams, PlotsParams, PreprocessParams
 
 SPLITS = ("train", "val", "test")
 
@@ -79,15 +81,28 @@ def evaluate_external(
         own = len(train["masks"]) == 0
         baseline = test if own else train
         prob, lung_prob, run = predictor.predict(test, extracted, split)
-    outputs = (
-        out / "metrics.json",
-        out / "per_image.csv",
-        out / "curves",
-        out / "predictions.npz",
-        out / "details.json",
-    )
-    masks = (baseline["masks"][:, 0].astype(bool), baseline["lungs"][:, 0].astype(bool))
-    summary = score(prob, lung_prob, test, masks, run, outputs, params, name=source)
+        outputs = (
+            out / "metrics.json",
+            out / "per_image.csv",
+            out / "curves",
+            out / "predictions.npz",
+            out / "details.json",
+        )
+        masks = (baseline["masks"][:, 0].astype(bool), baseline["lungs"][:, 0].astype(bool))
+        summary = score(prob, lung_prob, test, masks, run, outputs, params, name=source)
+        scored = Path(tmp) / "scored"  # the figures read the scored split as "test"
+        scored.mkdir()
+        (scored / "test.npz").symlink_to(Path(tmp) / "prepared" / f"{split}.npz")
+        make_figures(
+            scored,
+            out / "predictions.npz",
+            None,
+            out / "curves",
+            out / "per_image.csv",
+            out / "figures",
+            PlotsParams(),
+            metrics_json=out / "details.json",
+        )
     summary |= {
         "model": str(model),
         "source": str(source),

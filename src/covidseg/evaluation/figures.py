@@ -168,7 +168,7 @@ def dice_histogram_figure(dice: pd.Series, threshold: float) -> plt.Figure:
 def make_figures(
     prepared_dir: str | Path,
     predictions_path: str | Path,
-    curves_tsv: str | Path,
+    curves_tsv: str | Path | None,
     eval_dir: str | Path,
     per_image_csv: str | Path,
     out_dir: str | Path,
@@ -178,7 +178,8 @@ def make_figures(
     """Draw every figure in FIGURES into ``out_dir``; returns their paths.
 
     ``metrics_json`` (metrics/test.json, optional) adds the operating points to the PR curve and
-    the ECE to the reliability diagram.
+    the ECE to the reliability diagram. ``curves_tsv`` None (a model scored without its training run,
+    as ``covidseg evaluate`` does) leaves out the two training-curve figures.
     """
     out_dir = Path(out_dir)
     test = load_split(prepared_dir, "test")
@@ -193,7 +194,7 @@ def make_figures(
             f"{truth.shape} (rerun `dvc repro evaluate`)"
         )
     preds = probs >= threshold
-    curves = pd.read_csv(curves_tsv, sep="\t")
+    curves = None if curves_tsv is None else pd.read_csv(curves_tsv, sep="\t")
     per = pd.read_csv(per_image_csv)
     summary = json.loads(Path(metrics_json).read_text(encoding="utf-8")) if metrics_json else {}
     eval_dir = Path(eval_dir)
@@ -210,7 +211,8 @@ def make_figures(
         ("loss", "loss", "loss_curves.png", None),
         ("rmse", "pixel RMSE (uncalibrated, temperature 1)", "rmse_curves.png", REPORT_RMSE),
     ):
-        written.append(_save(curves_figure(curves, metric, ylabel, ref), out_dir / name, dpi))
+        if curves is not None:
+            written.append(_save(curves_figure(curves, metric, ylabel, ref), out_dir / name, dpi))
 
     rows = _spread(len(images), params.gallery_size)
     fig, axes = plt.subplots(len(rows), 3, figsize=(8.6, 2.8 * len(rows)), squeeze=False)
