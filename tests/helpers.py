@@ -186,6 +186,18 @@ def make_predict_model(
     return path
 
 
+def make_lung_head_model(path: Path, **meta) -> Path:
+    """A tiny U-Net with a lung head whose (scaled-up) outputs give masks with both classes, threshold 0.45,
+    size 32; ``meta`` adds to what the file records (e.g. provenance)."""
+    torch.manual_seed(3)
+    net = UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)).eval()
+    with torch.no_grad():
+        net.head.weight.mul_(100.0)
+        net.head.bias.copy_(torch.tensor([0.0, 1.0]))
+    save_model(path, net, {"threshold": 0.45, "size": 32, **meta})
+    return path
+
+
 def grey_array(w: int, h: int, seed: int = 0) -> np.ndarray:
     """uint8 (h, w): a smooth gradient plus noise, so resizing and the model see structure."""
     rng = np.random.default_rng(seed)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydicom import dcmread
 from pydicom.encaps import encapsulate
@@ -28,10 +27,8 @@ from pydicom.uid import (
 import covidseg.data.dicom as dicom_mod
 from covidseg.data.dicom import DicomError, decode_dicom
 from covidseg.inference.predict import read_csv
-from covidseg.model.checkpoint import save_model
-from covidseg.model.unet import UNet, UNetConfig
 
-from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
+from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict, make_lung_head_model, write_dicom
 
 H, W = 96, 88
 LOSSLESS = [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1]
@@ -129,13 +126,7 @@ def test_lossy_syntaxes_decode_within_the_stated_tolerance(tmp_path, monkeypatch
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """A tiny U-Net whose (scaled-up) outputs give masks with both classes."""
-    torch.manual_seed(3)
-    net = UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)).eval()
-    with torch.no_grad():
-        net.head.weight.mul_(100.0)
-        net.head.bias.copy_(torch.tensor([0.0, 1.0]))
-    save_model(tmp_path / "model.pt", net, {"threshold": 0.45, "size": 32})
-    return tmp_path / "model.pt"
+    return make_lung_head_model(tmp_path / "model.pt")
 
 
 def test_predicted_masks_of_compressed_films_equal_or_track_the_uncompressed_ones(tmp_path, model):

@@ -7,21 +7,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidseg.inference.predict import severity_of
+from covidseg.inference.predict import SEVERITY_COLUMNS, severity_of
 from covidseg.masks.plausibility import looks_inverted, severity_refusals, view_of
 from covidseg.masks.severity import split_lungs
 
 from conftest import DEV_DATA
 
 H, W = 200, 200
-SEVERITY = (
-    "right_lung_infected_pct",
-    "left_lung_infected_pct",
-    "lungs_infected_pct",
-    "right_extent",
-    "left_extent",
-    "extent_score",
-)
+SEVERITY = tuple(c for c in SEVERITY_COLUMNS if c != "infected_outside_lungs_pct")  # the cells a refusal empties
 
 
 def ellipse(cy: float, cx: float, ry: float, rx: float) -> np.ndarray:

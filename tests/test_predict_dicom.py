@@ -6,15 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydicom import dcmread
 
 from covidseg.inference.predict import collect_inputs, read_csv
-from covidseg.model.checkpoint import save_model
-from covidseg.model.unet import UNet, UNetConfig
 
-from helpers import DICOM_UID, FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
+from helpers import DICOM_UID, FAST_PREDICT_FLAGS, grey_array, invoke_predict, make_lung_head_model, write_dicom
 
 W, H = 60, 50
 
@@ -22,13 +19,7 @@ W, H = 60, 50
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """A tiny U-Net with a lung head whose (scaled-up) outputs give masks with both classes."""
-    torch.manual_seed(3)
-    net = UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)).eval()
-    with torch.no_grad():
-        net.head.weight.mul_(100.0)
-        net.head.bias.copy_(torch.tensor([0.0, 1.0]))
-    save_model(tmp_path / "model.pt", net, {"threshold": 0.45, "size": 32})
-    return tmp_path / "model.pt"
+    return make_lung_head_model(tmp_path / "model.pt")
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pydicom import dcmread
 
@@ -16,10 +15,8 @@ from covidseg import __version__
 from covidseg.data.dicom import PATIENT_STUDY_ATTRIBUTES
 from covidseg.inference.dicom_seg import SERIES_DESCRIPTION
 from covidseg.inference.predict import read_csv
-from covidseg.model.checkpoint import save_model
-from covidseg.model.unet import UNet, UNetConfig
 
-from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict, write_dicom
+from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict, make_lung_head_model, write_dicom
 
 STUDY, SERIES = "1.2.826.0.1.3680043.8.498.10", "1.2.826.0.1.3680043.8.498.11"
 IDENTIFIERS = {  # what the film says about the patient and the site beyond what a SEG needs
@@ -34,13 +31,7 @@ IDENTIFIERS = {  # what the film says about the patient and the site beyond what
 @pytest.fixture
 def model(tmp_path: Path) -> Path:
     """A tiny U-Net with a lung head whose (scaled-up) outputs give masks with both classes, and a code hash."""
-    torch.manual_seed(3)
-    net = UNet(UNetConfig(base_channels=4, depth=2, out_channels=2)).eval()
-    with torch.no_grad():
-        net.head.weight.mul_(100.0)
-        net.head.bias.copy_(torch.tensor([0.0, 1.0]))
-    save_model(tmp_path / "model.pt", net, {"threshold": 0.45, "size": 32, "provenance": {"code_hash": "c0ffee" * 4}})
-    return tmp_path / "model.pt"
+    return make_lung_head_model(tmp_path / "model.pt", provenance={"code_hash": "c0ffee" * 4})
 
 
 def film(path: Path, uid: str, **attrs) -> Path:

@@ -102,20 +102,29 @@ def evaluate(
     test = load_split(prepared_dir, "test")
     if len(test["images"]) == 0:
         raise ValueError(f"{prepared_dir}/test.npz: the test split is empty")
-    calibration = Calibration.from_meta(meta)  # inference exactly as calibrated on val
-    precision = choose_precision(device, params.precision)
-    prob, lung_prob = calibrated_outputs(model, test["images"], device, precision, calibration)
+    prob, lung_prob, run = torch_predictions(model, meta, test["images"], device, params.precision)
+    train_masks, train_lungs = _train_masks(prepared_dir)  # read once: prevalence and the severity baseline
+    outputs = (metrics_path, per_image_csv, curves_dir, predictions_path, details_path)
+    return score(prob, lung_prob, test, (train_masks, train_lungs), run, outputs, params, name=prepared_dir)
+
+
+def torch_predictions(
+    model, meta: dict, images: np.ndarray, device, precision: str
+) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(probabilities float32 (N, S, S), lung probabilities or None, the run record :func:`score` takes) of a
+    loaded torch model on uint8 (N, 1, S, S) images, run exactly as calibrated on val."""
+    calibration = Calibration.from_meta(meta)
+    chosen = choose_precision(device, precision)
+    prob, lung_prob = calibrated_outputs(model, images, device, chosen, calibration)
     run = {
         "threshold": calibration.threshold,
         "temperature": calibration.temperature,
         "flip_tta": calibration.flip_tta,
         "lung_gate": calibration.lung_gate,
-        "evaluate_precision": precision,
+        "evaluate_precision": chosen,
         "train_precision": str(meta.get("train_precision", "unknown")),  # older model files did not record it
     }
-    train_masks, train_lungs = _train_masks(prepared_dir)  # read once: prevalence and the severity baseline
-    outputs = (metrics_path, per_image_csv, curves_dir, predictions_path, details_path)
-    return score(prob, lung_prob, test, (train_masks, train_lungs), run, outputs, params, name=prepared_dir)
+    return prob, lung_prob, run
 
 
 def score(

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from covidseg.atomic import write_json
 from covidseg.data.arrays import load_split
 from covidseg.data.extract import extract
 from covidseg.data.layout import case_ids
 from covidseg.data.preprocess import preprocess
-from covidseg.evaluation.evaluate import score
+from covidseg.evaluation.evaluate import score, torch_predictions
 from covidseg.evaluation.figures import make_figures
 from covidseg.params import DataParams, EvaluateParams, PlotsParams, PreprocessParams
 
@@ -109,8 +110,6 @@ def evaluate_external(
         "split": split,
         "baseline_source": "the scored films themselves (the source has no train split)" if own else "train split",
     }
-    from covidseg.atomic import write_json
-
     write_json(out / "details.json", summary)
     return summary
 
@@ -150,22 +149,10 @@ class _Torch(_Predictor):
         return int(self.meta.get("size", 256))
 
     def predict(self, test, extracted, split):
-        from covidseg.device import choose_device, choose_precision
-        from covidseg.inference.calibration import Calibration, calibrated_outputs
+        from covidseg.device import choose_device
 
         device = choose_device("auto")
-        calibration = Calibration.from_meta(self.meta)
-        precision = choose_precision(device, "fp32")
-        prob, lung = calibrated_outputs(self.model.to(device), test["images"], device, precision, calibration)
-        run = {
-            "threshold": calibration.threshold,
-            "temperature": calibration.temperature,
-            "flip_tta": calibration.flip_tta,
-            "lung_gate": calibration.lung_gate,
-            "evaluate_precision": precision,
-            "train_precision": str(self.meta.get("train_precision", "unknown")),
-        }
-        return prob, lung, run
+        return torch_predictions(self.model.to(device), self.meta, test["images"], device, "fp32")
 
 
 class _Onnx(_Predictor):
