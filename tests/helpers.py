@@ -93,6 +93,55 @@ def make_kaggle_dataset(base: Path, per_split: int = 2, negatives: int = 0, nest
     return root
 
 
+MANIFEST_FIELDS_IN = ["image", "mask", "lung_mask", "split", "class", "patient"]
+
+
+def make_manifest_dataset(base: Path, per_split: int = 3, split: bool = True, size: int = TINY_SIZE) -> list[dict]:
+    """A user's flat folder of films and masks with other names, and the rows of a manifest for it.
+
+    Files: ``films/Patient {k} – film.png`` (a space and an en dash), every third film a 12-bit
+    DICOM ``films/dicom ü {k}.dcm``; masks ``masks/{k} infection.png`` 0/255, every film's second
+    one 0/1; lung masks ``masks/{k} lungs.png`` for the even films only. Rows: image, mask,
+    lung_mask ("" without), split (when ``split``), class, patient; paths relative to ``base``.
+    Nothing is written as a manifest: the caller writes CSV or JSON.
+    """
+    rows, k = [], 0
+    for split_name in ("train", "val", "test"):
+        for _ in range(per_split):
+            k += 1
+            rng = np.random.default_rng(k)
+            image = rng.integers(0, 256, (size, size), dtype=np.uint8)
+            infection = np.zeros((size, size), np.uint8)
+            infection[8:16, 6:14] = 1 if k % 2 == 0 else 255
+            lung = np.zeros((size, size), np.uint8)
+            lung[4:-4, 2 : size // 2 - 2] = lung[4:-4, size // 2 + 2 : -2] = 255  # two lungs
+            if k % 3 == 0:
+                film = f"films/dicom ü {k}.dcm"
+                (base / "films").mkdir(parents=True, exist_ok=True)
+                write_dicom(base / film, image.astype(np.uint16) * 16, bits_stored=12)
+            else:
+                film = f"films/Patient {k} – film.png"
+                write_png(base / film, image)
+            write_png(base / f"masks/{k} infection.png", infection)
+            lung_rel = ""
+            if k % 2 == 0:
+                lung_rel = f"masks/{k} lungs.png"
+                write_png(base / lung_rel, lung)
+            row = {"image": film, "mask": f"masks/{k} infection.png", "lung_mask": lung_rel, "class": "COVID-19"}
+            rows.append(row | {"patient": f"p{k}"} | ({"split": split_name} if split else {}))
+    return rows
+
+
+def write_manifest_csv(path: Path, rows: list[dict]) -> Path:
+    """``rows`` as a manifest CSV (the columns of the first row)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def dev_part_files(
     dev_data: Path, classes=("COVID-19", "Normal"), per_split: int = DEV_PART_PER_SPLIT
 ) -> dict[str, Path]:

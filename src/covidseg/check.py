@@ -22,7 +22,9 @@ from pathlib import Path, PurePosixPath
 from covidseg.atomic import write_text
 from covidseg.data.decode import PNG_SIGNATURE, is_image_start
 from covidseg.data.extract import TripletTask, plan_triplets
+from covidseg.data.films import FILM_HEAD_BYTES, is_film_start
 from covidseg.data.layout import IMAGES, INFECTION, KIND_DIRS, LUNG, SPLIT_DIRS
+from covidseg.data.manifest import ManifestSource
 from covidseg.data.sources import Source, SourceError, layout_index, locate_root, open_source, read_head
 from covidseg.params import DataParams, validate_all
 
@@ -145,6 +147,56 @@ def check_layout(source: Source, root: str, params: DataParams) -> int:
     return len(plan)
 
 
+def check_manifest(source: ManifestSource, params: DataParams) -> int:
+    """Refuse (SourceError, one line) a manifest the pipeline cannot track or extract would refuse; return its films.
+
+    The pipeline needs the manifest's folder as ``data.source`` and every listed file inside it: DVC hashes
+    that folder, so a film edited in place reruns extract (a bare manifest file would be the only thing
+    hashed). Then as :func:`check_layout`: each listed file's first bytes must start an image or a DICOM
+    file; a missing file or one that is no image stops the check under ``on_error: fail`` and, under
+    ``skip``, when a split is left without a usable COVID-19 film. Masks may differ in size from their film.
+    """
+    if source.bare:
+        raise SourceError(
+            f"{source.location}: data.source names the manifest file, so DVC would hash only it and a film edited "
+            f"in place would not rerun extract; set data.source to its folder {source.folder} (the manifest at its top)"
+        )
+    outside = source.outside()
+    if outside:
+        raise SourceError(
+            f"{source.manifest}: {len(outside)} listed file(s) lie outside {source.folder}, e.g. {outside[0]!r}: "
+            "DVC hashes only that folder, so it would not see them change; move them into it"
+        )
+    planned, _ = source.plan(params)
+    usable: collections.Counter = collections.Counter()
+    first_bad: dict[str, str] = {}
+    for p in planned:
+        problem = p.problem
+        for rel in (r for r in (p.image, p.mask, p.lung) if r and problem is None):
+            try:
+                head = read_head(source, rel, FILM_HEAD_BYTES)
+            except OSError as exc:
+                problem = ("unreadable", str(exc))
+                break
+            if not is_film_start(head):
+                what = "empty file" if not head else f"starts with {head[:8]!r}"
+                problem = ("unreadable", f"{source.describe(rel)}: not an image nor a DICOM file ({what})")
+        if problem is None:
+            usable[(p.split, p.class_name)] += 1
+            continue
+        if params.on_error == "fail":
+            raise SourceError(f"{problem[1]} [{problem[0]}; data.on_error is 'fail']")
+        if p.class_name == "COVID-19":
+            first_bad.setdefault(p.split, problem[1])
+    empty = [s for s in SPLIT_DIRS if usable[(s, "COVID-19")] == 0]
+    if empty:
+        raise SourceError(
+            f"{source.manifest}: no usable COVID-19 films in split(s) {', '.join(empty)} "
+            f"({len(planned) - sum(usable.values())} films bad; first: {first_bad.get(empty[0], 'none')})"
+        )
+    return len(planned)
+
+
 def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo: str | Path = ".") -> str:
     """Validate every params section and, unless a stage makes it, the data source; then write the stamp.
 
@@ -158,8 +210,12 @@ def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo:
         found = f"{data.source} (made by the pipeline)"
     else:
         with open_source(data.source) as source:
-            root = locate_root(source)
-            seen = check_layout(source, root, data)
-        found = f"{data.source} (dataset root {root or '.'!r}, {seen} triplets of {', '.join(data.classes)})"
+            if isinstance(source, ManifestSource):
+                seen = check_manifest(source, data)
+                found = f"{data.source} ({source.manifest.name}, {seen} films of {', '.join(data.classes)})"
+            else:
+                root = locate_root(source)
+                seen = check_layout(source, root, data)
+                found = f"{data.source} (dataset root {root or '.'!r}, {seen} triplets of {', '.join(data.classes)})"
     write_text(stamp, STAMP_TEXT)
     return found

@@ -5,6 +5,7 @@ Heavy imports (torch) happen inside the commands, so ``covidseg --help`` answers
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from enum import Enum
 from pathlib import Path
@@ -302,7 +303,11 @@ def evaluate(
     model: Path = typer.Argument(
         ..., help="model.pt, model.onnx, or a folder of predicted masks (<case>.png, 0/1 or 0/255, e.g. nnU-Net's)."
     ),
-    source: Path = typer.Argument(..., help="Labelled films: a Kaggle-layout folder or .zip, or an extract folder."),
+    source: Path = typer.Argument(
+        ...,
+        help="Labelled films: a Kaggle-layout folder or .zip, a manifest (CSV or MONAI datalist, or its folder; "
+        "without a split every film is scored), or an extract folder.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Where metrics.json, details.json, per_image.csv, ... go."),
     split: str = typer.Option("test", help="The split of SOURCE to score (train, val or test)."),
     params: Path = typer.Option(Path("params.yaml"), help="Its data and evaluate sections, when present."),
@@ -339,8 +344,8 @@ def evaluate(
 def export_nnunet(
     source: Path = typer.Argument(
         Path("data/extracted"),
-        help="The extract stage's folder (manifest.csv, subset.zip), or a data source (Kaggle folder or .zip), "
-        "which is extracted first with params.yaml's data section.",
+        help="The extract stage's folder (manifest.csv, subset.zip), or a data source (Kaggle folder or .zip, a "
+        "manifest CSV or MONAI datalist), which is extracted first with params.yaml's data section.",
     ),
     out: Path = typer.Argument(..., help="Where nnUNet_raw/, nnUNet_preprocessed/ and test_labels/ go."),
     dataset_id: int = typer.Option(501, "--dataset-id", help="nnU-Net's three-digit dataset id."),
@@ -362,11 +367,11 @@ def export_nnunet(
 
     console = _stderr_console()
     try:
-        if (source / "manifest.csv").is_file():
+        if (source / "manifest.csv").is_file() and (source / "subset.zip").is_file():
             summary = run_export(source, out, dataset_id, name)
         else:
             data = load_section(DataParams, "data", params) if params.is_file() else DataParams()
-            data = DataParams(source=str(source), classes=data.classes, on_error=data.on_error)
+            data = dataclasses.replace(data, source=str(source))  # a manifest's seeded split as the pipeline's
             with tempfile.TemporaryDirectory() as tmp:
                 extract(source, Path(tmp) / "extracted", Path(tmp) / "data.json", data)
                 summary = run_export(Path(tmp) / "extracted", out, dataset_id, name)

@@ -90,9 +90,17 @@ class DataParams:
     source: str = "data/raw/synthetic"
     classes: tuple[str, ...] = ("COVID-19",)
     on_error: str = "skip"
+    # A manifest without a split column (covidseg.data.manifest): the seeded split's shares and seed.
+    val_fraction: float = 0.16
+    test_fraction: float = 0.2
+    split_seed: int = 0
 
     def validate(self) -> None:
-        _check(bool(self.source), "data", "source must name a folder or a .zip")
+        _check(bool(self.source), "data", "source must name a folder, a .zip or a manifest folder")
+        for name in ("val_fraction", "test_fraction"):
+            _check(0 < getattr(self, name) < 1, "data", f"{name} must lie strictly between 0 and 1")
+        _check(self.val_fraction + self.test_fraction < 1, "data", "val_fraction + test_fraction must be below 1")
+        _check(self.split_seed >= 0, "data", "split_seed must be a non-negative integer")
         _check(len(self.classes) >= 1, "data", "classes must name at least one class")
         for c in self.classes:
             _check(c in CLASSES, "data", f"unknown class {c!r}; choose from {list(CLASSES)}")

@@ -21,11 +21,12 @@ def resize_image(arr: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(arr, mode="L").resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def resize_mask(arr: np.ndarray, size: int) -> np.ndarray:
-    """{0, 255} or {0, 1} mask (H, W) -> {0, 1} uint8 (size, size): bilinear in [0, 1], then > 0.5."""
+def resize_mask(arr: np.ndarray, size: int, width: int | None = None) -> np.ndarray:
+    """{0, 255} or {0, 1} mask (H, W) -> {0, 1} uint8 (size, width or size): bilinear in [0, 1], then > 0.5."""
     unit = (arr > 0).astype(np.float32)
-    if arr.shape != (size, size):
-        unit = np.asarray(Image.fromarray(unit, mode="F").resize((size, size), Image.BILINEAR))
+    width = size if width is None else width
+    if arr.shape != (size, width):
+        unit = np.asarray(Image.fromarray(unit, mode="F").resize((width, size), Image.BILINEAR))
     return (unit > 0.5).astype(np.uint8)
 
 
@@ -42,3 +43,10 @@ def load_split(prepared_dir: str | Path, split: str) -> dict[str, np.ndarray]:
     path = Path(prepared_dir) / f"{split}.npz"
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def lung_flags(split: dict[str, np.ndarray]) -> np.ndarray:
+    """bool (N,): which films of a loaded split have a true lung mask (all, unless ``has_lung`` says otherwise)."""
+    if "has_lung" in split:
+        return split["has_lung"].astype(bool)
+    return np.ones(len(split["images"]), dtype=bool)

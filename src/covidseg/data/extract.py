@@ -5,9 +5,13 @@ Output, all or nothing: a failed call writes nothing and leaves the targets as i
     ``out_dir/subset.zip``   8-bit grey PNGs at ``{split}/{class}/{images,infection masks,lung masks}/{name}``;
                              files that needed no fix are copied byte for byte, fixed ones re-encoded
     ``out_dir/manifest.csv`` one row per triplet taken: split, class, id, source paths, SHA-256 of
-                             the source files, height, width (pixels), infected and lung fractions, fixes
+                             the source files, height, width (pixels), infected and lung fractions, fixes,
+                             the file name in subset.zip (``member``); a manifest's film without a lung
+                             mask has empty lung fields and no lung member
     ``out_dir/skipped.csv``  one row per triplet skipped: split, class, name, reason, message
-    ``out_dir/source.json``  ``{"name": the source folder's or archive's base name}``
+    ``out_dir/source.json``  ``{"name": the source folder's or archive's base name}``; for a manifest
+                             (covidseg.data.manifest) also ``split``: ``manifest`` (given) or ``seeded``
+                             with ``split_seed``, ``val_fraction``, ``test_fraction`` (also in the details)
     ``metrics_path`` (JSON)  images taken per split and triplets skipped (the DVC metrics)
     ``details_path`` (JSON)  per split: the count taken, counts per class, skips by reason, fixes
                              by kind and infected-fraction stats of the COVID-19 pairs
@@ -42,8 +46,11 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
-from covidseg.data.decode import BadImageError, binarise, decode, encode_png
+from covidseg.data.arrays import resize_mask
+from covidseg.data.decode import BadImageError, binarise, encode_png
+from covidseg.data.films import DICOM_MODE, decode_film
 from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
+from covidseg.data.manifest import ManifestSource
 from covidseg.data.sources import Source, layout_index, locate_root, open_source
 from covidseg.params import DataParams
 
@@ -62,6 +69,7 @@ MANIFEST_FIELDS = [
     "infected_fraction",
     "lung_fraction",
     "fixes",
+    "member",
 ]
 SKIPPED_FIELDS = ["split", "class", "name", "reason", "message"]
 SKIP_REASONS = (
@@ -74,7 +82,9 @@ SKIP_REASONS = (
     "empty_covid_mask",
     "nonempty_negative_mask",
 )
-FIX_KINDS = ("converted_mode", "binarised")
+FIX_KINDS = ("converted_mode", "binarised", "resized")
+# A manifest's mask may differ in size from its film, not in shape: aspect ratios within this share.
+ASPECT_TOLERANCE = 0.02
 # Below this many triplets the worker pool costs more than it saves.
 PARALLEL_MIN = 256
 
@@ -85,7 +95,8 @@ class ExtractError(ValueError):
 
 @dataclass(frozen=True)
 class TripletTask:
-    """One complete triplet to check: source paths (POSIX, relative to the source's top)."""
+    """One complete triplet to check: source paths (POSIX, relative to the source's top); ``lung`` "" for a
+    manifest's film without a lung mask; ``name`` the file name in the subset."""
 
     split: str
     class_dir: str
@@ -107,7 +118,7 @@ class Checked:
     pixel_hash: str = ""  # hash of the decoded image pixels
     shape: tuple[int, int] = (0, 0)  # (height, width) in pixels
     infected_fraction: float = 0.0  # share of infection-mask pixels set
-    lung_fraction: float = 0.0
+    lung_fraction: float | None = 0.0  # None without a lung mask
     fixes: list[str] = field(default_factory=list)  # "converted_mode:images", "binarised:lung masks", ...
     notes: list[str] = field(default_factory=list)  # one message per fix, naming the file
 
@@ -229,16 +240,42 @@ def plan_triplets(
     return plan
 
 
+def plan_manifest(source: ManifestSource, params: DataParams, unsplit: str = "") -> tuple[list, dict]:
+    """(the plan :func:`plan_triplets` would give, for a manifest's films; how the split was made)."""
+    planned, seeded = source.plan(params, unsplit)
+    plan = [
+        (p.split, p.class_name, p.name, *p.problem)
+        if p.problem
+        else TripletTask(p.split, p.class_name, p.name, p.image, p.mask, p.lung)
+        for p in planned
+    ]
+    record = {"split": f"all films in {unsplit} (the manifest gives no split)" if unsplit else "manifest"}
+    if seeded:
+        record = {
+            "split": "seeded",
+            "split_seed": params.split_seed,
+            "val_fraction": params.val_fraction,
+            "test_fraction": params.test_fraction,
+        }
+    return plan, record
+
+
 def check_triplet(source: Source, task: TripletTask) -> Checked:
-    """Read, decode and check one triplet; every file is decoded exactly once."""
+    """Read, decode and check one triplet; every file is decoded exactly once.
+
+    Films in any format :func:`covidseg.data.films.decode_film` reads; masks 0/255, or 0/1 (scaled to 0/255),
+    others binarised at 0.5. A manifest's mask at another size than its film but with its aspect ratio
+    (within :data:`ASPECT_TOLERANCE`) is resized to the film (bilinear, then > 0.5) and counted as fixed.
+    """
     paths = {IMAGES: task.image, INFECTION: task.infection, LUNG: task.lung}
+    paths = {k: v for k, v in paths.items() if v}
     out = Checked(task)
     raw, arrays = {}, {}
     for kind, rel in paths.items():
         where = source.describe(rel)
         try:
             raw[kind] = source.read(rel)
-            arr, mode = decode(raw[kind], where)
+            arr, mode = decode_film(raw[kind], where)
         except BadImageError as exc:
             out.reason, out.message = "unreadable", str(exc)
             return out
@@ -247,14 +284,23 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
             return out
         if mode != "L":
             out.fixes.append(f"converted_mode:{kind}")
-            out.notes.append(f"{where}: mode {mode} converted to 8-bit grey")
+            what = "DICOM film decoded" if mode == DICOM_MODE else f"mode {mode} converted"
+            out.notes.append(f"{where}: {what} to 8-bit grey")
         if kind != IMAGES:
-            arr, changed = binarise(arr)
-            if changed:
+            arr, note = _binary_mask(arr)
+            if note:
                 out.fixes.append(f"binarised:{kind}")
-                out.notes.append(f"{where}: mask values other than 0 and 255, binarised at 0.5 (> 127)")
+                out.notes.append(f"{where}: {note}")
         arrays[kind] = arr
     shape = arrays[IMAGES].shape
+    for kind in [k for k, a in arrays.items() if a.shape != shape and getattr(source, "resize_masks", False)]:
+        h, w = arrays[kind].shape
+        if abs((w / h) / (shape[1] / shape[0]) - 1) <= ASPECT_TOLERANCE:
+            arrays[kind] = resize_mask(arrays[kind], shape[0], shape[1]) * np.uint8(255)
+            out.fixes.append(f"resized:{kind}")
+            out.notes.append(
+                f"{source.describe(paths[kind])}: {w}x{h} mask resized to its film's {shape[1]}x{shape[0]}"
+            )
     odd = [f"{source.describe(paths[k])} is {a.shape[1]}x{a.shape[0]}" for k, a in arrays.items() if a.shape != shape]
     if odd:
         out.reason = "size_mismatch"
@@ -277,8 +323,16 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
     out.pixel_hash = _sha256(arrays[IMAGES].tobytes() + repr(shape).encode())
     out.shape = (int(shape[0]), int(shape[1]))
     out.infected_fraction = float(infection.mean())
-    out.lung_fraction = float((arrays[LUNG] > 0).mean())
+    out.lung_fraction = float((arrays[LUNG] > 0).mean()) if LUNG in arrays else None
     return out
+
+
+def _binary_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
+    """A uint8 (H, W) mask as {0, 255} and what was done ("" when nothing): 0/1 masks scaled, others binarised."""
+    if mask.size and mask.max() == 1:
+        return mask * np.uint8(255), "mask values 0/1 read as 0/255"
+    arr, changed = binarise(mask)
+    return arr, "mask values other than 0 and 255, binarised at 0.5 (> 127)" if changed else ""
 
 
 _WORKER_SOURCE: Source | None = None
@@ -339,6 +393,7 @@ def extract(
     workers: int | None = None,
     details_path: str | Path | None = None,
     required_splits: tuple[str, ...] | None = None,
+    unsplit: str = "",
 ) -> ExtractReport:
     """Check every triplet of ``params.classes`` and write the subset, manifest, skip list and data metrics.
 
@@ -349,13 +404,17 @@ def extract(
     ``metrics_path`` gets :meth:`ExtractReport.headline`, ``details_path`` (default:
     ``atomic.details_path_for(metrics_path)``) :meth:`ExtractReport.to_json`. ``required_splits``: the
     splits that must hold COVID-19 pairs (default: all three, as training needs; external validation
-    needs only the one it scores).
+    needs only the one it scores). ``unsplit``: a manifest without a split puts every film in this split
+    instead of the seeded split (external validation scores them all).
     """
     workers = default_workers() if workers is None else workers
     report = ExtractReport()
     with open_source(source_path) as source:
-        root = locate_root(source)
-        plan = plan_triplets(source, root, params.classes)
+        if isinstance(source, ManifestSource):
+            root, (plan, split_record) = "", plan_manifest(source, params, unsplit)
+        else:
+            root, split_record = locate_root(source), {}  # the dataset's own split folders
+            plan = plan_triplets(source, root, params.classes)
         tasks = [p for p in plan if isinstance(p, TripletTask)]
         details_path = details_path or details_path_for(metrics_path)
         with (
@@ -367,18 +426,19 @@ def extract(
             missing = [s for s in (required_splits or SPLIT_DIRS) if report.class_counts[s]["COVID-19"] == 0]
             if missing:
                 first = next((m for m in report.messages if m.startswith("skipped")), "none")
+                under = f"in {source.manifest}" if isinstance(source, ManifestSource) else f"under '{root or '.'}'"
                 raise ExtractError(
-                    f"{source.location}: no usable COVID-19 pairs in split(s) {', '.join(missing)} under "
-                    f"'{root or '.'}' ({report.skipped_total} triplets skipped; first: {first})"
+                    f"{source.location}: no usable COVID-19 pairs in split(s) {', '.join(missing)} {under} "
+                    f"({report.skipped_total} triplets skipped; first: {first})"
                 )
             _write_csv(tmp / "manifest.csv", MANIFEST_FIELDS, rows)
             _write_csv(tmp / "skipped.csv", SKIPPED_FIELDS, report.skipped_rows)
             # The source's base name only (never an absolute path): training records it in the model file.
-            write_json(tmp / "source.json", {"name": Path(source_path).resolve().name})
+            write_json(tmp / "source.json", {"name": Path(source_path).resolve().name, **split_record})
             # Written to a temporary file now and renamed onto metrics_path only after the
             # new out_dir is in place, so a failure never pairs new metrics with old outputs.
             write_json(metrics_tmp, report.headline())
-            write_json(details_tmp, report.to_json())
+            write_json(details_tmp, report.to_json() | split_record)
     return report
 
 
@@ -439,12 +499,13 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
                     "lung_path": t.lung,
                     "image_sha256": c.sha256[IMAGES],
                     "infection_sha256": c.sha256[INFECTION],
-                    "lung_sha256": c.sha256[LUNG],
+                    "lung_sha256": c.sha256.get(LUNG, ""),
                     "height": c.shape[0],
                     "width": c.shape[1],
                     "infected_fraction": f"{c.infected_fraction:.6f}",
-                    "lung_fraction": f"{c.lung_fraction:.6f}",
+                    "lung_fraction": "" if c.lung_fraction is None else f"{c.lung_fraction:.6f}",
                     "fixes": ";".join(c.fixes),
+                    "member": t.name,
                 }
             )
     return rows

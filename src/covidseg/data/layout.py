@@ -58,6 +58,11 @@ def find_roots(dirs: set[str]) -> list[str]:
     return sorted(roots)
 
 
+def subset_member(row: dict) -> str:
+    """The file name of an extract manifest row's films in ``subset.zip`` (``member``; older extracts: the source's)."""
+    return row.get("member") or row["image_path"].replace("\\", "/").rsplit("/", 1)[-1]
+
+
 def case_ids(rows: list[dict]) -> list[str]:
     """The manifest rows' ids as file-name-safe case identifiers (nnU-Net's, a mask folder's): every character but
     letters, digits, ``_`` and ``-`` becomes ``_``; an id two rows share gets its split and class in front."""

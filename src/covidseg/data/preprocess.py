@@ -4,7 +4,9 @@
     images     uint8 (N, 1, S, S)  grey levels after ``preprocess.contrast`` (covidseg.data.contrast);
                                    the model divides by 255 to get [0, 1]
     masks      uint8 (N, 1, S, S)  infection, {0, 1}, binarised at 0.5 after resizing
-    lungs      uint8 (N, 1, S, S)  lung fields, {0, 1}
+    lungs      uint8 (N, 1, S, S)  lung fields, {0, 1}; all 0 where ``has_lung`` is False
+    has_lung   bool  (N,)          whether the film has a lung mask; written only when one lacks it
+                                   (a manifest's film may): read it with ``arrays.lung_flags``
     ids        str   (N,)          file stems, e.g. ``covid_12``
     classes    str   (N,)          ``COVID-19``, ``Non-COVID`` or ``Normal``
 
@@ -27,7 +29,7 @@ from PIL import Image
 from covidseg.atomic import atomic_dir, write_json
 from covidseg.data.arrays import resize_image, resize_mask
 from covidseg.data.contrast import normalise_contrast
-from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS
+from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLITS, subset_member
 from covidseg.params import PreprocessParams
 
 
@@ -59,14 +61,16 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
             images = np.zeros((n, 1, s, s), np.uint8)
             masks = np.zeros((n, 1, s, s), np.uint8)
             lungs = np.zeros((n, 1, s, s), np.uint8)
+            has_lung = np.array([r["lung_path"] != "" for r in split_rows], dtype=bool)
             for i, r in enumerate(split_rows):
                 base = f"{split}/{r['class']}"
-                name = Path(r["image_path"]).name
+                name = subset_member(r)
                 try:
                     image = resize_image(_decode(subset.read(f"{base}/{IMAGES}/{name}")), s)
                     images[i, 0] = normalise_contrast(image, params.contrast)
                     masks[i, 0] = resize_mask(_decode(subset.read(f"{base}/{INFECTION}/{name}")), s)
-                    lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
+                    if has_lung[i]:
+                        lungs[i, 0] = resize_mask(_decode(subset.read(f"{base}/{LUNG}/{name}")), s)
                 except (KeyError, OSError, zipfile.BadZipFile) as exc:
                     raise ValueError(
                         f"{extracted_dir / 'subset.zip'}: {base}/.../{name} listed in "
@@ -79,6 +83,8 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                 lungs=lungs,
                 ids=np.array([r["id"] for r in split_rows], dtype=str),
                 classes=np.array([r["class"] for r in split_rows], dtype=str),
+                # Only where a film lacks one, so the arrays of a complete source stay byte for byte the same.
+                **({} if has_lung.all() else {"has_lung": has_lung}),
             )
             counts[split] = n
         write_json(tmp / "source.json", _source_record(extracted_dir, counts) | {"contrast": params.contrast})

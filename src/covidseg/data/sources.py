@@ -50,24 +50,32 @@ class Source:
 
 
 class FolderSource(Source):
-    """A folder on disk; ``Lung Segmentation Data``, ``__MACOSX`` and hidden folders are not walked."""
+    """A folder on disk; ``Lung Segmentation Data``, ``__MACOSX`` and hidden folders are not walked.
 
-    def __init__(self, location: Path):
-        files = []
-        for dirpath, dirnames, filenames in os.walk(location):
-            rel_dir = os.path.relpath(dirpath, location)
-            # Never descend into the lung-segmentation half of the archive (nor macOS/hidden debris).
-            dirnames[:] = sorted(d for d in dirnames if not ignored_part(d))
-            for f in filenames:
-                files.append(PurePosixPath(*Path(rel_dir, f).parts).as_posix() if rel_dir != "." else f)
+    ``files``: the paths (relative to ``location``) to offer instead of walking the folder.
+    """
+
+    def __init__(self, location: Path, files: list[str] | None = None):
+        if files is None:
+            files = []
+            for dirpath, dirnames, filenames in os.walk(location):
+                rel_dir = os.path.relpath(dirpath, location)
+                # Never descend into the lung-segmentation half of the archive (nor macOS/hidden debris).
+                dirnames[:] = sorted(d for d in dirnames if not ignored_part(d))
+                for f in filenames:
+                    files.append(PurePosixPath(*Path(rel_dir, f).parts).as_posix() if rel_dir != "." else f)
         super().__init__(location, files)
 
+    def path(self, rel: str) -> Path:
+        """Where file ``rel`` is on disk."""
+        return self.location / rel
+
     def read(self, rel: str) -> bytes:
-        return (self.location / rel).read_bytes()
+        return self.path(rel).read_bytes()
 
     def head(self, rel: str, size: int) -> bytes:
         """The first ``size`` bytes of file ``rel``, opened non-blocking and read only when it is a regular file."""
-        where, path = self.describe(rel), self.location / rel
+        where, path = self.describe(rel), self.path(rel)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         except OSError as exc:
@@ -179,13 +187,19 @@ def source_kind(location: str | Path) -> str:
 
 
 def open_source(location: str | Path) -> Source:
-    """Open a folder or a ``.zip`` file as a :class:`Source`.
+    """Open a folder, a ``.zip`` file or a manifest (:mod:`covidseg.data.manifest`) as a :class:`Source`.
 
     The path is checked with ``stat`` first (:func:`source_kind`), so a FIFO, a device or a symlink
     loop is refused before anything is opened or read.
     """
+    from covidseg.data.manifest import open_manifest  # the manifest module builds on this one
+
     location = Path(location)
-    if source_kind(location) == "folder":
+    kind = source_kind(location)
+    manifest = open_manifest(location)
+    if manifest is not None:
+        return manifest
+    if kind == "folder":
         return FolderSource(location)
     try:
         is_zip = zipfile.is_zipfile(location)  # a regular file: reads a bounded tail

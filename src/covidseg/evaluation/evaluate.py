@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from covidseg.atomic import atomic_path, details_path_for, write_json, write_text
-from covidseg.data.arrays import load_split
+from covidseg.data.arrays import load_split, lung_flags
 from covidseg.device import choose_device, choose_precision
 from covidseg.evaluation import agreement, metrics
 from covidseg.evaluation.metrics import (
@@ -153,6 +153,7 @@ def score(
     tuned, per_tuned = threshold_metrics(prob, truth, tuned_threshold)
     count, psum, tsum = metrics.calibration_bins(prob, truth, params.calibration_bins)
     lungs = test["lungs"][:, 0].astype(bool) if "lungs" in test else None
+    has_lung = lung_flags(test)
     train_masks, train_lungs = train
     _, severity, severity_per = _severity(
         prob >= tuned_threshold,
@@ -163,6 +164,7 @@ def score(
         name,
         params,
         baseline_share=median_lung_share(train_masks, train_lungs),
+        has_lung=has_lung,
     )
     summary = {
         "n_images": int(len(prob)),
@@ -173,7 +175,7 @@ def score(
         "ece_bins": params.calibration_bins,
         "at_fixed_threshold": fixed,
         "at_tuned_threshold": tuned,
-        "baselines": baselines(truth, lungs, float(train_masks.mean(dtype=np.float64))),
+        "baselines": baselines(truth, lungs if has_lung.all() else None, float(train_masks.mean(dtype=np.float64))),
         "temperature": run["temperature"],
         "flip_tta": run["flip_tta"],
         "lung_gate": run["lung_gate"],
@@ -238,25 +240,43 @@ def _severity(
     prepared_dir: str | Path,
     params: EvaluateParams,
     baseline_share: float,
+    has_lung: np.ndarray | None = None,
 ) -> tuple[dict, dict, pd.DataFrame]:
     """The severity block (see :mod:`covidseg.evaluation.severity_eval`): headline, details, per-image table.
 
     ``baseline_share``: the constant per-lung share (percent) of the trivial baseline, the train split's median.
+    ``has_lung``: bool (N,), the films with a true lung mask (None: all). Severity is scored on those only;
+    the per-image table keeps every film, the others with empty values and ``severity_note`` saying why.
     """
     if true_lungs is None:
         raise ValueError(
             f"{prepared_dir}/test.npz has no lung masks: severity needs them (rerun `dvc repro preprocess`)"
         )
-    pred_lungs = None if lung_prob is None else lung_prob >= LUNG_THRESHOLD
-    return evaluate_severity(
-        pred_infection,
+    keep = np.ones(len(ids), bool) if has_lung is None else has_lung
+    films = pd.DataFrame({"image": list(ids)})
+    if not keep.any():
+        details = {"model": {"error": f"no scored film has a lung mask: {NO_LUNG_NOTE}"}, "films_with_lung_mask": 0}
+        return dict.fromkeys(SEVERITY_HEADLINE, float("nan")), details, films.assign(severity_note=NO_LUNG_NOTE)
+    pred_lungs = None if lung_prob is None else lung_prob[keep] >= LUNG_THRESHOLD
+    headline_, details, per = evaluate_severity(
+        pred_infection[keep],
         pred_lungs,
-        truth,
-        true_lungs,
+        truth[keep],
+        true_lungs[keep],
         baseline_share,
-        ids=list(ids),
+        ids=list(np.asarray(ids)[keep]),
         n_resamples=params.bootstrap_resamples,
     )
+    if keep.all():
+        return headline_, details, per
+    details["films_with_lung_mask"] = int(keep.sum())
+    details["films_without_lung_mask"] = int((~keep).sum())
+    per = films.merge(per, on="image", how="left")
+    per["severity_note"] = np.where(keep, "", NO_LUNG_NOTE)
+    return headline_, details, per
+
+
+NO_LUNG_NOTE = "no lung mask in the source, so no true severity (never counted as 0)"
 
 
 def _train_masks(prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -264,7 +284,7 @@ def _train_masks(prepared_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(prepared_dir) / "train.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the train split is missing (the baselines need its infection and lung masks)")
-    with np.load(path) as z:
+    with np.load(path) as z:  # a film without a lung mask has empty lungs: no share, so no part in the median
         return z["masks"][:, 0].astype(bool), z["lungs"][:, 0].astype(bool)
 
 

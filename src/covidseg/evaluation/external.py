@@ -4,8 +4,9 @@ tool's predicted masks, scored on any labelled source with every test metric of 
 MODEL is a ``model.pt`` (torch, as the evaluate stage runs it), a ``model.onnx`` (onnxruntime, its calibration
 inside), or a folder of predicted masks, e.g. nnU-Net's: ``<case>.png`` per film, 0/1 or 0/255, named by the
 case ids of :func:`covidseg.data.layout.case_ids` (what ``covidseg export-nnunet`` wrote). SOURCE is a Kaggle
-folder or zip, or an extract stage folder (``manifest.csv``, ``subset.zip``); only the split scored
-(``split``, default ``test``) needs COVID-19 films. Films are prepared exactly as the pipeline prepares them
+folder or zip, a manifest (a CSV or MONAI datalist, or the folder holding one: :mod:`covidseg.data.manifest`;
+without a split column every film it lists is scored), or an extract stage folder (``manifest.csv``,
+``subset.zip``); only the split scored (``split``, default ``test``) needs COVID-19 films. Films are prepared exactly as the pipeline prepares them
 (extract, then resize to the model's input size with its contrast normalisation); a mask folder is scored
 at the films' own size (as nnU-Net predicted them).
 
@@ -21,6 +22,7 @@ Severity for a mask folder uses the true lungs (the masks hold infection only).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -63,15 +65,17 @@ def evaluate_external(
         raise ExternalEvaluationError(f"{model}: no such model file or mask folder")
     predictor = _predictor(model)
     with tempfile.TemporaryDirectory() as tmp:
-        extracted = source if (source / "manifest.csv").is_file() else Path(tmp) / "extracted"
+        is_extract = (source / "manifest.csv").is_file() and (source / "subset.zip").is_file()
+        extracted = source if is_extract else Path(tmp) / "extracted"
         if extracted != source:
             given = data or DataParams()
             extract(
                 source,
                 extracted,
                 Path(tmp) / "data.json",
-                DataParams(source=str(source), classes=given.classes, on_error=given.on_error),
+                dataclasses.replace(given, source=str(source)),
                 required_splits=(split,),
+                unsplit=split,
             )
         size, contrast = predictor.size_for(extracted), predictor.contrast
         preprocess(extracted, Path(tmp) / "prepared", PreprocessParams(image_size=size, contrast=contrast))

@@ -258,6 +258,9 @@ def severity_figures(severity_csv: Path, severity: dict, out_dir: Path, dpi: int
     if not severity_csv.is_file():
         return []
     table = pd.read_csv(severity_csv)
+    if "true_extent_score" not in table.columns:
+        return []  # no scored film has a lung mask: no true severity to draw
+    table = table.dropna(subset=["true_extent_score"])  # films without a lung mask have no true severity
     who = "pred" if "pred_right_pct" in table.columns else "oracle"
     label = (
         "model (predicted lungs)" if who == "pred" else "oracle: predicted infection in the true lungs (no lung head)"
@@ -275,7 +278,8 @@ def severity_figures(severity_csv: Path, severity: dict, out_dir: Path, dpi: int
     matrix = block.get("extent_confusion")
     if matrix is None:  # details file absent: count from the table
         matrix = np.zeros((9, 9), int)
-        np.add.at(matrix, (table["true_extent_score"].to_numpy(), table[f"{who}_extent_score"].to_numpy()), 1)
+        pairs = (table["true_extent_score"].to_numpy(int), table[f"{who}_extent_score"].to_numpy(int))
+        np.add.at(matrix, pairs, 1)
     title = f"Extent score (0-8), {label} ({int(np.asarray(matrix).sum())} films)"
     written.append(_save(extent_confusion_figure(np.asarray(matrix), title), out_dir / "extent_confusion.png", dpi))
     return written

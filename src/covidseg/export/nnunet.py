@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir, write_json
-from covidseg.data.layout import IMAGES, INFECTION, case_ids
+from covidseg.data.layout import IMAGES, INFECTION, case_ids, subset_member
 
 CHANNEL = "X-ray"  # not "CT": nnU-Net then z-scores each film, the right normalisation for radiographs
 
@@ -103,7 +103,7 @@ def export_nnunet(extracted_dir: str | Path, out: str | Path, dataset_id: int = 
 
 def _pair(z: zipfile.ZipFile, subset: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
     """uint8 (H, W) film and bool (H, W) infection mask (>= 128) of a manifest row."""
-    base, file = f"{row['split']}/{row['class']}", Path(row["image_path"]).name
+    base, file = f"{row['split']}/{row['class']}", subset_member(row)
     try:
         images = [Image.open(io.BytesIO(z.read(f"{base}/{kind}/{file}"))).convert("L") for kind in (IMAGES, INFECTION)]
     except (KeyError, OSError, zipfile.BadZipFile) as exc:

@@ -130,13 +130,19 @@ def segmentation_loss(
     target: torch.Tensor,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     lung_aux_weight: float,
+    lung_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss: ``loss_fn`` on the infection channel + ``lung_aux_weight`` x pixel-mean BCE on the lung channel.
 
     logits, target: float (N, K, S, S), channel 0 infection, channel 1 lung (present when
-    ``lung_aux_weight`` > 0). Returns a scalar.
+    ``lung_aux_weight`` > 0). ``lung_weight``: float (N,), 1 for the films that have a true lung
+    mask and 0 for the others (None: all have one); the lung term is then the mean of the per-film
+    pixel-mean BCE over the films that have one (0 when none in the batch has). Returns a scalar.
     """
     loss = loss_fn(logits[:, :1], target[:, :1])
-    if lung_aux_weight > 0:
-        loss = loss + lung_aux_weight * F.binary_cross_entropy_with_logits(logits[:, 1:2], target[:, 1:2])
-    return loss
+    if lung_aux_weight <= 0:
+        return loss
+    if lung_weight is None:
+        return loss + lung_aux_weight * F.binary_cross_entropy_with_logits(logits[:, 1:2], target[:, 1:2])
+    per_film = F.binary_cross_entropy_with_logits(logits[:, 1:2], target[:, 1:2], reduction="none").mean((1, 2, 3))
+    return loss + lung_aux_weight * (per_film * lung_weight).sum() / lung_weight.sum().clamp_min(1.0)

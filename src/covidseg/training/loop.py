@@ -37,7 +37,7 @@ import torch
 
 from covidseg import __version__
 from covidseg.atomic import atomic_path, write_json, write_text
-from covidseg.data.arrays import load_source, load_split
+from covidseg.data.arrays import load_source, load_split, lung_flags
 from covidseg.device import autocast, choose_device, choose_precision
 from covidseg.inference.forward import predict_logits
 from covidseg.model.cascade import LungCascade, crop_batch
@@ -156,7 +156,8 @@ class Trainer:
     def _load_data(self, prepared_dir: Path) -> None:
         """Train/val arrays and the source record; the seeded train subset (``max_train_images``); the run fingerprint.
 
-        Sets ``train_x``/``train_m``/``train_l`` (uint8 tensors (N, 1, S, S)), ``val`` (dict of arrays)
+        Sets ``train_x``/``train_m``/``train_l`` (uint8 tensors (N, 1, S, S)), ``train_has_lung`` (bool (N,)),
+        ``val`` (dict of arrays)
         and ``fingerprint``. Raises ValueError naming ``prepared_dir`` when a split is empty.
         """
         p, seed = self.params, self.seed
@@ -173,12 +174,24 @@ class Trainer:
             p, seed, {f"train_{k}": train[k] for k in ("images", "masks")} | {"val": val["images"]}
         )
         self.train_x, self.train_m, self.train_l = (torch.from_numpy(train[k]) for k in ("images", "masks", "lungs"))
+        self.train_has_lung = torch.from_numpy(lung_flags(train))
+        with_lungs = int(self.train_has_lung.sum())
+        if p.lung_aux_weight > 0 and with_lungs < total:
+            self.log(
+                f"train: {with_lungs} of {len(self.train_x)} training films have a lung mask; the lung head learns "
+                "from those only"
+                if with_lungs
+                else "train: no training film has a lung mask, so the lung head is off (train.lung_aux_weight "
+                "ignored): the model segments infection but gives no severity per lung"
+            )
         self.val = val
 
     def _build_model(self) -> None:
         """The seeded U-Net (two outputs with the lung head), its DDP wrapper, weight average, optimiser and loss."""
         p, ctx, device = self.params, self.ctx, self.device
-        self.aux = p.lung_aux_weight > 0
+        self.aux = p.lung_aux_weight > 0 and bool(self.train_has_lung.any())
+        if p.lung_crop and not self.aux:
+            raise ValueError("train.lung_crop needs lung masks to train the lung head, and no training film has one")
         torch.manual_seed(self.seed)
         self.model = UNet(
             UNetConfig(
@@ -311,7 +324,9 @@ class Trainer:
             with autocast(self.device, self.precision):
                 logits = self.net(x)
             logits = logits.float()
-            loss = segmentation_loss(logits, y, self.loss_fn, p.lung_aux_weight)
+            has_lung = self.train_has_lung[idx]
+            lung_weight = None if bool(has_lung.all()) else has_lung.float().to(self.device)
+            loss = segmentation_loss(logits, y, self.loss_fn, p.lung_aux_weight if self.aux else 0.0, lung_weight)
             _check_finite(loss, epoch, step + 1)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
