@@ -65,6 +65,7 @@ def test_a_csv_manifest_with_other_names_dicom_films_and_defects_is_extracted(tm
     big = np.zeros((2 * TINY_SIZE, 2 * TINY_SIZE), np.uint8)
     big[16:32, 12:28] = 255  # film 1's infection mask at twice the film's size: 8x8 of 32x32 after resizing
     write_png(base / rows[0]["mask"], big)
+    rows[3]["mask"] = rows[3]["mask"].replace("/", "\\")  # a Windows path
     rows.append(dict(rows[1], split="test", patient="again"))  # film 2 listed again: a duplicate
     rows.append(dict(rows[2], image="films/nowhere.png", split="val"))  # a row pointing nowhere
     write_manifest_csv(base / "manifest.csv", rows)

@@ -32,6 +32,7 @@ TEXT_COLUMNS = {
     "view",
     "severity_status",
     "pixel_spacing_source",
+    "review",
     "status",
     "error",
     "warning",

@@ -10,7 +10,9 @@ reference.json (covidseg.export.reference_card).
     .venv/bin/python tools/make_reference.py PREPARED_CHECKOUT DATA --int8-only
 
 rebuilds only model-int8.onnx (after a change to covidseg.export.int8) from the shipped fp32 file, on the
-val and dev-Test films of a checkout where `dvc repro preprocess` ran on the same data (the same split).
+val and dev-Test films of a checkout where `dvc repro preprocess` ran on the same data (the same split);
+`--interval-only` likewise fits the per-lung share interval on those val films and stores it in the shipped
+files (covidseg.export.reference_interval).
 """
 
 import subprocess
@@ -23,6 +25,7 @@ import typer  # noqa: E402
 
 from covidseg import logs  # noqa: E402
 from covidseg.export.reference_card import build_reference, refresh_int8  # noqa: E402
+from covidseg.export.reference_interval import refresh_share_interval  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +40,16 @@ def main(
         False,
         help="Rebuild only model-int8.onnx and its lines (RUN_CHECKOUT needs only data/prepared and params.yaml).",
     ),
+    interval_only: bool = typer.Option(
+        False,
+        help="Fit only the per-lung share interval on val and store it in the shipped files (weights unchanged).",
+    ),
 ) -> None:
     logs.configure(logs.stage_verbosity())
+    if interval_only:
+        block = refresh_share_interval(out, run_checkout)
+        typer.echo(f"reference: share interval q {block['q']:.2f}, dev-Test coverage {block['coverage']:.3f}")
+        return
     if int8_only:
         int8 = refresh_int8(out, run_checkout)
         shown = f"Dice {int8['dice']['difference']:+.4f}" if int8.get("file") else int8["refused"]

@@ -120,31 +120,45 @@ def check_layout(source: Source, root: str, params: DataParams) -> int:
                         f"(data.classes asks for {class_dir} in every split; {hint})"
                     )
     plan = plan_triplets(source, root, params.classes)
-    usable: collections.Counter = collections.Counter()
-    first_bad: dict[str, str] = {}  # split -> the first COVID-19 problem in it
-    n_bad = 0
+    tally = _Tally(params.on_error)
     for item in plan:
         if isinstance(item, TripletTask):
-            split, class_dir, problem = item.split, item.class_dir, _triplet_problem(source, item)
+            tally.add(item.split, item.class_dir, _triplet_problem(source, item))
         else:
             split, class_dir, _, reason, message = item
-            problem = (reason, message)
-        if problem is None:
-            usable[(split, class_dir)] += 1
-            continue
-        reason, message = problem
-        if params.on_error == "fail":
-            raise SourceError(f"{message} [{reason}; data.on_error is 'fail']")
-        n_bad += 1
-        if class_dir == "COVID-19":
-            first_bad.setdefault(split, message)
-    empty = [s for s in SPLIT_DIRS if usable[(s, "COVID-19")] == 0]
-    if empty:
-        raise SourceError(
-            f"{source.location}: no usable COVID-19 triplets in split(s) {', '.join(empty)} under '{root or '.'}' "
-            f"({n_bad} triplets bad; first: {first_bad.get(empty[0], 'none')})"
-        )
+            tally.add(split, class_dir, (reason, message))
+    tally.refuse_empty_splits(f"{source.location}", "triplets", f" under '{root or '.'}'")
     return len(plan)
+
+
+class _Tally:
+    """Usable items per (split, class) and the first COVID-19 problem of each split, under ``data.on_error``."""
+
+    def __init__(self, on_error: str):
+        self.on_error, self.bad = on_error, 0
+        self.usable: collections.Counter = collections.Counter()
+        self.first_bad: dict[str, str] = {}
+
+    def add(self, split: str, class_dir: str, problem: tuple[str, str] | None) -> None:
+        """Count one item; a (reason, message) problem raises SourceError under ``fail``."""
+        if problem is None:
+            self.usable[(split, class_dir)] += 1
+            return
+        reason, message = problem
+        if self.on_error == "fail":
+            raise SourceError(f"{message} [{reason}; data.on_error is 'fail']")
+        self.bad += 1
+        if class_dir == "COVID-19":
+            self.first_bad.setdefault(split, message)
+
+    def refuse_empty_splits(self, where: str, items: str, detail: str = "") -> None:
+        """SourceError naming ``where`` when a split has no usable COVID-19 item."""
+        empty = [s for s in SPLIT_DIRS if self.usable[(s, "COVID-19")] == 0]
+        if empty:
+            raise SourceError(
+                f"{where}: no usable COVID-19 {items} in split(s) {', '.join(empty)}{detail} "
+                f"({self.bad} {items} bad; first: {self.first_bad.get(empty[0], 'none')})"
+            )
 
 
 def check_manifest(source: ManifestSource, params: DataParams) -> int:
@@ -168,8 +182,7 @@ def check_manifest(source: ManifestSource, params: DataParams) -> int:
             "DVC hashes only that folder, so it would not see them change; move them into it"
         )
     planned, _ = source.plan(params)
-    usable: collections.Counter = collections.Counter()
-    first_bad: dict[str, str] = {}
+    tally = _Tally(params.on_error)
     for p in planned:
         problem = p.problem
         for rel in (r for r in (p.image, p.mask, p.lung) if r and problem is None):
@@ -181,19 +194,8 @@ def check_manifest(source: ManifestSource, params: DataParams) -> int:
             if not is_film_start(head):
                 what = "empty file" if not head else f"starts with {head[:8]!r}"
                 problem = ("unreadable", f"{source.describe(rel)}: not an image nor a DICOM file ({what})")
-        if problem is None:
-            usable[(p.split, p.class_name)] += 1
-            continue
-        if params.on_error == "fail":
-            raise SourceError(f"{problem[1]} [{problem[0]}; data.on_error is 'fail']")
-        if p.class_name == "COVID-19":
-            first_bad.setdefault(p.split, problem[1])
-    empty = [s for s in SPLIT_DIRS if usable[(s, "COVID-19")] == 0]
-    if empty:
-        raise SourceError(
-            f"{source.manifest}: no usable COVID-19 films in split(s) {', '.join(empty)} "
-            f"({len(planned) - sum(usable.values())} films bad; first: {first_bad.get(empty[0], 'none')})"
-        )
+        tally.add(p.split, p.class_name, problem)
+    tally.refuse_empty_splits(f"{source.manifest}", "films")
     return len(planned)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
@@ -172,11 +173,12 @@ def _entry(where: str, image: str, mask: str, row: dict) -> Entry:
     class_name = row.get("class", "") or "COVID-19"
     if class_name not in CLASSES:
         raise ManifestError(f"{where}: class {class_name!r} is not one of {list(CLASSES)}")
+    image, mask, lung = (p.replace("\\", "/") for p in (image, mask, row.get("lung_mask", "")))  # Windows paths
     return Entry(
         where,
         image,
         mask,
-        row.get("lung_mask", ""),
+        lung,
         SPLIT_NAMES.get(split.lower(), ""),
         class_name,
         row.get("patient", ""),
@@ -201,8 +203,9 @@ def seeded_splits(entries: list[Entry], val_fraction: float, test_fraction: floa
     return [replace(e, split=split_of[(e.class_name, e.patient or e.image)]) for e in entries]
 
 
-def unique_names(names: list[str]) -> list[str]:
-    """``names`` with ``-1``, ``-2``, ... added to each one an earlier one took (case-insensitively)."""
+def unique_names(names: Iterable[str]) -> list[str]:
+    """``names`` with ``-1``, ``-2``, ... added to each one an earlier one took (case-insensitively), as
+    ``covidseg predict`` names its outputs and a manifest its films."""
     used: set[str] = set()
     out = []
     for base in names:

@@ -33,8 +33,10 @@ from covidseg.evaluation.metrics import (
 )
 from covidseg.evaluation.severity_eval import HEADLINE as SEVERITY_HEADLINE
 from covidseg.evaluation.severity_eval import evaluate_severity, median_lung_share
+from covidseg.evaluation.severity_intervals import interval_columns, interval_summary
 from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.masks.severity import LUNG_THRESHOLD
+from covidseg.masks.share_interval import ShareInterval
 from covidseg.model.checkpoint import load_model
 from covidseg.params import EvaluateParams
 
@@ -123,6 +125,7 @@ def torch_predictions(
         "lung_gate": calibration.lung_gate,
         "evaluate_precision": chosen,
         "train_precision": str(meta.get("train_precision", "unknown")),  # older model files did not record it
+        "share_interval": meta.get("share_interval"),  # fitted on val by training (None in older files)
     }
     return prob, lung_prob, run
 
@@ -166,6 +169,11 @@ def score(
         baseline_share=median_lung_share(train_masks, train_lungs),
         has_lung=has_lung,
     )
+    interval = ShareInterval.from_meta(run.get("share_interval"))
+    if interval is not None and lung_prob is not None and "pred_right_pct" in severity_per:
+        columns = interval_columns(prob, lung_prob, tuned_threshold, interval, test["images"])
+        severity_per = pd.concat([severity_per.reset_index(drop=True), columns], axis=1)
+        severity["model"]["share_interval"] = interval_summary(severity_per, interval)
     summary = {
         "n_images": int(len(prob)),
         "rmse": metrics.rmse(prob, truth),

@@ -183,6 +183,7 @@ class _Onnx(_Predictor):
             "lung_gate": c["lung_gate"],
             "evaluate_precision": "fp32 (onnxruntime)",
             "train_precision": "unknown",
+            "share_interval": self.predictor.share_interval,
         }
         return prob, None if lung is None else lung.astype(np.float32), run
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from covidseg.atomic import write_text
 from covidseg.evaluation import metrics
+from covidseg.evaluation.severity_context import anchor_rows, band_rows, interval_sentence
 from covidseg.params import DEFAULT_SEED, NEGATIVE_CLASSES, SECTIONS, _flag_value, from_dict, read_params
 
 # Sections whose values make the model: the data, its preparation and training (seed too).
@@ -218,6 +219,7 @@ def render_card(
         f"{_num(sev.get('oracle_true_lungs', {}).get('share_mae'), 2)}, one constant share "
         f"{_num(sev.get('baseline_constant_share', {}).get('share_mae'), 2)}.",
         "",
+        *_severity_context_lines(model_sev),
         "## Per class",
         "",
         "| class | images | dice | iou | rmse | false-positive images (no infection) |",
@@ -297,3 +299,14 @@ def write_card(
     text = render_card(params_path, meta, read(test_json), read(details_json), read(train_json), per_image_csv, export)
     write_text(out_path, text)
     return text
+
+
+def _severity_context_lines(model_sev: dict) -> list[str]:
+    """Severity beside the reader-agreement anchors, the share error by true-share band and the intervals' coverage."""
+    if not model_sev or "error" in model_sev:
+        return []
+    lines = ["| who | agreement | scale | source |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in anchor_rows(model_sev)]
+    lines += ["", "| true share | lungs | share MAE (points) | bias (points) |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(r)} |" for r in band_rows(model_sev)]
+    return [*lines, "", interval_sentence(model_sev), ""]

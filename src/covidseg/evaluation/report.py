@@ -16,6 +16,7 @@ from typing import Any
 
 from covidseg.atomic import write_text
 from covidseg.evaluation import metrics
+from covidseg.evaluation.severity_context import anchor_rows, band_rows, interval_sentence
 
 # Published quality on the real COVID-QU-Ex COVID-19 test split: the student report's U-Net test RMSE, and
 # MedSegBench's smp U-Nets trained from scratch with Dice loss on the official 1864/466/583 split (per-image
@@ -202,6 +203,17 @@ def severity_table(test: dict) -> str:
     return _table(header, rows, "severity") if severity else "<p>No severity block in the metrics.</p>"
 
 
+def severity_context(test: dict) -> str:
+    """The model's severity beside the reader-agreement anchors, its share error by true-share band, and the
+    coverage of its per-lung intervals (covidseg.evaluation.severity_context)."""
+    model = (test.get("severity") or {}).get("model") or {}
+    if not model or "error" in model:
+        return ""
+    anchors = _table(["who", "agreement", "scale", "source"], [[html.escape(c) for c in r] for r in anchor_rows(model)])
+    bands = _table(["true share", "lungs", "share MAE (points)", "bias (points)"], band_rows(model))
+    return f"{anchors}<p>Share error by the lung's true share:</p>{bands}<p>{html.escape(interval_sentence(model))}</p>"
+
+
 def baselines_table(test: dict) -> str:
     """The model beside trivial predictors and published anchors (RMSE, Brier, Dice)."""
     fixed = test.get("at_fixed_threshold") or {}
@@ -322,6 +334,7 @@ are the same in both columns.</p>
 compare with them only when this run used that data. Per-image Dice is the comparable number.</p>
 <h2>Severity: infected share of each lung</h2>
 {severity_table(test)}
+{severity_context(test)}
 <p class="note">Share: infected pixels inside the lung / the lung's pixels (%), the image's left lung being the
 patient's right. Extent score: each lung 0 (none), 1 (under 25 %), 2 (25-50 %), 3 (50-75 %), 4 (75 % or more),
 summed to 0-8 (Wong et al., Radiology 2020). A lung the predictor misses scores 0 and is counted.</p>

@@ -96,11 +96,34 @@ def score_against_truth(pred: pd.DataFrame, truth: pd.DataFrame, seed: int = 0, 
         "extent_exact": ext["exact"],
         "extent_within1": ext["within_1"],
         "extent_kappa": ext["kappa"],
+        "extent_mae": float(np.mean(np.abs(pred_extent - true_extent))) if len(true_extent) else float("nan"),
         "extent_confusion": agreement.confusion_matrix(pred_extent, true_extent, MAX_EXTENT).tolist(),
+        "share_error_by_true_band": share_error_by_band(ps, ts),
         "lungs": int(present.sum()),
         "lungs_missed": int(missed.sum()),
         "infected_outside_lungs_pct_mean": float(pred["infected_outside_lungs_pct"].mean()),
     }
+
+
+TRUE_SHARE_BANDS = (0.0, 25.0, 50.0, 75.0, 100.0)  # percent: the extent grades' edges
+
+
+def share_error_by_band(pred: np.ndarray, true: np.ndarray) -> list[dict]:
+    """Per true-share band (``0-25`` ... ``75-100``, the last one closed): lungs, MAE and bias (predicted minus
+    true, points) of per-lung shares ``pred``, ``true`` float (L,) in percent; MAE and bias None for an empty band."""
+    out = []
+    for k, (lo, hi) in enumerate(zip(TRUE_SHARE_BANDS[:-1], TRUE_SHARE_BANDS[1:])):
+        inside = (true >= lo) & ((true < hi) if k < len(TRUE_SHARE_BANDS) - 2 else (true <= hi))
+        diff = pred[inside] - true[inside]
+        out.append(
+            {
+                "band": f"{lo:g}-{hi:g}",
+                "lungs": int(inside.sum()),
+                "mae": float(np.abs(diff).mean()) if diff.size else None,
+                "bias": float(diff.mean()) if diff.size else None,
+            }
+        )
+    return out
 
 
 def constant_share_table(share_pct: float, n: int) -> pd.DataFrame:

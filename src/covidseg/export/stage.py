@@ -62,6 +62,8 @@ def export_stage(
         "covidseg.provenance": json.dumps(meta.get("provenance", {}), sort_keys=True),
         "covidseg.train_precision": str(meta.get("train_precision", "unknown")),
     }
+    if meta.get("share_interval"):  # the per-lung share interval fitted on val (covidseg.masks.share_interval)
+        metadata["covidseg.share_interval"] = json.dumps(meta["share_interval"], sort_keys=True)
     with atomic_path(onnx_path) as tmp:
         # export_onnx's own check uses two random images; the one that gates the stage is below.
         contrast = str(meta.get("contrast", "none"))  # the test images are already normalised by it

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from covidseg.inference.model_meta import checked_meta
+from covidseg.masks.share_interval import ShareInterval
 
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive
 _ONNX_FIRST_BYTE = b"\x08"  # an ONNX ModelProto starts with field 1 (ir_version), a varint
@@ -50,6 +51,7 @@ class LoadedModel:
     run_warnings: tuple[str, ...] = ()  # about how it runs here (e.g. bf16 emulated on this CPU)
     file_name: str = ""  # the model file's name (what a DICOM SEG says made it)
     file_sha256: str = ""  # of the model file's bytes (a DICOM SEG's UIDs depend on it)
+    share_interval: ShareInterval | None = None  # the per-lung share interval fitted on val (None: none recorded)
 
 
 def model_backend(path: str | Path) -> str:
@@ -139,6 +141,7 @@ def _prepare_torch(
         run_warnings=tuple(run_warnings),
         file_name=path.name,
         file_sha256=_sha256(path),
+        share_interval=ShareInterval.from_meta(checked["share_interval"]),
     )
 
 
@@ -194,6 +197,7 @@ def _prepare_onnx(path: Path, threshold: float | None, flip_tta: bool | None, ba
         contrast=predictor.contrast,
         file_name=path.name,
         file_sha256=_sha256(path),
+        share_interval=ShareInterval.from_meta(predictor.share_interval),
     )
 
 

@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from covidseg.masks.share_interval import ShareInterval
 from covidseg.params import CONTRAST_METHODS
 
 MIN_SIZE, MAX_SIZE = 16, 4096
@@ -47,7 +48,7 @@ def checked_meta(
     path: str | Path, meta: dict[str, Any], stride: int | None = None, graph_size: Any = None, prefix: str = ""
 ) -> dict:
     """The validated calibration and input keys of ``meta`` (size, threshold, temperature, lung_gate, flip_tta,
-    contrast), defaults filled in as the loaders always did; ModelMetadataError on the first bad one.
+    contrast, share_interval), defaults filled in as the loaders always did; ModelMetadataError on the first bad one.
 
     ``stride``: the torch network's total stride (``size`` must be a multiple). ``graph_size``: the ONNX
     graph's fixed input side (``size`` must equal it; a symbolic dimension is not checked). ``prefix``: how
@@ -80,7 +81,16 @@ def checked_meta(
     contrast = meta.get("contrast", "none")
     if contrast not in CONTRAST_METHODS:
         raise bad("contrast", contrast, f"is not one of {', '.join(CONTRAST_METHODS)}")
+    share_interval = meta.get("share_interval")
+    if share_interval is not None:
+        try:
+            if not isinstance(share_interval, dict):
+                raise ValueError("not a mapping")
+            ShareInterval.from_meta(share_interval)
+        except ValueError as exc:
+            raise bad("share_interval", share_interval, f"is not a share interval ({exc})") from None
     return {
+        "share_interval": share_interval,
         "size": size,
         "threshold": threshold,
         "temperature": temperature,
@@ -94,7 +104,7 @@ def decode_onnx_meta(path: str | Path, metadata: dict[str, str]) -> dict[str, An
     """ONNX ``covidseg.<key>`` strings as values: each JSON-decoded (``"256"`` -> 256, ``"true"`` -> True), an
     empty threshold as None, ``contrast`` kept as text. A value that is not JSON is a ModelMetadataError."""
     out: dict[str, Any] = {}
-    for key in ("size", "threshold", "temperature", "lung_gate", "flip_tta"):
+    for key in ("size", "threshold", "temperature", "lung_gate", "flip_tta", "share_interval"):
         raw = metadata.get(f"covidseg.{key}")
         if raw is None or (key == "threshold" and raw == ""):
             continue

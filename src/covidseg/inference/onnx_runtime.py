@@ -88,6 +88,7 @@ class OnnxPredictor:
         self.size: int = self._checked["size"]
         self.threshold: float | None = self._checked["threshold"]
         self.contrast: str = self._checked["contrast"]
+        self.share_interval: dict | None = self._checked["share_interval"]  # covidseg.masks.share_interval
 
     @property
     def calibration(self) -> dict[str, Any]:

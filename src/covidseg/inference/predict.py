@@ -45,6 +45,7 @@ from covidseg.atomic import FolderLocked, atomic_path, check_writable, folder_lo
 from covidseg.data.arrays import resize_image
 from covidseg.data.decode import BadImageError, decode_grey, low_range_warning
 from covidseg.data.dicom import DICM_OFFSET, DicomError, decode_dicom, is_dicom
+from covidseg.data.manifest import unique_names
 from covidseg.inference import backends
 from covidseg.inference.backends import LoadedModel, model_warnings, provenance_lines
 from covidseg.inference.dicom_seg import DicomSegError, SegAlgorithm, write_dicom_seg
@@ -52,6 +53,7 @@ from covidseg.inference.overlay import annotate, draw_outline, tint
 from covidseg.inference.pipeline import pipelined
 from covidseg.masks.plausibility import severity_refusals, view_of
 from covidseg.masks.severity import LUNG_THRESHOLD, split_lungs, split_severity
+from covidseg.masks.share_interval import SIDES, ShareInterval, film_intervals
 
 __all__ = [
     "LoadedModel",
@@ -79,7 +81,11 @@ CSV_COLUMNS = (
     "view",
     "severity_status",
     "right_lung_infected_pct",
+    "right_lung_infected_pct_low",
+    "right_lung_infected_pct_high",
     "left_lung_infected_pct",
+    "left_lung_infected_pct_low",
+    "left_lung_infected_pct_high",
     "lungs_infected_pct",
     "right_extent",
     "left_extent",
@@ -90,6 +96,7 @@ CSV_COLUMNS = (
     "right_infected_area_cm2",
     "left_infected_area_cm2",
     "pixel_spacing_source",
+    "review",
     "status",
     "error",
     "warning",
@@ -114,6 +121,7 @@ AREA_COLUMNS = {  # CSV column: pixel count of covidseg.masks.severity.split_sev
     "right_infected_area_cm2": "right_infected_px",
     "left_infected_area_cm2": "left_infected_px",
 }
+INTERVAL_COLUMNS = tuple(f"{side}_lung_infected_pct_{end}" for side in SIDES for end in ("low", "high"))
 # Write errors that concern the whole output folder, not one image: the run stops on them.
 _FOLDER_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENOENT}
@@ -160,7 +168,11 @@ class Row:
     view: str = ""  # PA, AP, lateral or unknown (DICOM ViewPosition; unknown for other files)
     severity_status: str = ""  # "ok", or why the film gives no severity (codes of covidseg.masks.plausibility)
     right_lung_infected_pct: float | None = None  # percent of that lung's pixels (image left = patient's right)
+    right_lung_infected_pct_low: float | None = None  # its 95 % interval (covidseg.masks.share_interval)
+    right_lung_infected_pct_high: float | None = None
     left_lung_infected_pct: float | None = None
+    left_lung_infected_pct_low: float | None = None
+    left_lung_infected_pct_high: float | None = None
     lungs_infected_pct: float | None = None
     right_extent: int | None = None  # 0-4 per lung, summed to extent_score 0-8
     left_extent: int | None = None
@@ -171,6 +183,7 @@ class Row:
     right_infected_area_cm2: float | None = None
     left_infected_area_cm2: float | None = None
     pixel_spacing_source: str = ""  # which DICOM attribute gave the spacing (covidseg.data.dicom.pixel_area)
+    review: str = ""  # why a reader should check this film's severity, codes joined by "+" (empty: none)
     status: str = "ok"  # "ok", "error" or "not_run" (the run stopped before this input)
     error: str = ""
     warning: str = ""  # e.g. almost no contrast after decoding; the row is still "ok"
@@ -250,21 +263,6 @@ def unique_stems(paths: Iterable[Path]) -> list[str]:
     Compared case-insensitively, so outputs never collide on case-insensitive file systems.
     """
     return unique_names(p.stem or "image" for p in paths)
-
-
-def unique_names(names: Iterable[str]) -> list[str]:
-    """``names`` with ``-1``, ``-2``, ... added to each one an earlier one took (case-insensitively)."""
-    used: set[str] = set()
-    stems = []
-    for base in names:
-        stem = base
-        k = 0
-        while stem.lower() in used:
-            k += 1
-            stem = f"{base}-{k}"
-        used.add(stem.lower())
-        stems.append(stem)
-    return stems
 
 
 # ----------------------------------------------------------------------------- images
@@ -373,11 +371,14 @@ def write_outputs(
     dicom_seg: tuple[Any, SegAlgorithm] | None = None,
     view: str = "unknown",
     body_part: str = "",
+    share_interval: ShareInterval | None = None,
 ) -> dict[str, float]:
     """Write mask, lungs, overlay (and probs) for one image; grey uint8 (H, W), prob and lung_prob float32 (H, W).
 
     Returns the infected fraction and mean probability over the image's H * W pixels and, with
-    ``lung_prob``, the severity measures of :func:`severity_of` (the CSV's severity columns). All
+    ``lung_prob``, the severity measures of :func:`severity_of` (the CSV's severity columns), each
+    lung's 95 % share interval from ``share_interval`` (the model's, fitted on val; empty without one)
+    and the ``review`` reasons (:func:`covidseg.masks.share_interval.film_intervals`). All
     or nothing: on an error every file of ``stem`` (also older ones) is removed before it is raised;
     files this run does not make (probs without ``save_probs``, lungs without a lung head) are removed.
     With ``dicom_seg`` (the film's pruned header, the algorithm), also ``seg/<stem>.dcm``
@@ -407,7 +408,14 @@ def write_outputs(
     measures = {"infected_fraction": float(mask.mean()), "mean_probability": float(prob.mean(dtype=np.float64))}
     if lungs is None:
         return measures
-    return measures | severity_of(mask, lungs, pixel_area_mm2, grey=grey, view=view, body_part=body_part)
+    severity = severity_of(mask, lungs, pixel_area_mm2, grey=grey, view=view, body_part=body_part)
+    bounds = film_intervals(prob, lung_prob, threshold, share_interval, status=severity["severity_status"])
+    for side in SIDES:
+        for end in ("low", "high"):
+            value = bounds[f"{side}_pct_{end}"]
+            shown = severity[f"{side}_lung_infected_pct"] is not None and value == value
+            severity[f"{side}_lung_infected_pct_{end}"] = value if shown else None
+    return measures | severity | {"review": bounds["review"]}
 
 
 def severity_of(
@@ -574,7 +582,13 @@ def _predict_locked(
 
     def write(batch: _Batch) -> _Batch:
         return _write_batch(
-            batch, out_dir, stems, prepared.threshold, options.save_probs, algorithm if options.dicom_seg else None
+            batch,
+            out_dir,
+            stems,
+            prepared.threshold,
+            options.save_probs,
+            algorithm if options.dicom_seg else None,
+            prepared.share_interval,
         )
 
     def decode(indices: range) -> _Batch:
@@ -662,6 +676,7 @@ def _write_batch(
     threshold: float,
     save_probs: bool,
     seg_algorithm: SegAlgorithm | None = None,
+    share_interval: ShareInterval | None = None,
 ) -> _Batch:
     """Write the batch's files; stop at the first error that means the folder itself failed (full, read-only, gone)."""
     for i in batch.failures:
@@ -685,6 +700,7 @@ def _write_batch(
                 dicom_seg=seg,
                 view=info.view,
                 body_part=info.body_part,
+                share_interval=share_interval,
             )
         except DicomSegError as exc:
             batch.written[i] = exc
@@ -760,8 +776,9 @@ def _write_csv_or_stop(path: Path, rows: list[Row]) -> None:
 
 def _fail(row: Row, message: str, on_row: Callable[[Row], None] | None) -> None:
     row.status, row.error = "error", message
-    for name in ("infected_fraction", "mean_probability", *SEVERITY_COLUMNS, *AREA_COLUMNS):
+    for name in ("infected_fraction", "mean_probability", *SEVERITY_COLUMNS, *AREA_COLUMNS, *INTERVAL_COLUMNS):
         setattr(row, name, None)
+    row.review = ""
     if on_row:
         on_row(row)
 

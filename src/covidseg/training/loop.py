@@ -39,7 +39,9 @@ from covidseg import __version__
 from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.data.arrays import load_source, load_split, lung_flags
 from covidseg.device import autocast, choose_device, choose_precision
+from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.inference.forward import predict_logits
+from covidseg.masks.share_interval import fit_from_predictions
 from covidseg.model.cascade import LungCascade, crop_batch
 from covidseg.model.checkpoint import save_model
 from covidseg.model.ensemble import SnapshotEnsemble
@@ -506,6 +508,7 @@ class Trainer:
             with_lung_head=self.aux,
         )
         chosen = dataclasses.asdict(calibration)
+        share_interval = self._fit_share_interval(model, calibration) if self.aux else None
         val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
         summary = {
             "epochs_run": len(self.rows),
@@ -517,6 +520,7 @@ class Trainer:
             "val_rmse": math.sqrt(tuned["sse"] / tuned["pixels"]),
             **chosen,
             "temperature_at_grid_edge": at_grid_edge(calibration.temperature),
+            "share_interval_q": None if share_interval is None else share_interval["q"],
         }
         run_log = {
             "train_seconds": self.train_seconds,
@@ -540,6 +544,7 @@ class Trainer:
                     "provenance": self._provenance(val_dice),
                     "contrast": str(self.source.get("contrast", "none")),  # predict applies it (data/contrast.py)
                     "train_precision": self.precision,  # the resolved value (fp32 / bf16), not "auto"
+                    "share_interval": share_interval,  # covidseg.masks.share_interval, fitted on val
                 },
             )
             write_json(metrics_path, summary)
@@ -550,6 +555,23 @@ class Trainer:
             )
         self.ctx.barrier()
         return summary | run_log
+
+    def _fit_share_interval(self, model: torch.nn.Module, calibration: Calibration) -> dict | None:
+        """The per-lung share interval (covidseg.masks.share_interval) fitted on the val films with a lung mask,
+        as the model file stores it; None when too few val lungs have both a true and a predicted share."""
+        val = self.val
+        batch = max(self.params.batch_size, 8)
+        prob, lung_prob = calibrated_outputs(model, val["images"], self.device, self.precision, calibration, batch)
+        truth = (val["masks"][:, 0] > 0, val["lungs"][:, 0] > 0)
+        fitted = fit_from_predictions(prob, lung_prob, calibration.threshold, *truth, lung_flags(val))
+        if fitted is None:
+            self.log("model: too few val lungs for a per-lung share interval; predictions will give none")
+            return None
+        self.log(
+            f"model: per-lung share interval share -+ {fitted.q:.2f} x (spread + {fitted.offset:g}) points, "
+            f"from {fitted.lungs} val lungs"
+        )
+        return fitted.to_meta()
 
     def _provenance(self, val_dice: float) -> dict:
         """What the model was trained on and by which code: plain values, no paths, times or git state."""
