@@ -14,7 +14,7 @@ import torch
 from covidseg.atomic import atomic_path, write_json, write_text
 from covidseg.data.arrays import load_split, lung_flags
 from covidseg.evaluation.evaluate import evaluate
-from covidseg.evaluation.severity_context import band_rows, interval_sentence
+from covidseg.evaluation.severity_context import anchor_rows, band_rows, interval_sentence
 from covidseg.export.reference_card import sha256
 from covidseg.inference.calibration import Calibration, calibrated_outputs
 from covidseg.inference.reference import CARD, FP32_ONNX, INT8_ONNX, RECORD, TORCH_FILE
@@ -84,6 +84,12 @@ def refresh_share_interval(out_dir: Path, run_dir: Path) -> dict:
         "| true share | lungs | share MAE (points) | bias (points) |",
         "|---|---|---|---|",
         *(f"| {' | '.join(r)} |" for r in band_rows(model_sev)),
+        "",
+        "Extent agreement on dev-Test beside published anchors (context, not like-for-like targets):",
+        "",
+        "| who | agreement | scale | source |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(r)} |" for r in anchor_rows(model_sev)),
         "",
         "`covidseg predict` writes each lung's interval (`*_infected_pct_low`, `_high`) and a `review` column.",
     ]
