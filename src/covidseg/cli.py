@@ -360,6 +360,7 @@ def export_nnunet(
     import tempfile
 
     from covidseg.data.extract import extract
+    from covidseg.data.layout import is_extract_output
     from covidseg.data.sources import SourceError
     from covidseg.export.nnunet import NnunetExportError
     from covidseg.export.nnunet import export_nnunet as run_export
@@ -367,7 +368,7 @@ def export_nnunet(
 
     console = _stderr_console()
     try:
-        if (source / "manifest.csv").is_file() and (source / "subset.zip").is_file():
+        if is_extract_output(source):
             summary = run_export(source, out, dataset_id, name)
         else:
             data = load_section(DataParams, "data", params) if params.is_file() else DataParams()

@@ -293,7 +293,7 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
                 out.notes.append(f"{where}: {note}")
         arrays[kind] = arr
     shape = arrays[IMAGES].shape
-    for kind in [k for k, a in arrays.items() if a.shape != shape and getattr(source, "resize_masks", False)]:
+    for kind in [k for k, a in arrays.items() if a.shape != shape and source.resize_masks]:
         h, w = arrays[kind].shape
         if abs((w / h) / (shape[1] / shape[0]) - 1) <= ASPECT_TOLERANCE:
             arrays[kind] = resize_mask(arrays[kind], shape[0], shape[1]) * np.uint8(255)

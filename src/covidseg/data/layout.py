@@ -9,6 +9,7 @@ Layout (the root folder name appears twice in the Kaggle download)::
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from covidseg.params import CLASSES
 
@@ -56,6 +57,11 @@ def find_roots(dirs: set[str]) -> list[str]:
             continue
         roots.add("/".join(parts[:-2]))
     return sorted(roots)
+
+
+def is_extract_output(folder: Path) -> bool:
+    """Whether ``folder`` is an extract stage's output (``manifest.csv`` beside ``subset.zip``), not a data source."""
+    return (folder / "manifest.csv").is_file() and (folder / "subset.zip").is_file()
 
 
 def subset_member(row: dict) -> str:

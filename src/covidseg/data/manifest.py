@@ -36,6 +36,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from covidseg.data.layout import SPLITS, is_extract_output
 from covidseg.data.sources import FolderSource, SourceError
 from covidseg.params import CLASSES, DataParams
 
@@ -45,9 +46,6 @@ CSV_COLUMNS = ("image", "mask", "lung_mask", "split", "class", "patient")
 COLUMN_ALIASES = {"label": "mask", "lung": "lung_mask"}
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "validation": "val", "test": "test"}
 DATALIST_SPLITS = {"training": "train", "validation": "val", "test": "test"}
-
-
-SPLIT_ORDER = ("train", "val", "test")  # the order extraction takes films in (duplicates: the later is dropped)
 
 
 class ManifestError(SourceError):
@@ -258,7 +256,7 @@ class ManifestSource(FolderSource):
         ``unsplit``: see :meth:`split_entries`."""
         entries, seeded = self.split_entries(params, unsplit)
         ids, planned = self.case_ids(), []
-        for split in SPLIT_ORDER:
+        for split in SPLITS:  # extraction's order: of two equal films the later split's is dropped
             for e, case in zip(entries, ids):
                 if e.split != split or e.class_name not in params.classes:
                     continue
@@ -277,14 +275,14 @@ class ManifestSource(FolderSource):
 
     def case_ids(self) -> list[str]:
         """One id per entry, in manifest order: the film's file stem, made unique as predict names its outputs."""
-        return unique_names([PurePosixPath(e.image.replace("\\", "/")).stem or "film" for e in self.entries])
+        return unique_names([PurePosixPath(e.image).stem or "film" for e in self.entries])
 
 
 def open_manifest(location: Path) -> ManifestSource | None:
     """A ManifestSource when ``location`` is a manifest file or a folder with one at its top, else None."""
     if location.is_dir():
-        if (location / "subset.zip").is_file():
-            return None  # an extract stage's output folder: its manifest.csv is extraction's own record
+        if is_extract_output(location):
+            return None  # its manifest.csv is extraction's own record, not a user's manifest
         manifest = find_manifest(location)
         return ManifestSource(location, manifest) if manifest else None
     if location.suffix.lower() in MANIFEST_SUFFIXES:

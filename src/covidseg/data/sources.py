@@ -24,6 +24,8 @@ class SourceError(ValueError):
 class Source:
     """A tree of files addressed by POSIX paths relative to the source's top."""
 
+    resize_masks = False  # whether extraction resizes a mask of another size than its film (a manifest's)
+
     def __init__(self, location: Path, files: list[str]):
         self.location = location
         self.files = files

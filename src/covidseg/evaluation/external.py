@@ -32,7 +32,7 @@ from PIL import Image
 from covidseg.atomic import write_json
 from covidseg.data.arrays import load_split
 from covidseg.data.extract import extract
-from covidseg.data.layout import case_ids
+from covidseg.data.layout import case_ids, is_extract_output
 from covidseg.data.preprocess import preprocess
 from covidseg.evaluation.evaluate import score, torch_predictions
 from covidseg.evaluation.figures import make_figures
@@ -65,8 +65,7 @@ def evaluate_external(
         raise ExternalEvaluationError(f"{model}: no such model file or mask folder")
     predictor = _predictor(model)
     with tempfile.TemporaryDirectory() as tmp:
-        is_extract = (source / "manifest.csv").is_file() and (source / "subset.zip").is_file()
-        extracted = source if is_extract else Path(tmp) / "extracted"
+        extracted = source if is_extract_output(source) else Path(tmp) / "extracted"
         if extracted != source:
             given = data or DataParams()
             extract(

@@ -408,8 +408,10 @@ def write_outputs(
     measures = {"infected_fraction": float(mask.mean()), "mean_probability": float(prob.mean(dtype=np.float64))}
     if lungs is None:
         return measures
-    severity = severity_of(mask, lungs, pixel_area_mm2, grey=grey, view=view, body_part=body_part)
-    bounds = film_intervals(prob, lung_prob, threshold, share_interval, status=severity["severity_status"])
+    split = split_lungs(lungs)  # once, for the severity and its interval (a full-size film's labelling costs)
+    severity = severity_of(mask, lungs, pixel_area_mm2, grey=grey, view=view, body_part=body_part, split=split)
+    status = severity["severity_status"]
+    bounds = film_intervals(prob, lung_prob, threshold, share_interval, status=status, lungs=split)
     for side in SIDES:
         for end in ("low", "high"):
             value = bounds[f"{side}_pct_{end}"]
@@ -425,6 +427,7 @@ def severity_of(
     grey: np.ndarray | None = None,
     view: str = "unknown",
     body_part: str = "",
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The CSV's severity columns from bool (H, W) infection and lung masks: per-lung and both-lung
     infected share (percent), extent scores (0-4 per lung, 0-8 summed), the share of the infected
@@ -436,9 +439,10 @@ def severity_of(
     from ``grey``, ``view`` and ``body_part`` as well as the masks) the cells are empty, never a
     number: all of them, except that with one lung found its own share, extent and areas stay and
     only the other lung's and the both-lung totals are empty. ``infected_outside_lungs_pct`` is
-    always given. ``severity_status`` is ``ok`` or the reason codes joined by ``+``.
+    always given. ``severity_status`` is ``ok`` or the reason codes joined by ``+``. ``split``: the
+    (right, left) lungs of :func:`covidseg.masks.severity.split_lungs` when the caller has them.
     """
-    right, left = split_lungs(lungs)
+    right, left = split_lungs(lungs) if split is None else split
     values = split_severity(infection, right, left, counts=True)
     out: dict[str, Any] = {
         column: (None if values[key] != values[key] else values[key]) for column, key in SEVERITY_COLUMNS.items()

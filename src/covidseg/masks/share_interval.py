@@ -171,18 +171,20 @@ def film_intervals(
     interval: ShareInterval | None,
     grey: np.ndarray | None = None,
     status: str | None = None,
+    lungs: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> dict:
     """One film's interval columns and review reasons.
 
     prob, lung_prob: float (H, W) calibrated infection and lung probabilities; grey: uint8 (H, W) for the
     plausibility checks of the grey levels (None: masks alone); ``status``: the film's severity status when
-    the caller has it (``covidseg predict``'s, which also knows the view), else it is found here. Returns
+    the caller has it (``covidseg predict``'s, which also knows the view), else it is found here; ``lungs``:
+    the (right, left) split of the predicted lungs when the caller has it, else split here. Returns
     ``{side}_pct``, ``{side}_pct_low``, ``{side}_pct_high`` (percent; NaN for a lung not found, a film
     refused or no ``interval``) and ``review`` (reasons joined by ``+``, "" for none).
     """
     infection = prob >= threshold
-    right, left = split_lungs(lung_prob >= LUNG_THRESHOLD)
-    spreads = lung_spreads(prob, right, left)
+    right, left = split_lungs(lung_prob >= LUNG_THRESHOLD) if lungs is None else lungs
+    spreads = lung_spreads(prob, right, left) if interval is not None else (np.nan, np.nan)
     if status is None:
         status = "+".join(c for c, _ in severity_refusals(grey, infection, right, left)) or "ok"
     codes = [c for c in status.split("+") if c != "ok"]
