@@ -30,7 +30,7 @@ from covidseg.atomic import write_json  # noqa: E402
 from covidseg.data.preprocess import preprocess  # noqa: E402
 from covidseg.evaluation.evaluate import evaluate  # noqa: E402
 from covidseg.params import EvaluateParams, PreprocessParams, TrainParams, from_dict, read_params, read_yaml  # noqa: E402
-from covidseg.training.loop import train  # noqa: E402
+from covidseg.training.run import train  # noqa: E402
 
 
 def preset_params(preset: Path) -> TrainParams:

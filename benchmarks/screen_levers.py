@@ -41,7 +41,7 @@ from covidseg.evaluation.metrics import threshold_metrics  # noqa: E402
 from covidseg.inference.calibration import Calibration, calibrated_probabilities  # noqa: E402
 from covidseg.model.checkpoint import load_model  # noqa: E402
 from covidseg.params import PreprocessParams, TrainParams, from_dict, read_params, read_yaml  # noqa: E402
-from covidseg.training.loop import train  # noqa: E402
+from covidseg.training.run import train  # noqa: E402
 
 PROXY = {"train.epochs": 10, "train.max_train_images": 600}
 BASELINE = "preset"

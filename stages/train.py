@@ -12,7 +12,7 @@ import typer  # noqa: E402
 
 from covidseg import logs  # noqa: E402
 from covidseg.params import TrainParams, load_section, load_seed  # noqa: E402
-from covidseg.training.loop import train  # noqa: E402
+from covidseg.training.run import train  # noqa: E402
 
 
 def main(

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 import covidseg.training.loop as train_mod
+import covidseg.training.run as run_mod
 from covidseg.params import TrainParams, from_dict
 
 
@@ -39,7 +40,7 @@ def main(prepared: str, out_dir: str, params_json: str) -> None:
         return summary
 
     train_mod.Trainer.finish = finish
-    summary = train_mod.train(
+    summary = run_mod.train(
         prepared,
         run / "models" / "model.pt",
         run / "models" / "resume",

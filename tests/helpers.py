@@ -26,7 +26,7 @@ from covidseg.evaluation.figures import make_figures
 from covidseg.model.checkpoint import save_model
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams, PlotsParams, TrainParams
-from covidseg.training.loop import train
+from covidseg.training.run import train
 
 from conftest import REPO, dvc, set_params
 

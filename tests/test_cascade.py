@@ -14,10 +14,10 @@ from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.model import cascade
 from covidseg.model.cascade import LungCascade, crop, crop_batch, lung_boxes, paste
 from covidseg.model.checkpoint import load_model
-from covidseg.model.ensemble import SnapshotEnsemble
+from covidseg.model.ensemble import UNetEnsemble
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import ParamsError, TrainParams, from_dict
-from covidseg.training.loop import train
+from covidseg.training.run import train
 
 from helpers import TINY_TRAIN, train_tiny
 
@@ -163,5 +163,5 @@ def test_a_snapshot_ensemble_runs_inside_the_cascade(tiny_prepared, tmp_path):
     out = tmp_path / "run"
     train(tiny_prepared, out / "model.pt", out / "r", out / "c.tsv", out / "t.json", params, 0)
     model, meta = load_model(out / "model.pt")
-    assert isinstance(model, LungCascade) and isinstance(model.net, SnapshotEnsemble)
+    assert isinstance(model, LungCascade) and isinstance(model.net, UNetEnsemble)
     assert meta["snapshots"] == 2 and meta["snapshot_epochs"] == [1, 2]

@@ -20,7 +20,7 @@ from covidseg.inference.forward import predict_all_logits
 from covidseg.inference.onnx_runtime import OnnxPredictor
 from covidseg.inference.predict import read_csv
 from covidseg.model.checkpoint import load_model, save_model
-from covidseg.model.ensemble import SnapshotEnsemble, mean_probability_logits
+from covidseg.model.ensemble import UNetEnsemble, mean_probability_logits
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import EvaluateParams, ExportParams, ParamsError, TrainParams, from_dict
 
@@ -54,9 +54,9 @@ def constant_unet(values: list[float]) -> UNet:
     return net.eval()
 
 
-def random_ensemble(k: int = 2, seed: int = 0) -> SnapshotEnsemble:
+def random_ensemble(k: int = 2, seed: int = 0) -> UNetEnsemble:
     torch.manual_seed(seed)
-    ensemble = SnapshotEnsemble(CONFIG, k)
+    ensemble = UNetEnsemble(CONFIG, k)
     for m in ensemble.modules():  # random BatchNorm statistics, so eval-mode normalisation is exercised
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.2, 0.2)
@@ -72,7 +72,7 @@ def random_ensemble(k: int = 2, seed: int = 0) -> SnapshotEnsemble:
 
 def test_forward_is_the_logit_of_the_mean_probability_by_hand():
     a, b = constant_unet([logit(0.2), logit(0.9)]), constant_unet([logit(0.6), logit(0.5)])
-    ensemble = SnapshotEnsemble.from_state_dicts(a.config, [a.state_dict(), b.state_dict()]).eval()
+    ensemble = UNetEnsemble.from_state_dicts(a.config, [a.state_dict(), b.state_dict()]).eval()
     assert ensemble.config == a.config and len(ensemble.members) == 2
     out = ensemble(torch.rand(3, 1, 16, 16))
     assert out.shape == (3, 2, 16, 16) and out.dtype == torch.float32
@@ -94,12 +94,12 @@ def test_mean_probability_logits_is_exact_where_sigmoid_saturates():
 
 def test_an_ensemble_of_one_net_repeated_predicts_like_that_net():
     net = random_ensemble(2).members[0]
-    ensemble = SnapshotEnsemble.from_state_dicts(CONFIG, [net.state_dict()] * 3).eval()
+    ensemble = UNetEnsemble.from_state_dicts(CONFIG, [net.state_dict()] * 3).eval()
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ensemble(x), net(x), rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="at least 2 members"):
-        SnapshotEnsemble(CONFIG, 1)
+        UNetEnsemble(CONFIG, 1)
 
 
 # ----------------------------------------------------------------------------- params
@@ -135,7 +135,7 @@ def test_model_file_round_trip_and_plain_files_are_unchanged(tmp_path):
     payload = torch.load(tmp_path / "a.pt", weights_only=True)
     assert payload["snapshots"] == 3 and payload["config"] == CONFIG.to_dict()
     loaded, meta = load_model(tmp_path / "a.pt")
-    assert isinstance(loaded, SnapshotEnsemble) and len(loaded.members) == 3 and not loaded.training
+    assert isinstance(loaded, UNetEnsemble) and len(loaded.members) == 3 and not loaded.training
     assert meta["snapshots"] == 3 and meta["size"] == 32
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
@@ -193,7 +193,7 @@ def snap_run(tiny_prepared, tmp_path_factory):
 def test_training_saves_the_ensemble_of_the_last_epochs(snap_run, tiny_prepared):
     out, summary, weights = snap_run
     model, meta = load_model(out / "model.pt")
-    assert isinstance(model, SnapshotEnsemble) and len(model.members) == 2
+    assert isinstance(model, UNetEnsemble) and len(model.members) == 2
     assert summary["best_epoch"] == 3 and summary["snapshot_epochs"] == [2, 3] and summary["epochs_run"] == 3
     assert meta["snapshots"] == 2 and meta["snapshot_epochs"] == [2, 3] and meta["best_epoch"] == 3
     for member, epoch in zip(model.members, (2, 3)):

@@ -18,7 +18,7 @@ from covidseg.inference.onnx_runtime import OnnxModelError, OnnxPredictor
 from covidseg.inference.predict import resize_probs
 from covidseg.model.checkpoint import load_model, save_model
 from covidseg.params import ExportParams, TrainParams
-from covidseg.training.loop import train
+from covidseg.training.run import train
 
 from helpers import FAST_PREDICT_FLAGS, grey_array, invoke_predict
 

@@ -15,7 +15,8 @@ from covidseg.inference.forward import predict_logits
 from covidseg.model.checkpoint import load_model
 from covidseg.params import TrainParams
 from covidseg.training.calibration import tune_temperature, tune_threshold, val_scores
-from covidseg.training.loop import TrainingDiverged, lr_at, train
+from covidseg.training.loop import TrainingDiverged, lr_at
+from covidseg.training.run import train
 from covidseg.training.selection import BestEpoch
 
 from conftest import REPO, run

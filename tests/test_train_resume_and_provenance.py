@@ -15,7 +15,8 @@ import covidseg.training.loop as train_mod
 from covidseg.model.checkpoint import load_model
 from covidseg.training.calibration import TEMPERATURES
 from covidseg.training.codehash import code_hash
-from covidseg.training.loop import CURVE_FIELDS, train
+from covidseg.training.loop import CURVE_FIELDS
+from covidseg.training.run import train
 
 from helpers import TINY_TRAIN, capture_logs, interrupt_after, log_lines, train_tiny
 

@@ -25,6 +25,8 @@ NEGATIVE_CLASSES = CLASSES[1:]  # no infection: their infection masks are empty
 CONTRAST_METHODS = ("none", "equalize", "clahe")  # the values of preprocess.contrast (covidseg.data.contrast)
 LOSSES = ("bce", "dice", "bce_dice", "focal", "bce_tversky", "bce_focal_tversky", "bce_lovasz")
 SCHEDULES = ("constant", "cosine")
+# train.unlabeled: where self-training's unlabeled films come from (covidseg.training.self_training)
+UNLABELED_SOURCES = ("none", "archive", "rest_of_train")
 
 
 class ParamsError(ValueError):
@@ -94,6 +96,9 @@ class DataParams:
     val_fraction: float = 0.16
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Also extract the archive's Lung Segmentation Data COVID-19 films (lung masks, no infection mask)
+    # for self-training (train.unlabeled: archive); films equal in pixels to a labelled one are left out.
+    unlabeled: bool = False
 
     def validate(self) -> None:
         _check(bool(self.source), "data", "source must name a folder, a .zip or a manifest folder")
@@ -161,6 +166,9 @@ class TrainParams:
     precision: str = "fp32"  # the default params train in fp32 on every machine; presets may pick auto
     num_threads: int = 0
     max_train_images: int = 0
+    members: int = 1  # >= 2: an ensemble of that many independent runs, seeds seed .. seed + members - 1
+    unlabeled: str = "none"  # UNLABELED_SOURCES: self-training on films without an infection mask
+    pseudo_keep: float = 0.8  # the share of unlabeled films (the teacher's most stable) that the student learns from
 
     def validate(self) -> None:
         s = "train"
@@ -211,6 +219,30 @@ class TrainParams:
         _check(self.precision in ("auto", "fp32", "bf16"), s, "precision must be auto, fp32 or bf16")
         _check(self.num_threads >= 0, s, "num_threads must be >= 0 (0: torch's default)")
         _check(self.max_train_images >= 0, s, "max_train_images must be >= 0 (0: all)")
+        _check(1 <= self.members <= 10, s, "members must be in [1, 10] (1: one model; K >= 2: K independent runs)")
+        _check(
+            self.members == 1 or self.snapshots == 1,
+            s,
+            "members >= 2 cannot be combined with snapshots >= 2 (choose one ensemble: of runs or of epochs)",
+        )
+        _check(self.unlabeled in UNLABELED_SOURCES, s, f"unlabeled must be one of {list(UNLABELED_SOURCES)}")
+        _check(
+            self.unlabeled == "none" or self.members == 1,
+            s,
+            "unlabeled (self-training) cannot be combined with members >= 2",
+        )
+        _check(
+            self.unlabeled == "none" or self.snapshots == 1,
+            s,
+            "unlabeled (self-training) cannot be combined with snapshots >= 2 (the teacher is one network)",
+        )
+        _check(
+            self.unlabeled != "rest_of_train" or self.max_train_images > 0,
+            s,
+            "unlabeled: rest_of_train needs max_train_images > 0 (the labelled films; the other train films "
+            "lose their infection masks)",
+        )
+        _check(0 < self.pseudo_keep <= 1, s, "pseudo_keep must be in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +429,11 @@ def validate_all(path: str | Path = "params.yaml") -> dict[str, Any]:
         "train",
         f"preprocess.image_size {size} must be divisible by downsample * 2 ** (depth - 1) = {step} "
         "(the U-Net halves the image depth - 1 times after downsampling)",
+    )
+    _check(
+        train.unlabeled != "archive" or loaded["data"].unlabeled,
+        "train",
+        "unlabeled: archive needs data.unlabeled: true (extract the archive's Lung Segmentation Data films)",
     )
     return loaded
 

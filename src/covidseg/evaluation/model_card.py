@@ -248,12 +248,21 @@ def render_card(
         )
     out += ["", "## Known failure modes", ""]
     out += [f"- {line}" for line in failure_modes(per_image_csv, details)]
-    snaps = model_meta.get("snapshot_epochs")
+    snaps, seeds = model_meta.get("snapshot_epochs"), model_meta.get("member_seeds")
     kept = (
         f"a snapshot ensemble of epochs {', '.join(map(str, snaps))}"
         if snaps
+        else f"an ensemble of {len(seeds)} runs (seeds {', '.join(map(str, seeds))}; best epochs "
+        f"{', '.join(map(str, model_meta.get('member_best_epochs', [])))})"
+        if seeds
         else f"best epoch {train.get('best_epoch', '?')}"
     )
+    if model_meta.get("pseudo_labelled_images") is not None:
+        kept += (
+            f", self-trained: {model_meta['labelled_images']} labelled films and "
+            f"{model_meta['pseudo_labelled_images']} of {model_meta['unlabeled_images']} unlabeled films "
+            "pseudo-labelled by a teacher,"
+        )
     out += [
         "",
         "## How it was made",

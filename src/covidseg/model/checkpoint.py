@@ -7,7 +7,7 @@ A model file is a ``torch.save`` zip archive of one dict::
     config          the UNetConfig as a dict (of each member, for a snapshot ensemble)
     state_dict      CPU tensors
     lung_crop       (optional) True: the network runs as a lung-region cascade (covidseg.model.cascade)
-    snapshots       K >= 2 only for a SnapshotEnsemble of K members (absent: one UNet)
+    snapshots       K >= 2 only for a UNetEnsemble of K members (absent: one UNet)
     ...             e.g. threshold, temperature, size, provenance (see covidseg.training.loop)
 
 Its bytes depend only on what is saved: it is serialised in memory (fixed record names;
@@ -26,7 +26,7 @@ import torch
 
 from covidseg.atomic import atomic_path
 from covidseg.model.cascade import LungCascade
-from covidseg.model.ensemble import SnapshotEnsemble
+from covidseg.model.ensemble import UNetEnsemble
 from covidseg.model.unet import UNet, UNetConfig
 
 FORMAT = "covidseg-model"
@@ -38,7 +38,7 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
     """Atomically write ``{"format", "format_version", "config", "state_dict", **extra}``.
 
     ``extra`` holds e.g. threshold, temperature, size, provenance; plain values only.
-    A :class:`SnapshotEnsemble` also gets ``"snapshots": K`` (a plain UNet's payload is unchanged).
+    A :class:`UNetEnsemble` also gets ``"snapshots": K`` (a plain UNet's payload is unchanged).
     The same weights and ``extra`` give the same bytes, whatever ``path`` is.
     """
     net = getattr(model, "module", model)
@@ -51,7 +51,7 @@ def save_model(path: str | Path, model: torch.nn.Module, extra: dict[str, Any]) 
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         **({"lung_crop": True} if cascade else {}),
     }
-    if isinstance(net, SnapshotEnsemble):
+    if isinstance(net, UNetEnsemble):
         payload["snapshots"] = len(net.members)
     payload.update(extra)
     buf = io.BytesIO()
@@ -93,7 +93,7 @@ def _read(path: Path) -> dict[str, Any]:
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a file written by :func:`save_model`; returns (model in eval mode, metadata).
 
-    The model is a :class:`SnapshotEnsemble` when the file says ``snapshots`` >= 2, else a UNet
+    The model is a :class:`UNetEnsemble` when the file says ``snapshots`` >= 2, else a UNet
     (files without the key are one UNet), inside a :class:`LungCascade` for a file with ``lung_crop``.
     ``metadata`` keeps ``snapshots`` when present.
 
@@ -112,7 +112,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[to
     if isinstance(snapshots, bool) or not isinstance(snapshots, int) or snapshots < 1:
         raise ValueError(f"{path}: 'snapshots' must be an integer >= 1, got {snapshots!r}; {_RETRAIN}")
     try:
-        model = UNet(UNetConfig(**config)) if snapshots == 1 else SnapshotEnsemble(UNetConfig(**config), snapshots)
+        model = UNet(UNetConfig(**config)) if snapshots == 1 else UNetEnsemble(UNetConfig(**config), snapshots)
         model.load_state_dict(payload["state_dict"])
         if payload.get("lung_crop", False):
             model = LungCascade(model)

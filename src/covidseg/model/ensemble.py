@@ -1,7 +1,8 @@
-"""A checkpoint (snapshot) ensemble: K U-Nets of one architecture whose probabilities are averaged.
+"""An ensemble of K U-Nets of one architecture whose probabilities are averaged.
 
-``train.snapshots: K`` (K >= 2) keeps the weights of the last K training epochs and saves this
-module instead of one network. It takes and returns what a :class:`~covidseg.model.unet.UNet`
+Two ways make one: ``train.snapshots: K`` (K >= 2) keeps the weights of the last K epochs of one
+run (a snapshot ensemble), and ``train.members: K`` trains K independent runs with K seeds
+(covidseg.training.run). Either saves this module instead of one network. It takes and returns what a :class:`~covidseg.model.unet.UNet`
 does, (N, 1, H, W) -> logits (N, C, H, W), and exposes the same ``config``, so calibration, lung
 gating, flip averaging, ONNX export, prediction and severity use it unchanged; it costs K times
 a U-Net's inference time and model size.
@@ -33,8 +34,9 @@ def mean_probability_logits(logits: torch.Tensor) -> torch.Tensor:
     return log_p - log_q
 
 
-class SnapshotEnsemble(nn.Module):
-    """K networks of one :class:`UNetConfig`; forward averages their per-channel probabilities.
+class UNetEnsemble(nn.Module):
+    """K networks of one :class:`UNetConfig` (epochs of one run or independent runs); forward averages their
+    per-channel probabilities.
 
     ``members``: the K U-Nets (``nn.ModuleList``, so ``state_dict`` keys are ``members.<k>.<name>``).
     ``config``: the members' UNetConfig, so code reading ``model.config.out_channels`` works on it.
@@ -43,12 +45,12 @@ class SnapshotEnsemble(nn.Module):
     def __init__(self, config: UNetConfig, k: int):
         super().__init__()
         if k < 2:
-            raise ValueError(f"a snapshot ensemble needs at least 2 members, got {k}")
+            raise ValueError(f"an ensemble needs at least 2 members, got {k}")
         self.config = config
         self.members = nn.ModuleList(UNet(config) for _ in range(k))
 
     @classmethod
-    def from_state_dicts(cls, config: UNetConfig, states: list[dict[str, torch.Tensor]]) -> SnapshotEnsemble:
+    def from_state_dicts(cls, config: UNetConfig, states: list[dict[str, torch.Tensor]]) -> UNetEnsemble:
         """An ensemble whose member k has the U-Net weights ``states[k]`` (oldest first)."""
         ensemble = cls(config, len(states))
         for member, state in zip(ensemble.members, states):

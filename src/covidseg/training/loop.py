@@ -44,7 +44,7 @@ from covidseg.inference.forward import predict_logits
 from covidseg.masks.share_interval import fit_from_predictions
 from covidseg.model.cascade import LungCascade, crop_batch
 from covidseg.model.checkpoint import save_model
-from covidseg.model.ensemble import SnapshotEnsemble
+from covidseg.model.ensemble import UNetEnsemble
 from covidseg.model.losses import make_loss, segmentation_loss, training_targets
 from covidseg.model.unet import UNet, UNetConfig
 from covidseg.params import TrainParams
@@ -79,6 +79,11 @@ def _fingerprint(params: TrainParams, seed: int, arrays: dict[str, np.ndarray]) 
         h.update(name.encode())
         h.update(np.ascontiguousarray(arrays[name]).data)
     return h.hexdigest()
+
+
+def seeded_subset(total: int, n: int, seed: int) -> np.ndarray:
+    """The sorted indices of the ``n`` of ``total`` train films that ``train.max_train_images`` keeps for ``seed``."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n])
 
 
 def lr_at(params: TrainParams, step: int, steps_per_epoch: int) -> float:
@@ -118,11 +123,21 @@ class Trainer:
     :meth:`_build_model`, :meth:`_maybe_resume`.
     """
 
-    def __init__(self, prepared_dir: Path, resume_dir: Path, params: TrainParams, seed: int, ctx: DistContext):
+    def __init__(
+        self,
+        prepared_dir: Path,
+        resume_dir: Path,
+        params: TrainParams,
+        seed: int,
+        ctx: DistContext,
+        extra: dict[str, np.ndarray] | None = None,
+    ):
+        """``extra``: more training films, appended to the train split (self-training's pseudo-labelled films):
+        ``images``, ``masks``, ``lungs`` uint8 (M, 1, S, S) and ``has_lung`` bool (M,)."""
         self.params, self.seed, self.ctx = params, seed, ctx
         self.resume_path = Path(resume_dir) / "state.pt"
         self._setup_device()
-        self._load_data(Path(prepared_dir))
+        self._load_data(Path(prepared_dir), extra)
         self._build_model()
         self.rows: list[dict] = []
         self.epoch_seconds: list[float] = []
@@ -155,30 +170,34 @@ class Trainer:
                 f"{torch.get_num_threads()} threads, world size {ctx.world_size}"
             )
 
-    def _load_data(self, prepared_dir: Path) -> None:
+    def _load_data(self, prepared_dir: Path, extra: dict[str, np.ndarray] | None = None) -> None:
         """Train/val arrays and the source record; the seeded train subset (``max_train_images``); the run fingerprint.
 
         Sets ``train_x``/``train_m``/``train_l`` (uint8 tensors (N, 1, S, S)), ``train_has_lung`` (bool (N,)),
-        ``val`` (dict of arrays)
-        and ``fingerprint``. Raises ValueError naming ``prepared_dir`` when a split is empty.
+        ``train_keep`` (int (N_labelled,): the train split's films used, labelled, before ``extra``), ``val``
+        (dict of arrays) and ``fingerprint``. Raises ValueError naming ``prepared_dir`` when a split is empty.
         """
         p, seed = self.params, self.seed
         train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
         self.source = load_source(prepared_dir)
         total = len(train["images"])
+        self.train_keep = np.arange(total)
         if p.max_train_images and p.max_train_images < total:
-            keep = np.sort(np.random.default_rng(seed).permutation(total)[: p.max_train_images])
-            train = {k: v[keep] for k, v in train.items()}
+            self.train_keep = seeded_subset(total, p.max_train_images, seed)
+            train = {k: v[self.train_keep] for k, v in train.items()}
             self.log(f"train: using {p.max_train_images} of {total} training images (train.max_train_images)")
         if len(train["images"]) == 0 or len(val["images"]) == 0:
             raise ValueError(f"{prepared_dir}: train and val splits must not be empty")
+        train = {k: train[k] for k in ("images", "masks", "lungs")} | {"has_lung": lung_flags(train)}
+        if extra is not None:
+            train = {k: np.concatenate([train[k], extra[k]]) for k in train}
         self.fingerprint = _fingerprint(
             p, seed, {f"train_{k}": train[k] for k in ("images", "masks")} | {"val": val["images"]}
         )
         self.train_x, self.train_m, self.train_l = (torch.from_numpy(train[k]) for k in ("images", "masks", "lungs"))
-        self.train_has_lung = torch.from_numpy(lung_flags(train))
+        self.train_has_lung = torch.from_numpy(train["has_lung"])
         with_lungs = int(self.train_has_lung.sum())
-        if p.lung_aux_weight > 0 and with_lungs < total:
+        if p.lung_aux_weight > 0 and with_lungs < len(self.train_x):
             self.log(
                 f"train: {with_lungs} of {len(self.train_x)} training films have a lung mask; the lung head learns "
                 "from those only"
@@ -449,7 +468,7 @@ class Trainer:
     def _snapshot_model(self) -> tuple[torch.nn.Module, list[int], float]:
         """With ``train.snapshots`` >= 2: (the model of the last K epochs' weights, those epochs, its val_dice@0.5).
 
-        K kept weights give a :class:`SnapshotEnsemble`; a run stopped after one epoch gives that
+        K kept weights give a :class:`UNetEnsemble`; a run stopped after one epoch gives that
         epoch's U-Net. The val Dice is the model's own (threshold 0.5, temperature 1).
         """
         epochs = [row["epoch"] for row in self.rows[-len(self.snapshots) :]]
@@ -457,8 +476,12 @@ class Trainer:
             self.model.load_state_dict(self.snapshots[0])
             model = self.model
         else:
-            model = SnapshotEnsemble.from_state_dicts(self.model.config, self.snapshots)
+            model = UNetEnsemble.from_state_dicts(self.model.config, self.snapshots)
             model.to(self.device).to(memory_format=torch.channels_last)
+        return model, epochs, self.val_dice_at_half(model)
+
+    def val_dice_at_half(self, model: torch.nn.Module) -> float:
+        """Per-image val Dice of ``model`` (as it predicts) at threshold 0.5 and temperature 1, without flips."""
         logits = predict_logits(
             self.inference_model(model),
             self.val["images"],
@@ -467,36 +490,32 @@ class Trainer:
             batch_size=max(self.params.batch_size, 8),
         )
         s = val_scores(logits, self.val["masks"])
-        return model, epochs, s["dice_sum"] / max(s["scored"], 1)
+        return s["dice_sum"] / max(s["scored"], 1)
 
-    def finish(self, model_path: Path, metrics_path: Path, log_path: Path) -> dict:
-        """Restore the best epoch (or build the snapshot ensemble), tune calibration on val, save (rank 0).
+    def select_model(self) -> tuple[torch.nn.Module, dict, int, float]:
+        """The run's model before calibration: (model, extra metadata, best epoch, its val_dice@0.5).
 
-        With ``train.snapshots`` = K >= 2 the model is the ensemble of the last K epochs' weights
-        (:meth:`_snapshot_model`) instead of the best epoch: ``best_epoch`` is then the last of
-        them, ``snapshot_epochs`` lists them all and ``val_dice_at_0.5`` is the ensemble's.
-        Writes the model file, ``metrics_path`` (deterministic headline numbers) and ``log_path``
-        (timings and run facts). Returns both merged (metrics first).
+        The best epoch's weights, or with ``train.snapshots`` = K >= 2 the ensemble of the last K epochs'
+        weights (:meth:`_snapshot_model`): ``best_epoch`` is then the last of them and the metadata lists
+        them all (``snapshot_epochs``). Not wrapped in the lung cascade (see :meth:`inference_model`).
         """
         p = self.params
-        model, kept, best_epoch, best_score = self.model, {}, self.best.epoch, self.best.score
         if p.snapshots > 1 and self.snapshots:
             model, epochs, best_score = self._snapshot_model()
-            best_epoch, kept = epochs[-1], {"snapshot_epochs": epochs}
             self.log(
                 f"model: snapshot ensemble of epochs {epochs} kept instead of the best epoch "
-                f"(train.snapshots {p.snapshots}; its val_dice@0.5 {best_score:.4f}); "
-                "lung gating, temperature and threshold are then tuned on val"
+                f"(train.snapshots {p.snapshots}; its val_dice@0.5 {best_score:.4f})"
             )
-        else:
-            if self.best_state is not None:
-                self.model.load_state_dict(self.best_state)
-            self.log(
-                f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f}); "
-                "lung gating, temperature and threshold are then tuned on val"
-            )
-        model = self.inference_model(model)
-        calibration, tuned = fit_calibration(
+            return model, {"snapshot_epochs": epochs}, epochs[-1], best_score
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.log(f"model: epoch {self.best.epoch} kept (best val_dice@0.5 {self.best.score:.4f})")
+        return self.model, {}, self.best.epoch, self.best.score
+
+    def calibrate(self, model: torch.nn.Module) -> tuple[Calibration, dict]:
+        """Lung gating, temperature and threshold of ``model`` (as it predicts) fitted on val, and its val sums."""
+        p = self.params
+        return fit_calibration(
             model,
             self.val["images"],
             self.val["masks"],
@@ -507,6 +526,27 @@ class Trainer:
             temperature_scaling=p.temperature_scaling,
             with_lung_head=self.aux,
         )
+
+    def finish(
+        self,
+        model_path: Path,
+        metrics_path: Path,
+        log_path: Path,
+        selected: tuple[torch.nn.Module, dict, int, float] | None = None,
+        run_facts: dict | None = None,
+    ) -> dict:
+        """Select the model (:meth:`select_model`, or ``selected``), tune calibration on val, save (rank 0).
+
+        ``selected``: a model chosen elsewhere (an ensemble of runs), in :meth:`select_model`'s form; its
+        metadata also goes to the metrics. ``run_facts``: more timings and counts for the run log.
+        Writes the model file, ``metrics_path`` (deterministic headline numbers) and ``log_path``
+        (timings and run facts). Returns both merged (metrics first).
+        """
+        p = self.params
+        model, kept, best_epoch, best_score = self.select_model() if selected is None else selected
+        self.log("model: lung gating, temperature and threshold are tuned on val")
+        model = self.inference_model(model)
+        calibration, tuned = self.calibrate(model)
         chosen = dataclasses.asdict(calibration)
         share_interval = self._fit_share_interval(model, calibration) if self.aux else None
         val_dice = tuned["dice_sum"] / max(tuned["scored"], 1)
@@ -529,6 +569,7 @@ class Trainer:
             "device": self.device.type,
             "precision": self.precision,
             "world_size": self.ctx.world_size,
+            **(run_facts or {}),
         }
         if self.ctx.is_main:
             save_model(
@@ -594,31 +635,3 @@ def write_curves(path: str | Path, rows: list[dict]) -> None:
     for r in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
     write_text(path, buf.getvalue())
-
-
-def train(
-    prepared_dir: str | Path,
-    model_path: str | Path,
-    resume_dir: str | Path,
-    curves_path: str | Path,
-    metrics_path: str | Path,
-    params: TrainParams,
-    seed: int,
-    log_path: str | Path | None = None,
-    on_epoch_end: EpochHook | None = None,
-) -> dict:
-    """Train end to end; returns the metrics written to ``metrics_path`` merged with the run log.
-
-    ``log_path`` (timings, device, precision, world size) defaults to ``train_log.json`` beside the model.
-    ``on_epoch_end``: see :meth:`Trainer.run`. Progress goes to the ``covidseg.training.loop`` logger
-    (rank 0 only; see :mod:`covidseg.logs`).
-    """
-    log_path = Path(model_path).with_name("train_log.json") if log_path is None else Path(log_path)
-    ctx = DistContext.from_env()
-    prepared_dir = Path(prepared_dir)
-    trainer = Trainer(prepared_dir, Path(resume_dir), params, seed, ctx)
-    try:
-        trainer.run(Path(curves_path), on_epoch_end)
-        return trainer.finish(Path(model_path), Path(metrics_path), log_path)
-    finally:
-        ctx.close()
