@@ -26,6 +26,7 @@ from covidseg.data.films import FILM_HEAD_BYTES, is_film_start
 from covidseg.data.layout import IMAGES, INFECTION, KIND_DIRS, LUNG, SPLIT_DIRS
 from covidseg.data.manifest import ManifestSource
 from covidseg.data.sources import Source, SourceError, layout_index, locate_root, open_source, read_head
+from covidseg.data.unlabeled import open_lung_part, plan_films
 from covidseg.params import DataParams, validate_all
 
 STAMP_TEXT = "params.yaml and data.source passed the check stage\n"
@@ -213,11 +214,19 @@ def check(params_path: str | Path, stamp: str | Path, outs: Iterable[str], repo:
     else:
         with open_source(data.source) as source:
             if isinstance(source, ManifestSource):
+                if data.unlabeled:
+                    raise SourceError(
+                        f"{data.source}: data.unlabeled reads the Kaggle archive's Lung Segmentation Data part, and a "
+                        "manifest has none; set data.unlabeled: false"
+                    )
                 seen = check_manifest(source, data)
                 found = f"{data.source} ({source.manifest.name}, {seen} films of {', '.join(data.classes)})"
             else:
                 root = locate_root(source)
                 seen = check_layout(source, root, data)
                 found = f"{data.source} (dataset root {root or '.'!r}, {seen} triplets of {', '.join(data.classes)})"
+        if data.unlabeled:
+            with open_lung_part(data.source) as lung_part:
+                found += f"; {len(plan_films(lung_part))} unlabeled COVID-19 films in its lung half"
     write_text(stamp, STAMP_TEXT)
     return found

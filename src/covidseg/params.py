@@ -77,11 +77,13 @@ class SynthParams:
     test: int = 24
     negatives: int = 4
     image_size: int = 256
+    unlabeled: int = 24  # COVID-19 films of the lung half only (self-training's unlabeled films)
 
     def validate(self) -> None:
         for name in ("train", "val", "test"):
             _check(getattr(self, name) >= 1, "synth", f"{name} must be >= 1")
         _check(self.negatives >= 0, "synth", "negatives must be >= 0")
+        _check(self.unlabeled >= 0, "synth", "unlabeled must be >= 0")
         _check(32 <= self.image_size <= 2048, "synth", "image_size must be in [32, 2048]")
 
 

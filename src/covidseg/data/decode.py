@@ -154,6 +154,14 @@ def binarise(mask: np.ndarray) -> tuple[np.ndarray, bool]:
     return np.where(mask > 127, 255, 0).astype(np.uint8), True
 
 
+def mask_to_255(mask: np.ndarray) -> tuple[np.ndarray, str]:
+    """A uint8 (H, W) mask as {0, 255} and what was done ("" when nothing): 0/1 masks scaled, others binarised."""
+    if mask.size and mask.max() == 1:
+        return mask * np.uint8(255), "mask values 0/1 read as 0/255"
+    arr, changed = binarise(mask)
+    return arr, "mask values other than 0 and 255, binarised at 0.5 (> 127)" if changed else ""
+
+
 def encode_png(arr: np.ndarray) -> bytes:
     """Encode uint8 (H, W) as an 8-bit grey PNG."""
     buf = io.BytesIO()

@@ -47,11 +47,14 @@ import numpy as np
 
 from covidseg.atomic import atomic_dir, atomic_path, details_path_for, write_json
 from covidseg.data.arrays import resize_mask
-from covidseg.data.decode import BadImageError, binarise, encode_png
+from covidseg.data.decode import BadImageError, encode_png, mask_to_255
 from covidseg.data.films import DICOM_MODE, decode_film
 from covidseg.data.layout import IMAGES, INFECTION, LUNG, SPLIT_DIRS
 from covidseg.data.manifest import ManifestSource
 from covidseg.data.sources import Source, layout_index, locate_root, open_source
+from covidseg.data.unlabeled import FIELDS as UNLABELED_FIELDS
+from covidseg.data.unlabeled import collect as collect_unlabeled
+from covidseg.data.unlabeled import stored_member
 from covidseg.params import DataParams
 
 MANIFEST_FIELDS = [
@@ -287,7 +290,7 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
             what = "DICOM film decoded" if mode == DICOM_MODE else f"mode {mode} converted"
             out.notes.append(f"{where}: {what} to 8-bit grey")
         if kind != IMAGES:
-            arr, note = _binary_mask(arr)
+            arr, note = mask_to_255(arr)
             if note:
                 out.fixes.append(f"binarised:{kind}")
                 out.notes.append(f"{where}: {note}")
@@ -325,14 +328,6 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
     out.infected_fraction = float(infection.mean())
     out.lung_fraction = float((arrays[LUNG] > 0).mean()) if LUNG in arrays else None
     return out
-
-
-def _binary_mask(mask: np.ndarray) -> tuple[np.ndarray, str]:
-    """A uint8 (H, W) mask as {0, 255} and what was done ("" when nothing): 0/1 masks scaled, others binarised."""
-    if mask.size and mask.max() == 1:
-        return mask * np.uint8(255), "mask values 0/1 read as 0/255"
-    arr, changed = binarise(mask)
-    return arr, "mask values other than 0 and 255, binarised at 0.5 (> 127)" if changed else ""
 
 
 _WORKER_SOURCE: Source | None = None
@@ -422,7 +417,7 @@ def extract(
             atomic_path(details_path) as details_tmp,
             atomic_dir(out_dir) as tmp,
         ):
-            rows = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
+            rows, labelled = _collect(source, plan, tasks, workers, report, params, tmp / "subset.zip")
             missing = [s for s in (required_splits or SPLIT_DIRS) if report.class_counts[s]["COVID-19"] == 0]
             if missing:
                 first = next((m for m in report.messages if m.startswith("skipped")), "none")
@@ -431,19 +426,42 @@ def extract(
                     f"{source.location}: no usable COVID-19 pairs in split(s) {', '.join(missing)} {under} "
                     f"({report.skipped_total} triplets skipped; first: {first})"
                 )
+            unlabeled = _unlabeled(source, source_path, labelled, params, tmp, report)
             _write_csv(tmp / "manifest.csv", MANIFEST_FIELDS, rows)
             _write_csv(tmp / "skipped.csv", SKIPPED_FIELDS, report.skipped_rows)
             # The source's base name only (never an absolute path): training records it in the model file.
             write_json(tmp / "source.json", {"name": Path(source_path).resolve().name, **split_record})
             # Written to a temporary file now and renamed onto metrics_path only after the
             # new out_dir is in place, so a failure never pairs new metrics with old outputs.
-            write_json(metrics_tmp, report.headline())
-            write_json(details_tmp, report.to_json() | split_record)
+            unlabeled_count = {} if unlabeled is None else {"unlabeled_images": unlabeled["kept"]}
+            write_json(metrics_tmp, report.headline() | unlabeled_count)
+            write_json(
+                details_tmp, report.to_json() | split_record | ({} if unlabeled is None else {"unlabeled": unlabeled})
+            )
     return report
 
 
-def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[dict]:
-    """Run the checks in plan order, apply the on_error policy and duplicates, write the subset zip."""
+def _unlabeled(source, source_path, labelled: dict[str, str], params: DataParams, out: Path, report) -> dict | None:
+    """With ``data.unlabeled``: the archive's unlabeled COVID-19 films beside the subset (covidseg.data.unlabeled);
+    returns their report (None when not asked). A manifest source has no such part: ExtractError."""
+    if not params.unlabeled:
+        return None
+    if isinstance(source, ManifestSource):
+        raise ExtractError(
+            f"{source.location}: data.unlabeled reads the Kaggle archive's Lung Segmentation Data part, and a "
+            "manifest has none; set data.unlabeled: false"
+        )
+    matched = {h: (where.split("/", 1)[0], where) for h, where in labelled.items()}
+    rows, found = collect_unlabeled(source_path, matched, out)
+    _write_csv(out / "unlabeled.csv", UNLABELED_FIELDS, rows)
+    report.messages.extend(found.messages)
+    return found.to_json()
+
+
+def _collect(source, plan, tasks, workers, report, params, subset_path) -> tuple[list[dict], dict[str, str]]:
+    """Run the checks in plan order, apply the on_error policy and duplicates, write the subset zip.
+
+    Returns the manifest rows and the films taken: pixel hash -> ``split/class/name``."""
     rows: list[dict] = []
     seen: dict[str, str] = {}
 
@@ -488,7 +506,7 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
             if t.class_dir == "COVID-19":
                 report.fractions[t.split].append(c.infected_fraction)
             for kind, data in c.payload.items():
-                out_zip.writestr(_member(f"{t.split}/{t.class_dir}/{kind}/{t.name}"), data)
+                out_zip.writestr(stored_member(f"{t.split}/{t.class_dir}/{kind}/{t.name}"), data)
             rows.append(
                 {
                     "split": t.split,
@@ -508,15 +526,7 @@ def _collect(source, plan, tasks, workers, report, params, subset_path) -> list[
                     "member": t.name,
                 }
             )
-    return rows
-
-
-def _member(name: str) -> zipfile.ZipInfo:
-    """A stored zip entry with a fixed timestamp, so the same input gives a byte-identical subset.zip."""
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    info.external_attr = 0o644 << 16
-    return info
+    return rows, seen
 
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

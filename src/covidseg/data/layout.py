@@ -19,13 +19,27 @@ SPLITS = tuple(SPLIT_DIRS)
 CLASS_DIRS = CLASSES  # the class folders are named as the classes
 IMAGES, INFECTION, LUNG = "images", "infection masks", "lung masks"
 KIND_DIRS = (IMAGES, INFECTION, LUNG)
-# The other half of the Kaggle archive (33,920 lung-segmentation images): never listed nor read.
+# The other half of the Kaggle archive (33,920 lung-segmentation images, no infection masks): never
+# listed nor read, unless data.unlabeled asks for its COVID-19 films (covidseg.data.unlabeled).
 LUNG_DATA_NAME = "Lung Segmentation Data"
 
 
 def ignored_part(name: str) -> bool:
     """Whether a folder called ``name`` is skipped: the lung-segmentation half, ``__MACOSX`` or hidden."""
     return name.startswith((LUNG_DATA_NAME, "__MACOSX", "."))
+
+
+def in_infection_part(folders: list[str]) -> bool:
+    """Whether a file under these folder names is read as the dataset: none of them is :func:`ignored_part`."""
+    return not any(ignored_part(p) for p in folders)
+
+
+def in_lung_part(folders: list[str]) -> bool:
+    """Whether a file under these folder names is in the archive's ``Lung Segmentation Data`` half
+    (self-training's unlabeled films), and not in macOS or hidden debris."""
+    return any(p.startswith(LUNG_DATA_NAME) for p in folders) and not any(
+        p.startswith(("__MACOSX", ".")) for p in folders
+    )
 
 
 def file_name(class_dir: str, number: int) -> str:

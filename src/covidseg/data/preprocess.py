@@ -10,7 +10,8 @@
     ids        str   (N,)          file stems, e.g. ``covid_12``
     classes    str   (N,)          ``COVID-19``, ``Non-COVID`` or ``Normal``
 
-and ``out_dir/source.json`` says where they came from (recorded by training in the model file):
+with ``data.unlabeled``, ``out_dir/unlabeled.npz`` holds the archive's unlabeled films (``images``, ``lungs``,
+``ids``; no masks: self-training pseudo-labels them), and ``out_dir/source.json`` says where they came from (recorded by training in the model file):
 ``{"data_source": base name of data.source, "synthetic": bool, "split_counts": {split: N},
 "contrast": the preprocess.contrast method applied to the images}``.
 """
@@ -87,8 +88,35 @@ def preprocess(extracted_dir: str | Path, out_dir: str | Path, params: Preproces
                 **({} if has_lung.all() else {"has_lung": has_lung}),
             )
             counts[split] = n
-        write_json(tmp / "source.json", _source_record(extracted_dir, counts) | {"contrast": params.contrast})
+        unlabeled = _write_unlabeled(extracted_dir, tmp, params)
+        extra = {} if unlabeled is None else {"unlabeled_count": unlabeled}
+        write_json(tmp / "source.json", _source_record(extracted_dir, counts) | {"contrast": params.contrast} | extra)
     return counts
+
+
+def _write_unlabeled(extracted_dir: Path, out: Path, params: PreprocessParams) -> int | None:
+    """``unlabeled.npz`` (images, lungs, ids; no masks) from the extract's ``unlabeled.zip`` when it has one
+    (``data.unlabeled``, covidseg.data.unlabeled); returns the film count, None when there is none."""
+    csv_path = extracted_dir / "unlabeled.csv"
+    if not csv_path.is_file():
+        return None
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    s, n = params.image_size, len(rows)
+    images, lungs = np.zeros((n, 1, s, s), np.uint8), np.zeros((n, 1, s, s), np.uint8)
+    with zipfile.ZipFile(extracted_dir / "unlabeled.zip") as films:
+        for i, r in enumerate(rows):
+            try:
+                image = resize_image(_decode(films.read(f"{IMAGES}/{r['member']}")), s)
+                images[i, 0] = normalise_contrast(image, params.contrast)
+                lungs[i, 0] = resize_mask(_decode(films.read(f"{LUNG}/{r['member']}")), s)
+            except (KeyError, OSError, zipfile.BadZipFile) as exc:
+                raise ValueError(
+                    f"{extracted_dir / 'unlabeled.zip'}: {r['member']} listed in unlabeled.csv cannot be read ({exc}); "
+                    "rerun the extract stage"
+                ) from None
+    np.savez(out / "unlabeled.npz", images=images, lungs=lungs, ids=np.array([r["id"] for r in rows], dtype=str))
+    return n
 
 
 SYNTHETIC_NAME = "synthetic"  # the base name of the built-in synthetic set's folder (data/raw/synthetic)

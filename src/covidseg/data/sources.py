@@ -14,7 +14,16 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from covidseg.data.layout import CLASS_DIRS, KIND_DIRS, ROOT_NAME, SPLIT_DIRS, find_roots, ignored_part
+from covidseg.data.layout import (
+    CLASS_DIRS,
+    KIND_DIRS,
+    ROOT_NAME,
+    SPLIT_DIRS,
+    find_roots,
+    ignored_part,
+    in_infection_part,
+    in_lung_part,
+)
 
 
 class SourceError(ValueError):
@@ -103,10 +112,11 @@ class ZipSource(Source):
     """A zip archive read in place: only the central directory is listed, members are read on demand.
 
     Members under ``Lung Segmentation Data``, ``__MACOSX`` or hidden folders are not even listed,
-    so they can never be read.
+    so they can never be read. ``lung_part``: list only the members under ``Lung Segmentation Data``
+    instead (self-training's unlabeled films, :mod:`covidseg.data.unlabeled`).
     """
 
-    def __init__(self, location: Path):
+    def __init__(self, location: Path, lung_part: bool = False):
         try:
             self._zip = zipfile.ZipFile(location)
         except (zipfile.BadZipFile, OSError) as exc:
@@ -114,7 +124,7 @@ class ZipSource(Source):
         files = [
             i.filename
             for i in self._zip.infolist()
-            if not i.is_dir() and not any(ignored_part(p) for p in i.filename.split("/")[:-1])
+            if not i.is_dir() and (in_lung_part if lung_part else in_infection_part)(i.filename.split("/")[:-1])
         ]
         self._listed = frozenset(files)
         super().__init__(location, files)

@@ -8,13 +8,14 @@ the real data. Everything is deterministic in the seed.
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from covidseg.atomic import atomic_dir
-from covidseg.data.layout import CLASS_DIRS, IMAGES, INFECTION, LUNG, ROOT_NAME, SPLIT_DIRS, file_name
+from covidseg.data.layout import CLASS_DIRS, IMAGES, INFECTION, LUNG, LUNG_DATA_NAME, ROOT_NAME, SPLIT_DIRS, file_name
 from covidseg.params import SynthParams
 
 
@@ -74,27 +75,45 @@ def make_case(rng: np.random.Generator, size: int, infected: bool) -> tuple[np.n
 
 
 def synthesize(out_dir: str | Path, params: SynthParams, seed: int) -> dict[str, int]:
-    """Write the dataset under ``out_dir``/Infection Segmentation Data/Infection Segmentation Data.
+    """Write the dataset under ``out_dir``/Infection Segmentation Data/Infection Segmentation Data, and the
+    archive's other half under ``out_dir``/Lung Segmentation Data/Lung Segmentation Data.
 
-    Replaces ``out_dir`` atomically. Returns the number of images written per split.
+    The lung half, as in the real archive, holds every film of the infection half again under other
+    numbers (images and lung masks only), plus ``params.unlabeled`` COVID-19 films of its own: the films
+    self-training may use (``data.unlabeled``). Replaces ``out_dir`` atomically. Returns the number of
+    infection-half images written per split.
     """
     counts: dict[str, int] = {}
     with atomic_dir(out_dir) as tmp:
         root = tmp / ROOT_NAME / ROOT_NAME
+        lung_root = tmp / LUNG_DATA_NAME / LUNG_DATA_NAME
+        number = collections.Counter()  # the lung half's own numbering, per class
         for split_i, (split, split_dir) in enumerate(SPLIT_DIRS.items()):
             n_covid = getattr(params, split)
             counts[split] = 0
             for class_i, class_dir in enumerate(CLASS_DIRS):
                 n = n_covid if class_dir == "COVID-19" else params.negatives
-                folders = {kind: root / split_dir / class_dir / kind for kind in (IMAGES, INFECTION, LUNG)}
-                for folder in folders.values():
-                    folder.mkdir(parents=True, exist_ok=True)
+                for kind in (IMAGES, INFECTION, LUNG):  # every folder of the layout, even when empty
+                    (root / split_dir / class_dir / kind).mkdir(parents=True, exist_ok=True)
                 for i in range(n):
                     rng = np.random.default_rng([seed, split_i, class_i, i])
                     image, infection, lung = make_case(rng, params.image_size, infected=class_dir == "COVID-19")
                     name = file_name(class_dir, split_i * 100000 + i + 1)
-                    Image.fromarray(image, mode="L").save(folders[IMAGES] / name)
-                    Image.fromarray(infection, mode="L").save(folders[INFECTION] / name)
-                    Image.fromarray(lung, mode="L").save(folders[LUNG] / name)
+                    _save(root / split_dir / class_dir, name, {IMAGES: image, INFECTION: infection, LUNG: lung})
+                    number[class_dir] += 1
+                    lung_name = file_name(class_dir, 50000 + number[class_dir])  # not the infection half's name
+                    _save(lung_root / split_dir / class_dir, lung_name, {IMAGES: image, LUNG: lung})
                     counts[split] += 1
+        for i in range(params.unlabeled):
+            rng = np.random.default_rng([seed, 9, i])
+            image, _, lung = make_case(rng, params.image_size, infected=True)
+            split_dir = list(SPLIT_DIRS.values())[i % len(SPLIT_DIRS)]
+            _save(lung_root / split_dir / "COVID-19", file_name("COVID-19", i + 1), {IMAGES: image, LUNG: lung})
     return counts
+
+
+def _save(folder: Path, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Each uint8 (H, W) array as ``folder/<kind>/name`` (8-bit grey PNG)."""
+    for kind, arr in arrays.items():
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr, mode="L").save(folder / kind / name)

@@ -131,10 +131,13 @@ class Trainer:
         seed: int,
         ctx: DistContext,
         extra: dict[str, np.ndarray] | None = None,
+        subset_seed: int | None = None,
     ):
         """``extra``: more training films, appended to the train split (self-training's pseudo-labelled films):
-        ``images``, ``masks``, ``lungs`` uint8 (M, 1, S, S) and ``has_lung`` bool (M,)."""
+        ``images``, ``masks``, ``lungs`` uint8 (M, 1, S, S) and ``has_lung`` bool (M,). ``subset_seed``: the seed
+        that draws the ``max_train_images`` subset (default ``seed``; an ensemble's members share the first's)."""
         self.params, self.seed, self.ctx = params, seed, ctx
+        self.subset_seed = seed if subset_seed is None else subset_seed
         self.resume_path = Path(resume_dir) / "state.pt"
         self._setup_device()
         self._load_data(Path(prepared_dir), extra)
@@ -183,7 +186,7 @@ class Trainer:
         total = len(train["images"])
         self.train_keep = np.arange(total)
         if p.max_train_images and p.max_train_images < total:
-            self.train_keep = seeded_subset(total, p.max_train_images, seed)
+            self.train_keep = seeded_subset(total, p.max_train_images, self.subset_seed)
             train = {k: v[self.train_keep] for k, v in train.items()}
             self.log(f"train: using {p.max_train_images} of {total} training images (train.max_train_images)")
         if len(train["images"]) == 0 or len(val["images"]) == 0:
@@ -542,7 +545,6 @@ class Trainer:
         Writes the model file, ``metrics_path`` (deterministic headline numbers) and ``log_path``
         (timings and run facts). Returns both merged (metrics first).
         """
-        p = self.params
         model, kept, best_epoch, best_score = self.select_model() if selected is None else selected
         self.log("model: lung gating, temperature and threshold are tuned on val")
         model = self.inference_model(model)

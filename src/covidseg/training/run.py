@@ -2,7 +2,7 @@
 
 - ``train.members`` = 1 and ``train.unlabeled`` = none: one :class:`~covidseg.training.loop.Trainer` run.
 - ``train.members`` = K >= 2: K runs with the seeds ``seed``, ``seed + 1``, ..., ``seed + K - 1``, each
-  selecting its own best epoch on val; the saved model averages their probabilities
+  selecting its own best epoch on val (with ``max_train_images``, all on the first seed's films); the saved model averages their probabilities
   (:class:`~covidseg.model.ensemble.UNetEnsemble`, one ONNX graph), and its lung gating, temperature,
   threshold and share interval are fitted on val for the ensemble as a whole. Member 1 is the
   ``members: 1`` model itself (same seed, same weights), so the ensemble adds to it.
@@ -30,7 +30,7 @@ from covidseg.model.ensemble import UNetEnsemble
 from covidseg.params import TrainParams
 from covidseg.training.codehash import code_hash as _hash_sources
 from covidseg.training.distributed import DistContext
-from covidseg.training.loop import EpochHook, Trainer
+from covidseg.training.loop import EpochHook, Trainer, write_curves
 from covidseg.training.self_training import pseudo_label, reliable_subset
 
 _LOG = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ def _save_done(path: Path, trainer: Trainer, selected: tuple[torch.nn.Module, di
         "best_epoch": best_epoch,
         "score": score,
         "epochs_run": len(trainer.rows),
+        "rows": list(trainer.rows),
         "train_seconds": trainer.train_seconds,
         "train_images": trainer.train_images,
     }
@@ -99,9 +100,11 @@ def _ensemble(prepared, model_path, resume_dir, curves, metrics, params, seed, l
     member_params = dataclasses.replace(params, members=1)
     first = Trainer(prepared, resume_dir / "member-1", member_params, seed, ctx)
     dones = [_finished_run(first, resume_dir / "member-1" / "done.pt", curves, on_epoch_end)]
+    if first.ctx.is_main:
+        write_curves(curves, dones[0]["rows"])  # also when member 1 was kept from before (DVC removed the file)
     for i in range(2, k + 1):
         first.log(f"ensemble: member {i} of {k} (seed {seed + i - 1})")
-        trainer = Trainer(prepared, resume_dir / f"member-{i}", member_params, seed + i - 1, ctx)
+        trainer = Trainer(prepared, resume_dir / f"member-{i}", member_params, seed + i - 1, ctx, subset_seed=seed)
         folder = resume_dir / f"member-{i}"
         dones.append(_finished_run(trainer, folder / "done.pt", folder / "curves.tsv", on_epoch_end))
         del trainer
@@ -114,6 +117,7 @@ def _ensemble(prepared, model_path, resume_dir, curves, metrics, params, seed, l
         + ")"
     )
     kept = {
+        "epochs_run": dones[0]["epochs_run"],  # member 1's, as its curves are the stage's
         "member_seeds": [seed + i for i in range(k)],
         "member_best_epochs": [d["best_epoch"] for d in dones],
         "member_val_dice_at_0.5": [d["score"] for d in dones],
