@@ -16,6 +16,7 @@ from covidseg.params import ParamsError, TrainParams
 from covidseg.training.loop import seeded_subset
 from covidseg.training.self_training import mask_dice, pseudo_label, reliable_subset
 
+from conftest import dvc, set_params
 from helpers import TINY_TRAIN, train_tiny
 
 TWO = dataclasses.replace(TINY_TRAIN, epochs=2, max_train_images=4)
@@ -148,4 +149,15 @@ def test_a_killed_student_keeps_its_teacher(self_run, tiny_prepared, tmp_path, c
     with caplog.at_level("INFO", logger="covidseg"):
         train_tiny(tiny_prepared, tmp_path, SELF, seed=5)
     assert any("teacher finished before" in r.getMessage() for r in caplog.records)
-    assert (tmp_path / "model.pt").read_bytes() == (out / "self" / "model.pt").read_bytes()
+    for name in ("model.pt", "train.json", "curves.tsv"):
+        assert (tmp_path / name).read_bytes() == (out / "self" / name).read_bytes(), name
+
+
+def test_dvc_repro_self_trains_on_the_synthetic_archives_lung_half(tiny_repo):
+    set_params(tiny_repo, {"synth": {"unlabeled": 5}, "data": {"unlabeled": True}, "train": {"unlabeled": "archive"}})
+    dvc(tiny_repo, "repro", "train")
+    data = json.loads((tiny_repo / "metrics" / "data.json").read_text())
+    assert data["unlabeled_images"] == 5  # the infection half's copies were matched by pixels and left out
+    metrics = json.loads((tiny_repo / "metrics" / "train.json").read_text())
+    assert metrics["unlabeled_images"] == 5 and metrics["pseudo_labelled_images"] == 4  # ceil(0.8 x 5)
+    assert metrics["train_images"] == metrics["labelled_images"] + 4
