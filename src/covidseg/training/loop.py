@@ -1,14 +1,17 @@
-"""Train the U-Net on the preprocessed train split, select on val, save the best model.
+"""One training run: train the U-Net on the preprocessed train split, select on val, save the best model.
 
-One readable loop: data held in memory as uint8 tensors (no decoding in the loop),
-optional augmentation, fp32 or bf16 autocast with channels_last, optional weight
-averaging (validated and kept instead of the raw weights) or a snapshot ensemble of the last
-K epochs' weights (``train.snapshots``, kept instead of the best epoch), a per-epoch resume state
-(``resume_dir/state.pt``), early stopping on val Dice at threshold 0.5 (``val_dice@0.5``),
-and after training a lung gating, temperature and threshold fitted on val
+:mod:`covidseg.training.run` is the train stage's entry: it runs one :class:`Trainer`, or several for
+an ensemble of runs or a teacher and its student.
+
+One readable loop: data held in memory as uint8 tensors (no decoding in the loop), optional
+augmentation, fp32 or bf16 autocast with channels_last, optional weight averaging (validated and
+kept instead of the raw weights) or a snapshot ensemble of the last K epochs' weights
+(``train.snapshots``, kept instead of the best epoch), a per-epoch resume state
+(``resume_dir/state.pt``), early stopping on val Dice at threshold 0.5 (``val_dice@0.5``), and
+after training a lung gating, temperature and threshold fitted on val
 (:func:`covidseg.training.calibration.fit_calibration`). Under ``torchrun`` it runs DDP and only
-rank 0 writes. An optional end-of-epoch hook (``on_epoch_end``) sees each epoch's curve row and can
-stop the run.
+rank 0 writes. An optional end-of-epoch hook (``on_epoch_end``) sees each epoch's curve row and
+can stop the run.
 
 Outputs: the model file (weights, calibration, provenance), the per-epoch curves (TSV,
 deterministic columns only), the metrics JSON (deterministic headline numbers only, so a
