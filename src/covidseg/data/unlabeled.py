@@ -154,7 +154,9 @@ def collect(
             lung, changed = mask_to_255(lung)
             member = f"{film_id}.png"
             # the source's PNG bytes where they are already 8-bit grey {0, 255}; else the decoded pixels
-            out_zip.writestr(stored_member(f"{IMAGES}/{member}"), raw[IMAGES] if image_mode == "L" else encode_png(image))
+            out_zip.writestr(
+                stored_member(f"{IMAGES}/{member}"), raw[IMAGES] if image_mode == "L" else encode_png(image)
+            )
             keep_lung = lung_mode == "L" and not changed
             out_zip.writestr(stored_member(f"{LUNG}/{member}"), raw[LUNG] if keep_lung else encode_png(lung))
             rows.append(
