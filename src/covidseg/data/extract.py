@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import csv
-import hashlib
 import io
 import multiprocessing
 import multiprocessing.connection
@@ -54,7 +53,7 @@ from covidseg.data.manifest import ManifestSource
 from covidseg.data.sources import Source, layout_index, locate_root, open_source
 from covidseg.data.unlabeled import FIELDS as UNLABELED_FIELDS
 from covidseg.data.unlabeled import collect as collect_unlabeled
-from covidseg.data.unlabeled import stored_member
+from covidseg.data.unlabeled import file_sha256, pixel_hash, stored_member
 from covidseg.params import DataParams
 
 MANIFEST_FIELDS = [
@@ -191,10 +190,6 @@ def default_workers() -> int:
     return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def plan_triplets(
     source: Source, root: str, classes: tuple[str, ...]
 ) -> list[TripletTask | tuple[str, str, str, str, str]]:
@@ -322,8 +317,8 @@ def check_triplet(source: Source, task: TripletTask) -> Checked:
         return out
     fixed_kinds = {f.split(":", 1)[1] for f in out.fixes}
     out.payload = {k: encode_png(arrays[k]) if k in fixed_kinds else raw[k] for k in paths}
-    out.sha256 = {k: _sha256(raw[k]) for k in paths}
-    out.pixel_hash = _sha256(arrays[IMAGES].tobytes() + repr(shape).encode())
+    out.sha256 = {k: file_sha256(raw[k]) for k in paths}
+    out.pixel_hash = pixel_hash(arrays[IMAGES])
     out.shape = (int(shape[0]), int(shape[1]))
     out.infected_fraction = float(infection.mean())
     out.lung_fraction = float((arrays[LUNG] > 0).mean()) if LUNG in arrays else None

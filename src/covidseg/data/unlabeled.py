@@ -94,13 +94,15 @@ def plan_films(source: Source) -> list[tuple[str, str, str | None]]:
     ]
 
 
-def _sha256(data: bytes) -> str:
+def file_sha256(data: bytes) -> str:
+    """SHA-256 (hex) of a file's bytes, as the manifests record it."""
     return hashlib.sha256(data).hexdigest()
 
 
 def pixel_hash(image) -> str:
-    """The hash extraction matches films by: SHA-256 of the decoded uint8 (H, W) pixels and their shape."""
-    return _sha256(image.tobytes() + repr(image.shape).encode())
+    """The hash films are matched by (duplicates in extract, labelled twins here): SHA-256 of the decoded uint8
+    (H, W) pixels and their shape."""
+    return file_sha256(image.tobytes() + repr(image.shape).encode())
 
 
 def collect(
@@ -164,8 +166,8 @@ def collect(
                     "id": film_id,
                     "image_path": image_rel,
                     "lung_path": lung_rel,
-                    "image_sha256": _sha256(raw[IMAGES]),
-                    "lung_sha256": _sha256(raw[LUNG]),
+                    "image_sha256": file_sha256(raw[IMAGES]),
+                    "lung_sha256": file_sha256(raw[LUNG]),
                     "height": image.shape[0],
                     "width": image.shape[1],
                     "member": member,
