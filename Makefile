@@ -21,18 +21,20 @@ repro: $(STAMP)
 
 # The real-data preset (docs/results.md): `make real DATA=data/raw/covidqu.zip`. The params live
 # in presets/*.yaml (one copy each, checked by `covidseg preset` before the run starts).
-# presets/gpu.yaml (full resolution, wider, longer, bf16) when CUDA is present, else presets/real.yaml
-# (sized for 2 CPU cores); `make real PRESET=presets/real.yaml` chooses by hand; FLAGS='-S k=v ...'
+# `covidseg machine-preset` sizes it to the machine: presets/gpu.yaml (full resolution, wider, longer)
+# under CUDA, presets/real-bf16.yaml (real.yaml x 3 runs, averaged) on a CPU with native bf16, else
+# presets/real.yaml (sized for 2 AVX2 cores); `make real PRESET=presets/real.yaml` chooses by hand; FLAGS='-S k=v ...'
 # adds flags after the preset's. DATA inside the checkout is recorded relative (the same in every
 # clone, so teammates share the run cache); outside it, absolute (`covidseg source-path` says so).
 # With a default DVC remote, what it already holds is pulled first (run records too) and reused.
-PRESET ?= $(shell $(BIN)/python -c "import torch; print('presets/gpu.yaml' if torch.cuda.is_available() else 'presets/real.yaml')" 2>/dev/null || echo presets/real.yaml)
+PRESET ?=
 FLAGS  ?=
 
 real: $(STAMP)
 	@test -n "$(DATA)" || { echo "make real needs DATA=path/to/covidqu (the Kaggle folder or .zip)"; exit 2; }
 	source="$$($(BIN)/covidseg source-path '$(DATA)')" && \
-	flags="$$($(BIN)/covidseg preset $(PRESET))" && \
+	preset="$(PRESET)" && { test -n "$$preset" || preset="$$($(BIN)/covidseg machine-preset)"; } && \
+	echo "make real: $$preset" && flags="$$($(BIN)/covidseg preset "$$preset")" && \
 	pull="" && if $(BIN)/dvc remote default >/dev/null 2>&1; then pull=--pull; \
 	  $(BIN)/dvc fetch --run-cache || echo "make real: not everything is on the remote; the rest is computed"; fi && \
 	$(BIN)/dvc exp run $$pull -n real-preset -S "data.source=$$source" $$flags $(FLAGS)

@@ -403,6 +403,26 @@ def preset(
     typer.echo("\n".join(flags))
 
 
+@app.command("machine-preset")
+def machine_preset_command(
+    presets: Path = typer.Option(Path("presets"), help="The folder of preset files."),
+) -> None:
+    """Print the preset sized to this machine: gpu.yaml under CUDA, real-bf16.yaml on a CPU with native bf16, else real.yaml.
+
+    `make real` runs it unless PRESET= is given; COVIDSEG_NATIVE_BF16=0 (or 1) overrides the CPU probe.
+    """
+    from covidseg.device import machine_kind, machine_preset
+
+    try:
+        name, kind = machine_preset(), machine_kind()
+    except ValueError as exc:
+        _die(_stderr_console(), str(exc))
+    path = presets / name
+    if not path.is_file():
+        _die(_stderr_console(), f"machine-preset: {path} not found (this machine is {kind!r})")
+    typer.echo(str(path))
+
+
 @app.command("push-runs")
 def push_runs(
     remote: str | None = typer.Option(None, "--remote", "-r", help="The DVC remote (default: the default remote)."),

@@ -22,6 +22,8 @@ import torch
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 NATIVE_BF16_ENV = "COVIDSEG_NATIVE_BF16"  # "1" / "0": force the capability probe's answer
 PRECISIONS = ("fp32", "bf16")
+# The preset `make real` runs on each kind of machine (files in presets/; docs/results.md says why each).
+MACHINE_PRESETS = {"cuda": "gpu.yaml", "cpu-bf16": "real-bf16.yaml", "cpu": "real.yaml"}
 
 
 def choose_device(name: str = "auto") -> torch.device:
@@ -84,3 +86,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def machine_kind() -> str:
+    """``cuda`` (a CUDA GPU), ``cpu-bf16`` (a CPU with native bf16) or ``cpu``: what sizes the preset."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu-bf16" if cpu_has_native_bf16() else "cpu"
+
+
+def machine_preset() -> str:
+    """The file name, in presets/, of the preset sized to this machine (:data:`MACHINE_PRESETS`)."""
+    return MACHINE_PRESETS[machine_kind()]

@@ -449,21 +449,54 @@ def _flag_value(value: Any) -> str:
     return str(value)
 
 
+PRESET_EXTENDS = "extends"  # a preset's key naming the preset it builds on (a path relative to it)
+
+
+def read_preset(preset_path: str | Path) -> dict[str, dict[str, Any]]:
+    """A preset's overrides by section, after resolving ``extends:``: the named preset's, then this one's on top.
+
+    ``extends: real.yaml`` (relative to the preset's folder) makes a preset a few lines on top of
+    another, so the keys they share live in one file. A missing file, a cycle or a section that
+    is not a mapping raises ParamsError naming the preset.
+    """
+    return _read_preset(Path(preset_path), ())
+
+
+def _read_preset(path: Path, chain: tuple[Path, ...]) -> dict[str, dict[str, Any]]:
+    if path.resolve() in chain:
+        names = " -> ".join(str(p) for p in (*chain, path.resolve()))
+        raise ParamsError(f"{path}: presets extend each other in a cycle: {names}")
+    preset = read_yaml(path)
+    parent = preset.pop(PRESET_EXTENDS, None)
+    merged: dict[str, dict[str, Any]] = {}
+    if parent is not None:
+        if not isinstance(parent, str) or not parent.strip():
+            raise ParamsError(f"{path}: {PRESET_EXTENDS!r} must name a preset file, e.g. real.yaml")
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise ParamsError(f"{path}: {PRESET_EXTENDS}: {parent!r} is not a file next to it ({parent_path})")
+        merged = _read_preset(parent_path, (*chain, path.resolve()))
+    for section, values in preset.items():
+        if section not in SECTIONS:
+            raise ParamsError(f"{path}: unknown section {section!r}; known ones are {list(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ParamsError(f"{path}: section {section!r} must be a mapping of keys to values")
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
+
+
 def preset_flags(preset_path: str | Path, params_path: str | Path = "params.yaml") -> list[str]:
     """``dvc exp run`` flags (``["-S", "train.epochs=28", ...]``) for a preset file of params overrides.
 
-    The preset is a params-style mapping holding only what differs from ``params_path``; it is
-    merged over that file and validated like it (an unknown section or key, or a bad value,
-    raises ParamsError naming the preset), so a typo in a preset never reaches a long run.
+    The preset is a params-style mapping holding only what differs from ``params_path`` (or from
+    the preset it ``extends:``); it is merged over that file and validated like it (an unknown
+    section or key, or a bad value, raises ParamsError naming the preset), so a typo in a preset
+    never reaches a long run.
     """
-    preset = read_yaml(preset_path)
+    preset = read_preset(preset_path)
     base = read_params(params_path)
     flags: list[str] = []
     for section, values in preset.items():
-        if section not in SECTIONS:
-            raise ParamsError(f"{preset_path}: unknown section {section!r}; known ones are {list(SECTIONS)}")
-        if not isinstance(values, dict):
-            raise ParamsError(f"{preset_path}: section {section!r} must be a mapping of keys to values")
         try:
             from_dict(SECTIONS[section], section, {**(base.get(section) or {}), **values})
         except ParamsError as exc:
