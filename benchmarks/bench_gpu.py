@@ -29,14 +29,14 @@ import torch  # noqa: E402
 from covidseg.atomic import write_json  # noqa: E402
 from covidseg.data.preprocess import preprocess  # noqa: E402
 from covidseg.evaluation.evaluate import evaluate  # noqa: E402
-from covidseg.params import EvaluateParams, PreprocessParams, TrainParams, from_dict, read_params, read_yaml  # noqa: E402
+from covidseg.params import EvaluateParams, PreprocessParams, TrainParams, from_dict, read_params, read_preset  # noqa: E402
 from covidseg.training.run import train  # noqa: E402
 
 
 def preset_params(preset: Path) -> TrainParams:
     """params.yaml's train section with the preset's train section over it (validated)."""
     base = read_params(REPO / "params.yaml")["train"]
-    return from_dict(TrainParams, "train", {**base, **(read_yaml(preset).get("train") or {})})
+    return from_dict(TrainParams, "train", {**base, **read_preset(preset).get("train", {})})
 
 
 def run_preset(preset: Path, prepared: Path, out: Path, minutes: float, seed: int) -> dict:

@@ -40,7 +40,7 @@ from covidseg.evaluation.compare import compare  # noqa: E402
 from covidseg.evaluation.metrics import threshold_metrics  # noqa: E402
 from covidseg.inference.calibration import Calibration, calibrated_probabilities  # noqa: E402
 from covidseg.model.checkpoint import load_model  # noqa: E402
-from covidseg.params import PreprocessParams, TrainParams, from_dict, read_params, read_yaml  # noqa: E402
+from covidseg.params import PreprocessParams, TrainParams, from_dict, read_params, read_preset  # noqa: E402
 from covidseg.training.run import train  # noqa: E402
 
 PROXY = {"train.epochs": 10, "train.max_train_images": 600}
@@ -66,7 +66,7 @@ def variant_params(overrides: dict[str, object], preset: Path) -> tuple[Preproce
     """params.yaml < preset < PROXY < overrides, validated like the pipeline's own params."""
     base = read_params(REPO / "params.yaml")
     sections = {"preprocess": dict(base["preprocess"]), "train": dict(base["train"])}
-    sections["train"].update(read_yaml(preset).get("train") or {})
+    sections["train"].update(read_preset(preset).get("train", {}))
     for key, value in {**PROXY, **overrides}.items():
         if key == "seed":
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -133,6 +134,28 @@ def test_the_summary_counts_coverage_and_the_error_of_flagged_films():
     assert summary["flagged_films"] == 1 and summary["share_mae_flagged"] == pytest.approx(15.0)
     assert summary["share_mae_others"] == pytest.approx((2.0 + 5.0) / 2)
     assert summary["review_reasons"] == {"interval_spans_grades": 1}
+
+
+def test_a_film_without_any_scored_lung_has_no_error_and_raises_no_warning():
+    """No lung found (predicted shares NaN) beside a normal film: the summary leaves it out, silently."""
+    per = pd.DataFrame(
+        {
+            "true_right_pct": [10.0, 40.0],
+            "true_left_pct": [20.0, 30.0],
+            "pred_right_pct": [14.0, np.nan],
+            "pred_left_pct": [18.0, np.nan],
+            "pred_right_pct_low": [0.0, np.nan],
+            "pred_right_pct_high": [30.0, np.nan],
+            "pred_left_pct_low": [10.0, np.nan],
+            "pred_left_pct_high": [30.0, np.nan],
+            "review": ["", "unsure_lung_head"],
+        }
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would fail here
+        summary = interval_summary(per, ShareInterval(q=1.0, lungs=50))
+    assert summary["lungs_scored"] == 2 and summary["share_mae_others"] == pytest.approx((4.0 + 2.0) / 2)
+    assert summary["flagged_films"] == 1 and summary["share_mae_flagged"] is None
 
 
 def _chest_grey() -> np.ndarray:

@@ -40,8 +40,10 @@ def interval_summary(per: pd.DataFrame, interval: ShareInterval) -> dict:
     high = per[[f"pred_{s}_pct_high" for s in SIDES]].to_numpy(float)
     scored = ~np.isnan(true) & ~np.isnan(low)
     inside = (true >= low) & (true <= high)
-    with np.errstate(invalid="ignore"):
-        film_error = np.nanmean(np.where(~np.isnan(true) & ~np.isnan(pred), np.abs(pred - true), np.nan), axis=1)
+    both = ~np.isnan(true) & ~np.isnan(pred)
+    counted = both.sum(axis=1)
+    # a film with no lung scored on both sides (e.g. no lung found) has no error: NaN, without nanmean's warning
+    film_error = np.where(both, np.abs(pred - true), 0.0).sum(axis=1) / np.where(counted > 0, counted, np.nan)
     flagged = per["review"].fillna("").astype(str).to_numpy() != ""
 
     def mae(rows: np.ndarray) -> float | None:
