@@ -40,6 +40,25 @@ def test_lower_is_better_for_rmse_and_rows_are_joined_by_id():
     assert r.diff == pytest.approx(-0.05) and r.verdict == "A is better"
 
 
+@pytest.mark.parametrize("column", ["pred_fraction", "infected_fraction", "true_fraction"])
+def test_a_column_without_a_direction_says_higher_or_lower_not_better(column):
+    """A predicted area (or a predict table's infected share) is not better when larger, nor when smaller."""
+    a, b = table([0.3, 0.4, 0.5], column), table([0.2, 0.3, 0.4], column)
+    assert compare(a, b, column, n_resamples=200, min_paired=2).verdict == "A is higher"
+    assert compare(b, a, column, n_resamples=200, min_paired=2).verdict == "A is lower"
+    for known, verdict in (
+        ("iou_fixed", "A is better"),
+        ("recall_tuned", "A is better"),
+        ("hd95_fixed", "B is better"),
+    ):
+        assert (
+            compare(
+                table([0.3, 0.4, 0.5], known), table([0.2, 0.3, 0.4], known), known, n_resamples=200, min_paired=2
+            ).verdict
+            == verdict
+        )
+
+
 def test_nan_images_are_left_out_and_different_splits_refused():
     a, b = table([np.nan, 0.5, 0.7]), table([0.9, 0.4, 0.6])
     r = compare(a, b, n_resamples=200, min_paired=2)

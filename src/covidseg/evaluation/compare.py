@@ -32,8 +32,10 @@ from covidseg.evaluation.agreement import paired_bootstrap_diff
 
 PER_IMAGE = "plots/eval/per_image.csv"
 MIN_PAIRED = 10  # images with a value in both runs, at the least: fewer cannot give a useful interval
-# Per-image columns where lower is better (the verdict's direction); every other one: higher is better.
+# Per-image columns with a direction (the verdict's); any other column (e.g. pred_fraction, a predict
+# table's infected share) has none: the verdict then says which run is higher, not which is better.
 LOWER_IS_BETTER = ("rmse", "hd95_fixed", "hd95_tuned")
+HIGHER_IS_BETTER_PREFIXES = ("dice", "iou", "precision", "recall")
 
 
 class CompareError(ValueError):
@@ -57,8 +59,11 @@ class Comparison:
     def verdict(self) -> str:
         if not self.excludes_zero:
             return "tie: the interval holds 0"
-        a_better = (self.diff < 0) if self.metric in LOWER_IS_BETTER else (self.diff > 0)
-        return "A is better" if a_better else "B is better"
+        if self.metric in LOWER_IS_BETTER:
+            return "A is better" if self.diff < 0 else "B is better"
+        if self.metric.startswith(HIGHER_IS_BETTER_PREFIXES):
+            return "A is better" if self.diff > 0 else "B is better"
+        return "A is higher" if self.diff > 0 else "A is lower"
 
 
 def _git(repo: Path, *args: str) -> subprocess.CompletedProcess:
