@@ -19,27 +19,25 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from covidseg.atomic import write_json, write_text  # noqa: E402
 from covidseg.evaluation.agreement import paired_bootstrap_diff  # noqa: E402
+from covidseg.evaluation.severity_intervals import film_share_error  # noqa: E402
+from covidseg.masks.share_interval import SIDES  # noqa: E402
 
 RESAMPLES, SEED = 1000, 0
-LUNGS = ("right", "left")
 
 
 def film_errors(path: Path) -> pd.DataFrame:
     """``share_error`` and ``extent_error`` per film (index: the image id) of one severity table."""
     table = pd.read_csv(path, dtype={"image": str})
-    needed = [f"{kind}_{lung}_pct" for kind in ("true", "pred") for lung in LUNGS]
+    needed = [f"{kind}_{lung}_pct" for kind in ("true", "pred") for lung in SIDES]
     needed += ["true_extent_score", "pred_extent_score"]
     missing = [column for column in ["image", *needed] if column not in table]
     if missing:
         raise SystemExit(f"{path}: not a severity table, no columns {missing}")
-    lung_errors = np.stack([(table[f"pred_{lung}_pct"] - table[f"true_{lung}_pct"]).abs() for lung in LUNGS], 1)
-    counted = (~np.isnan(lung_errors)).sum(1)
-    share = np.where(counted > 0, np.nansum(lung_errors, 1) / np.maximum(counted, 1), np.nan)
+    share = film_share_error(table)
     extent = (table["pred_extent_score"] - table["true_extent_score"]).abs()
     return pd.DataFrame({"share_error": share, "extent_error": extent.to_numpy()}, index=table["image"])
 

@@ -411,13 +411,13 @@ def machine_preset_command(
 
     `make real` runs it unless PRESET= is given; COVIDSEG_NATIVE_BF16=0 (or 1) overrides the CPU probe.
     """
-    from covidseg.device import machine_kind, machine_preset
+    from covidseg.device import MACHINE_PRESETS, machine_kind
 
     try:
-        name, kind = machine_preset(), machine_kind()
+        kind = machine_kind()
     except ValueError as exc:
         _die(_stderr_console(), str(exc))
-    path = presets / name
+    path = presets / MACHINE_PRESETS[kind]
     if not path.is_file():
         _die(_stderr_console(), f"machine-preset: {path} not found (this machine is {kind!r})")
     typer.echo(str(path))

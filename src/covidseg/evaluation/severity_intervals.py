@@ -28,6 +28,17 @@ def interval_columns(
     ]
 
 
+def film_share_error(per: pd.DataFrame) -> np.ndarray:
+    """float (N,): each film's mean over its lungs of |pred - true| infected share (points), from the severity
+    table's ``true_{side}_pct`` and ``pred_{side}_pct``; a lung missing either is left out, and a film with
+    no lung left is NaN (without nanmean's warning)."""
+    true = per[[f"true_{s}_pct" for s in SIDES]].to_numpy(float)
+    pred = per[[f"pred_{s}_pct" for s in SIDES]].to_numpy(float)
+    both = ~np.isnan(true) & ~np.isnan(pred)
+    counted = both.sum(axis=1)
+    return np.where(both, np.abs(pred - true), 0.0).sum(axis=1) / np.where(counted > 0, counted, np.nan)
+
+
 def interval_summary(per: pd.DataFrame, interval: ShareInterval) -> dict:
     """Coverage and width of the intervals over the lungs with a true and a predicted share, and the per-film
     share error (mean over its lungs, points) of the films flagged for review against the others.
@@ -35,15 +46,11 @@ def interval_summary(per: pd.DataFrame, interval: ShareInterval) -> dict:
     ``per``: the severity table with ``true_{side}_pct``, ``pred_{side}_pct`` and the interval columns.
     """
     true = per[[f"true_{s}_pct" for s in SIDES]].to_numpy(float)
-    pred = per[[f"pred_{s}_pct" for s in SIDES]].to_numpy(float)
     low = per[[f"pred_{s}_pct_low" for s in SIDES]].to_numpy(float)
     high = per[[f"pred_{s}_pct_high" for s in SIDES]].to_numpy(float)
     scored = ~np.isnan(true) & ~np.isnan(low)
     inside = (true >= low) & (true <= high)
-    both = ~np.isnan(true) & ~np.isnan(pred)
-    counted = both.sum(axis=1)
-    # a film with no lung scored on both sides (e.g. no lung found) has no error: NaN, without nanmean's warning
-    film_error = np.where(both, np.abs(pred - true), 0.0).sum(axis=1) / np.where(counted > 0, counted, np.nan)
+    film_error = film_share_error(per)
     flagged = per["review"].fillna("").astype(str).to_numpy() != ""
 
     def mae(rows: np.ndarray) -> float | None:
