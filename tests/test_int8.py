@@ -4,6 +4,7 @@ the export stage keeping the file only when it ties."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,18 @@ def test_the_share_error_is_the_mean_absolute_per_lung_share_error_by_hand():
     # per image: (|25 - 50| + |25 - 0|) / 2 = 25 points; Dice 2 * 72 / (144 + 144) = 0.5
     assert scores["share_error"] == pytest.approx([25.0] * 4)
     assert scores["dice"] == pytest.approx([0.5] * 4)
+
+
+def test_a_film_without_a_true_lung_share_has_no_share_error_and_no_warning():
+    lungs = _two_lungs(n=2)
+    truth = np.zeros_like(lungs)
+    pred = np.zeros(lungs.shape, np.float32)
+    pred[:, 4:10, 2:14] = 0.9  # right lung 25 % marked, left 0 %
+    true_shares = np.array([[np.nan, np.nan], [np.nan, 10.0]])  # film 0: no true lung; film 1: the left only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's "Mean of empty slice" would fail here
+        scores = int8_mod._scores(_Fake(pred, lungs), None, truth, true_shares)
+    assert np.isnan(scores["share_error"][0]) and scores["share_error"][1] == pytest.approx(10.0)
 
 
 def test_a_model_that_answers_differently_is_refused_naming_the_metric(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from covidseg.evaluation.evaluate import score
-from covidseg.evaluation.severity_intervals import interval_summary
+from covidseg.evaluation.severity_intervals import interval_summary, lung_share_error
 from covidseg.inference.predict import CSV_COLUMNS, write_outputs
 from covidseg.masks.share_interval import (
     MIN_LUNGS,
@@ -156,6 +156,16 @@ def test_a_film_without_any_scored_lung_has_no_error_and_raises_no_warning():
         summary = interval_summary(per, ShareInterval(q=1.0, lungs=50))
     assert summary["lungs_scored"] == 2 and summary["share_mae_others"] == pytest.approx((4.0 + 2.0) / 2)
     assert summary["flagged_films"] == 1 and summary["share_mae_flagged"] is None
+
+
+def test_lung_share_error_by_hand_leaves_out_undefined_lungs():
+    pred = np.array([[30.0, 10.0], [np.nan, 50.0], [0.0, 100.0], [np.nan, np.nan]])
+    true = np.array([[10.0, 20.0], [40.0, 45.0], [0.0, 100.0], [5.0, 5.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        error = lung_share_error(pred, true)
+    # (20 + 10) / 2; the left lung only; an empty and an all-infected lung hit exactly; no lung
+    assert error[:3] == pytest.approx([15.0, 5.0, 0.0]) and np.isnan(error[3])
 
 
 def _chest_grey() -> np.ndarray:

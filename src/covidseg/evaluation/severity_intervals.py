@@ -34,6 +34,13 @@ def film_share_error(per: pd.DataFrame) -> np.ndarray:
     no lung left is NaN (without nanmean's warning)."""
     true = per[[f"true_{s}_pct" for s in SIDES]].to_numpy(float)
     pred = per[[f"pred_{s}_pct" for s in SIDES]].to_numpy(float)
+    return lung_share_error(pred, true)
+
+
+def lung_share_error(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """float (N,): the mean over each film's lungs of |pred - true| for shares (N, L) in points, NaN where
+    undefined; a lung NaN on either side is left out, and a film with no lung left is NaN (no warning)."""
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
     both = ~np.isnan(true) & ~np.isnan(pred)
     counted = both.sum(axis=1)
     return np.where(both, np.abs(pred - true), 0.0).sum(axis=1) / np.where(counted > 0, counted, np.nan)

@@ -33,6 +33,7 @@ import numpy as np
 
 from covidseg.atomic import atomic_path
 from covidseg.evaluation.agreement import bootstrap_ci, paired_bootstrap_diff
+from covidseg.evaluation.severity_intervals import lung_share_error
 from covidseg.inference.onnx_runtime import INPUT_NAME, OnnxPredictor
 from covidseg.masks.counts import confusion, dice
 from covidseg.masks.severity import LUNG_THRESHOLD, image_severity
@@ -190,9 +191,7 @@ def _scores(predictor: OnnxPredictor, images: np.ndarray, truth: np.ndarray, tru
         return {"dice": d, "share_error": np.full(len(d), np.nan)}
     lungs = 1.0 / (1.0 + np.exp(-logits[:, 1])) >= LUNG_THRESHOLD
     shares = np.array([[s["right_pct"], s["left_pct"]] for s in map(image_severity, pred, lungs)], np.float64)
-    with np.errstate(all="ignore"):
-        error = np.nanmean(np.abs(shares - true_shares), axis=1)  # NaN when no lung pair is defined
-    return {"dice": d, "share_error": error}
+    return {"dice": d, "share_error": lung_share_error(shares, true_shares)}
 
 
 def compare(
